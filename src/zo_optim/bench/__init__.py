@@ -1,0 +1,1 @@
+"""Benchmarks behind ``zo-optim bench``: kernels, step, convergence (DESIGN §9)."""

@@ -1,0 +1,41 @@
+"""The ``zo-optim`` command: ``zo-optim demo`` and ``zo-optim bench {kernels,step,convergence}``.
+
+Each subcommand lives in its own module with a ``main(argv) -> int`` and is
+imported only when used, so ``zo-optim --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("zo_optim.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
+    "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
+    "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
+    "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer, mean ± std over seeds"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    for n_words in (2, 1):
+        name = " ".join(args[:n_words])
+        if len(args) >= n_words and name in COMMANDS:
+            module = importlib.import_module(COMMANDS[name][0])
+            return int(module.main(args[n_words:]) or 0)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    print(f"zo-optim: unknown command {' '.join(args[:2])!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Elementwise zeroth-order ops on lists of tensors, one function per op.
+
+Every op has the same signature on every backend (``reference``, ``cpu``,
+``triton``); this module validates the input (nothing is modified when an op
+refuses it), resolves ``backend="auto"`` and dispatches. See
+:mod:`zo_optim.ops.reference` for the exact math of each op, and
+:mod:`zo_optim.rng` for the random streams.
+
+Backends:
+
+* ``reference`` — plain torch, z materialised, float64-capable: the spec.
+* ``cpu`` — numba-compiled loops that generate z in registers (extra ``cpu``).
+* ``triton`` — fused Triton kernels, one launch per (device, dtype) group
+  (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``.
+* ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
+  tensors when numba imports, else ``reference``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import _checks
+
+__all__ = [
+    "BACKENDS",
+    "adamw_update_",
+    "available_backends",
+    "helene_update_",
+    "load_backend",
+    "perturb_",
+    "precond_sgd_update_",
+    "resolve_backend",
+    "sgd_update_",
+]
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_INSTALL_HINT = {
+    "triton": 'pip install "zo-optim[triton]" (Triton needs Linux; on CPU set TRITON_INTERPRET=1 before importing triton)',
+    "cpu": 'pip install "zo-optim[cpu]" (installs numba)',
+}
+_MODULES = {"reference": "zo_optim.ops.reference", "cpu": "zo_optim.ops.cpu", "triton": "zo_optim.ops.triton"}
+_loaded: dict[str, ModuleType] = {}
+
+
+def load_backend(name: str) -> ModuleType:
+    """Import a backend module by name, with an install hint when it cannot load."""
+    _checks.check_choice("backend", name, BACKENDS[1:])
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            raise ImportError(f"backend {name!r} is unavailable ({exc}); install it with: {_INSTALL_HINT[name]}") from exc
+    return _loaded[name]
+
+
+def _importable(name: str) -> bool:
+    try:
+        load_backend(name)
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run tensors on ``device`` in this process."""
+    out = []
+    for name in BACKENDS[1:]:
+        try:
+            resolve_backend(name, torch.device(device))
+        except (ImportError, RuntimeError):
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
+    """Turn ``name`` (possibly ``"auto"``) into a concrete backend for ``device``.
+
+    Raises ImportError (with the install hint) or RuntimeError when an explicitly
+    requested backend cannot run these tensors.
+    """
+    _checks.check_choice("backend", name, BACKENDS)
+    exotic = any(d not in FAST_DTYPES for d in dtypes)
+    if name == "auto":
+        if exotic:
+            return "reference"
+        if device.type == "cuda" and _importable("triton"):
+            return "triton"
+        if device.type == "cpu" and _importable("cpu"):
+            return "cpu"
+        return "reference"
+    if name == "reference":
+        return name
+    if exotic:
+        raise RuntimeError(f"backend {name!r} computes in float32 for float32/bfloat16/float16 tensors; use backend='reference' for {sorted(map(str, set(dtypes) - set(FAST_DTYPES)))}")
+    load_backend(name)
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpu' runs CPU tensors, got tensors on {device}; use backend='triton' or 'auto'")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend 'triton' runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported, or use backend='cpu'/'auto'"
+        )
+    return name
+
+
+def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    device = _checks.check_params(params, tensor_ids)
+    _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
+    _checks.check_choice("rounding", kwargs.get("rounding", "nearest"), _checks.ROUNDINGS)
+    q = None
+    if "coeffs" in kwargs:
+        q = _checks.check_scalars("coeffs", kwargs["coeffs"], device)
+        rq = kwargs.get("restore_query", 0)
+        if not isinstance(rq, int) or rq < 0:
+            raise ValueError(f"Invalid restore_query: {rq!r}")
+    for extra in ("precond_coeffs", "hessian_coeffs"):
+        if kwargs.get(extra) is not None:
+            _checks.check_scalars(extra, kwargs[extra], device, q)
+    for sname, svalue in states.items():
+        if svalue is not None:
+            _checks.check_state(sname, svalue, params)
+    name = resolve_backend(backend, device, [p.dtype for p in params])
+    module = load_backend(name)
+    if name == "reference":
+        getattr(module, op)(params, list(tensor_ids), **states, **kwargs)
+        return
+    # The fast backends address flat contiguous memory; element i of a view is its
+    # row-major logical index, so run on contiguous copies and write them back.
+    work_params = [p if p.is_contiguous() else p.contiguous() for p in params]
+    work_states = {k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()}
+    getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
+    for orig, work in zip(params, work_params):
+        if work is not orig:
+            orig.copy_(work)
+    for k, v in states.items():
+        for orig, work in zip(v or (), work_states[k] or ()):
+            if work is not orig:
+                orig.copy_(work)
+
+
+def perturb_(
+    params: Sequence[torch.Tensor],
+    tensor_ids: Sequence[int],
+    seed: int,
+    scale: float,
+    *,
+    query: int = 0,
+    distribution: str = "gaussian",
+    precond: Sequence[torch.Tensor] | None = None,
+    rounding: str = "nearest",
+    rounding_slot: int = 1,
+    backend: str = "auto",
+) -> None:
+    r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
+    if not isinstance(query, int) or query < 0:
+        raise ValueError(f"Invalid query: {query!r}")
+    _dispatch(
+        "perturb_", params, tensor_ids, backend, {"precond": precond},
+        dict(seed=seed, scale=float(scale), query=query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
+    )
+
+
+def sgd_update_(params, tensor_ids, seed, coeffs, *, lr, weight_decay=0.0, momentum=0.0, momentum_buffers=None,
+                restore_scale=0.0, restore_query=0, distribution="gaussian", rounding="nearest", rounding_slot=0,
+                backend="auto") -> None:
+    """Fused restore + ZO-SGD update (see :func:`zo_optim.ops.reference.sgd_update_`)."""
+    _dispatch(
+        "sgd_update_", params, tensor_ids, backend, {"momentum_buffers": momentum_buffers},
+        dict(seed=seed, coeffs=coeffs, lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
+             restore_scale=float(restore_scale), restore_query=restore_query, distribution=distribution,
+             rounding=rounding, rounding_slot=rounding_slot),
+    )
+
+
+def adamw_update_(params, tensor_ids, seed, coeffs, *, lr, beta1, beta2, eps, weight_decay, step, exp_avgs,
+                  exp_avg_sqs, restore_scale=0.0, restore_query=0, distribution="gaussian", rounding="nearest",
+                  rounding_slot=0, backend="auto") -> None:
+    """Fused restore + AdamW update (see :func:`zo_optim.ops.reference.adamw_update_`)."""
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"Invalid step: {step!r} (1-based)")
+    _dispatch(
+        "adamw_update_", params, tensor_ids, backend, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+        dict(seed=seed, coeffs=coeffs, lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+             weight_decay=float(weight_decay), step=step, restore_scale=float(restore_scale),
+             restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
+    )
+
+
+def precond_sgd_update_(params, tensor_ids, seed, coeffs, *, lr, precond, rule, update_precond, precond_decay,
+                        precond_rate, precond_coeffs=None, hessian_eps=0.0, weight_decay=0.0, restore_scale=0.0,
+                        restore_query=0, distribution="gaussian", rounding="nearest", rounding_slot=0,
+                        backend="auto") -> None:
+    """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
+    _checks.check_choice("rule", rule, ("hizoo", "hiso"))
+    if rule == "hizoo" and update_precond and precond_coeffs is None:
+        raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
+    _dispatch(
+        "precond_sgd_update_", params, tensor_ids, backend, {"precond": precond},
+        dict(seed=seed, coeffs=coeffs, lr=float(lr), rule=rule, update_precond=bool(update_precond),
+             precond_decay=float(precond_decay), precond_rate=float(precond_rate), precond_coeffs=precond_coeffs,
+             hessian_eps=float(hessian_eps), weight_decay=float(weight_decay), restore_scale=float(restore_scale),
+             restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
+    )
+
+
+def helene_update_(params, tensor_ids, seed, coeffs, *, lr, alpha, beta1, beta2, gamma, eps, clip, exp_avgs,
+                   hessians, update_hessian, hessian_coeffs=None, weight_decay=0.0, restore_scale=0.0,
+                   restore_query=0, distribution="gaussian", rounding="nearest", rounding_slot=0,
+                   backend="auto") -> None:
+    """Fused restore + HELENE update (see :func:`zo_optim.ops.reference.helene_update_`)."""
+    if len(clip) != len(params):
+        raise ValueError(f"clip has {len(clip)} values for {len(params)} params; pass one λ per tensor")
+    _dispatch(
+        "helene_update_", params, tensor_ids, backend, {"exp_avgs": exp_avgs, "hessians": hessians},
+        dict(seed=seed, coeffs=coeffs, lr=float(lr), alpha=float(alpha), beta1=float(beta1), beta2=float(beta2),
+             gamma=float(gamma), eps=float(eps), clip=[float(c) for c in clip], update_hessian=bool(update_hessian),
+             hessian_coeffs=hessian_coeffs, weight_decay=float(weight_decay), restore_scale=float(restore_scale),
+             restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
+    )

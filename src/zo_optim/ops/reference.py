@@ -1,0 +1,281 @@
+r"""Reference backend: plain torch, one tensor at a time, z materialised.
+
+This is the executable specification of every op. It is slow and obviously
+correct; the fast backends (`cpu`, `triton`) are tested against it. Every op
+takes ``compute_dtype`` (float32 by default, float64 for studies of rounding);
+the fast backends always compute in float32.
+
+Common notation for the fused update ops (per tensor, elementwise):
+
+.. math::
+    s &= \text{precond}^{-1/2} \text{ (or } 1\text{ when no preconditioner)} \\
+    u_k &= s \odot z_k \qquad k = 0 \dots q-1 \\
+    \theta_r &= \theta + \text{restore\_scale}\cdot u_{\text{restore\_query}}
+        \quad\text{(restore of the last perturbation, skipped when 0)} \\
+    \hat g &= \textstyle\sum_k c_k\, u_k \qquad (c = \text{coeffs, a device tensor } [q])
+
+then the rule's own update of the state and of :math:`\theta_r`, and one
+rounding of the result to the parameter's dtype (nearest-even, or stochastic
+from the contract's rounding stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import rng
+
+Tensors = Sequence[torch.Tensor]
+
+
+def _z(seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype) -> torch.Tensor:
+    gen = rng.normal if distribution == "gaussian" else rng.rademacher
+    return gen(seed, tensor_id, like.numel(), query).to(device=like.device, dtype=dtype).reshape(like.shape)
+
+
+def _store(param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int) -> None:
+    if rounding == "stochastic" and param.dtype in (torch.bfloat16, torch.float16):
+        words = rng.rounding_words(seed, tensor_id, param.numel(), slot).to(param.device)
+        param.copy_(rng.stochastic_round(value, param.dtype, words))
+    else:
+        # Through float32 like the fast backends: one rounding per store for fp32 weights.
+        param.copy_(value if param.dtype == torch.float64 else value.to(torch.float32))
+
+
+class _Directions:
+    """z_k and s of one tensor, computed once per op call."""
+
+    def __init__(self, seed, tensor_id, param, num_queries, distribution, precond, dtype):
+        self.z = [_z(seed, tensor_id, param, k, distribution, dtype) for k in range(num_queries)]
+        self.s = None if precond is None else torch.rsqrt(precond.to(dtype))
+
+    def u(self, k: int, z_extra: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.z[k] if z_extra is None else z_extra
+        return z if self.s is None else z * self.s
+
+    def ghat(self, coeffs: torch.Tensor) -> torch.Tensor:
+        g = torch.zeros_like(self.z[0])
+        for k, z in enumerate(self.z):
+            g = g + coeffs[k] * z
+        return g if self.s is None else g * self.s
+
+
+def _prologue(seed, tensor_id, param, coeffs, distribution, precond, restore_scale, restore_query, dtype):
+    q = coeffs.numel()
+    dirs = _Directions(seed, tensor_id, param, q, distribution, precond, dtype)
+    theta = param.to(dtype)
+    if restore_scale != 0.0:
+        zr = dirs.z[restore_query] if restore_query < q else _z(seed, tensor_id, param, restore_query, distribution, dtype)
+        theta = theta + restore_scale * dirs.u(restore_query, zr)
+    return dirs, theta, dirs.ghat(coeffs.to(dtype))
+
+
+def perturb_(
+    params: Tensors,
+    tensor_ids: Sequence[int],
+    seed: int,
+    scale: float,
+    *,
+    query: int = 0,
+    distribution: str = "gaussian",
+    precond: Tensors | None = None,
+    rounding: str = "nearest",
+    rounding_slot: int = 1,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
+    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+        z = _z(seed, tid, p, query, distribution, compute_dtype)
+        if precond is not None:
+            z = z * torch.rsqrt(precond[i].to(compute_dtype))
+        _store(p, p.to(compute_dtype) + scale * z, seed, tid, rounding, rounding_slot)
+
+
+def sgd_update_(
+    params: Tensors,
+    tensor_ids: Sequence[int],
+    seed: int,
+    coeffs: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    momentum_buffers: Tensors | None = None,
+    restore_scale: float = 0.0,
+    restore_query: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_slot: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    r"""ZO-SGD (MeZO), coupled weight decay, optional heavy-ball momentum (torch.optim.SGD's form).
+
+    .. math::
+        d = \hat g + \text{wd}\,\theta_r;\quad
+        b \leftarrow \mu b + d \text{ (if momentum)};\quad
+        \theta \leftarrow \theta_r - \text{lr}\cdot(b \text{ or } d)
+    """
+    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+        _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+        d = g + weight_decay * theta if weight_decay != 0.0 else g
+        if momentum_buffers is not None:
+            buf = momentum * momentum_buffers[i].to(compute_dtype) + d
+            momentum_buffers[i].copy_(buf)
+            d = buf
+        _store(p, theta - lr * d, seed, tid, rounding, rounding_slot)
+
+
+def adamw_update_(
+    params: Tensors,
+    tensor_ids: Sequence[int],
+    seed: int,
+    coeffs: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    restore_scale: float = 0.0,
+    restore_query: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_slot: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    r"""AdamW on the ZO estimate (torch.optim.AdamW's arithmetic; ``step`` is 1-based).
+
+    .. math::
+        \theta_r &\leftarrow \theta_r (1 - \text{lr}\,\text{wd}) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1)\hat g, \quad v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2 \\
+        \theta &\leftarrow \theta_r - \frac{\text{lr}}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+    """
+    step_size = lr / (1.0 - beta1**step)
+    bias2_sqrt = (1.0 - beta2**step) ** 0.5
+    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+        _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+        theta = theta * (1.0 - lr * weight_decay)
+        m = beta1 * exp_avgs[i].to(compute_dtype) + (1.0 - beta1) * g
+        v = beta2 * exp_avg_sqs[i].to(compute_dtype) + (1.0 - beta2) * (g * g)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        _store(p, theta - step_size * (m / (torch.sqrt(v) / bias2_sqrt + eps)), seed, tid, rounding, rounding_slot)
+
+
+def precond_sgd_update_(
+    params: Tensors,
+    tensor_ids: Sequence[int],
+    seed: int,
+    coeffs: torch.Tensor,
+    *,
+    lr: float,
+    precond: Tensors,
+    rule: str,
+    update_precond: bool,
+    precond_decay: float,
+    precond_rate: float,
+    precond_coeffs: torch.Tensor | None = None,
+    hessian_eps: float = 0.0,
+    weight_decay: float = 0.0,
+    restore_scale: float = 0.0,
+    restore_query: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_slot: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    r"""Diagonal-preconditioned ZO-SGD with the preconditioner P updated in the same pass.
+
+    Directions use the OLD P: :math:`u_k = z_k / \sqrt{P}`. Then
+
+    .. math::
+        \theta \leftarrow \theta_r - \text{lr}\,(\hat g + \text{wd}\,\theta_r)
+
+    and, when ``update_precond``:
+
+    * ``rule="hizoo"`` (Σ): :math:`P \leftarrow \text{decay}\,P + \text{rate}\,P \odot \sum_k a_k z_k^2`
+      with ``precond_coeffs`` :math:`a_k` (the curvature scalars, already divided by q);
+    * ``rule="hiso"`` (K): :math:`P \leftarrow \text{decay}\,P + \text{rate}\,(\hat g^2 + \epsilon_H)`.
+
+    ``precond_decay``/``precond_rate`` are passed separately (not rate = 1 − decay)
+    so a rate of 1e-8 survives float32.
+    """
+    if rule not in ("hizoo", "hiso"):
+        raise ValueError(f"Invalid preconditioner rule: {rule!r}")
+    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+        dirs, theta, g = _prologue(seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype)
+        d = g + weight_decay * theta if weight_decay != 0.0 else g
+        new_theta = theta - lr * d
+        if update_precond:
+            old = precond[i].to(compute_dtype)
+            if rule == "hizoo":
+                assert precond_coeffs is not None
+                curv = torch.zeros_like(old)
+                for k, z in enumerate(dirs.z):
+                    curv = curv + precond_coeffs[k].to(compute_dtype) * (z * z)
+                new = old * curv
+            else:
+                new = g * g + hessian_eps
+            precond[i].copy_(precond_decay * old + precond_rate * new)
+        _store(p, new_theta, seed, tid, rounding, rounding_slot)
+
+
+def helene_update_(
+    params: Tensors,
+    tensor_ids: Sequence[int],
+    seed: int,
+    coeffs: torch.Tensor,
+    *,
+    lr: float,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    gamma: float,
+    eps: float,
+    clip: Sequence[float],
+    exp_avgs: Tensors,
+    hessians: Tensors,
+    update_hessian: bool,
+    hessian_coeffs: torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    restore_scale: float = 0.0,
+    restore_query: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_slot: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    r"""HELENE (Algorithm 1): annealed momentum, A-GNB diagonal Hessian EMA, layer-wise clip.
+
+    .. math::
+        m &\leftarrow \beta_1 m + \alpha_t \hat g \\
+        \hat h &= \hat g^2 \text{ or } \textstyle\sum_k b_k z_k^2 \text{ (``hessian\_coeffs`` } b\text{)};\quad
+        h \leftarrow \beta_2 h + (1-\beta_2)\hat h \text{ (when ``update\_hessian``)} \\
+        \theta &\leftarrow \theta_r (1 - \text{lr}\,\text{wd})
+            - \text{lr}\,\frac{m}{\gamma \max(h, \lambda_i) + \delta}
+
+    with ``clip[i]`` = :math:`\lambda_i` of tensor i and ``eps`` = δ.
+    """
+    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+        dirs, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+        theta = theta * (1.0 - lr * weight_decay)
+        m = beta1 * exp_avgs[i].to(compute_dtype) + alpha * g
+        h = hessians[i].to(compute_dtype)
+        if update_hessian:
+            if hessian_coeffs is None:
+                h_hat = g * g
+            else:
+                h_hat = torch.zeros_like(g)
+                for k, z in enumerate(dirs.z):
+                    h_hat = h_hat + hessian_coeffs[k].to(compute_dtype) * (z * z)
+            h = beta2 * h + (1.0 - beta2) * h_hat
+            hessians[i].copy_(h)
+        exp_avgs[i].copy_(m)
+        denom = gamma * torch.clamp(h, min=float(clip[i])) + eps
+        _store(p, theta - lr * (m / denom), seed, tid, rounding, rounding_slot)
