@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import zo_optim
+from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
 from zo_optim import ops, rng
 from zo_optim.optim.base import NonFiniteLossError
-
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
 
 REF = dict(backend="reference", seed=1234)
 ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
@@ -362,7 +361,7 @@ def test_take_estimate(info: OptimizerInfo):
     model = tiny_model()
     opt = make(info, model)
     opt.estimate(loss_closure(model, x, y))
-    seed, g, extras = opt.take_estimate()
+    seed, g, _ = opt.take_estimate()
     assert seed == opt.current_seed and g.shape == (opt.num_queries,) and opt.step_count == 0
     with pytest.raises(RuntimeError, match="no pending estimate"):
         opt.take_estimate()
