@@ -207,6 +207,19 @@ def test_frozen_params_skipped_bit_identical_and_not_numbered(info: OptimizerInf
 
 
 @ALL
+def test_tensor_ids_run_across_groups(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, model_b = tiny_model(), tiny_model()
+    opt = make(info, model)
+    opt_b = info.cls([{"params": list(model_b[0].parameters())}, {"params": list(model_b[2].parameters())}],
+                     **{**info.inputs[0], **REF})
+    for _ in range(2):
+        opt.step(loss_closure(model, x, y))
+        opt_b.step(loss_closure(model_b, x, y))
+    assert_bitwise(weights(model), weights(model_b))
+
+
+@ALL
 def test_per_group_lr(info: OptimizerInfo):
     x, y = tiny_data()
     model = tiny_model()
