@@ -34,7 +34,7 @@ import torch
 
 from . import report, shapes
 from .baselines import MezoLoop
-from .timing import time_fn
+from .timing import set_cpu_threads, time_fn
 
 PROVIDERS = ("mezo-loop", "reference", "cpu", "triton")
 UPDATE_OPS = ("sgd", "adamw", "hizoo", "helene", "hiso")
@@ -412,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(also adamw, hizoo, helene, hiso), or a comma list from {', '.join(ALL_OPS)}")
     p.add_argument("--repeat", type=int, help="timed repeats, median reported (default 20 CUDA, 5 CPU, 3 --quick)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and numba (default: theirs); 1 on a busy machine")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--rounding", default="auto", choices=("auto", "nearest", "stochastic"),
                    help="rounding of 16-bit stores (auto: stochastic for updates, nearest for perturb)")
@@ -445,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if repeat < 1 or warmup < 0:
         raise SystemExit(f"zo-optim bench kernels: invalid --repeat {repeat} / --warmup {warmup}")
 
+    set_cpu_threads(args.threads)
     env = report.environment(device)
     print(f"zo-optim bench kernels on {env.device} ({env.version})")
     print(f"models {models}, dtypes {dtypes}, providers {providers}, ops {ops_}, repeat {repeat}, warmup {warmup}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "synchronize", "time_fn"]
+__all__ = ["Timing", "set_cpu_threads", "synchronize", "time_fn"]
 
 _FLUSH_BYTES = 256 * 2**20
 
@@ -71,3 +71,25 @@ def time_fn(fn: Callable[[int], object], device: torch.device, *, warmup: int, r
         samples.append((time.perf_counter() - t0) * 1e3)
         calls += 1
     return Timing(tuple(samples))
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and numba (None: leave the defaults).
+
+    On a machine shared with other jobs, OpenMP's spinning threads can make small
+    ops 100x slower than one thread (seen on a loaded 2-core runner: a tiny OPT
+    forward took 350 ms with 2 threads, 2 ms with 1); compare providers at the same count.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"Invalid threads: {threads}")
+    import os
+    import sys
+
+    torch.set_num_threads(threads)
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when numba is first imported
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
