@@ -242,7 +242,7 @@ def test_bench_step_smoke(tmp_path, capsys):
     by = {(r["provider"], r["metric"]): r["value"] for r in rows}
     providers = {"mezo-loop"} | ({"zo-optim"} if hasattr(zo_optim, "MeZO") else set())
     assert {p for p, _ in by if p != "inference"} == providers
-    assert by[("mezo-loop", "forwards_per_step")] == 2
+    assert all(by[(p, "forwards_per_step")] == 2 for p in providers)  # central estimator: 2 forwards
     for p in providers:
         for metric in ("time", "forward_time", "overhead", "overhead_fraction", "peak_memory_vs_inference"):
             assert math.isfinite(by[(p, metric)])
