@@ -363,7 +363,7 @@ def check_targets(results: Sequence[Result], device: torch.device) -> tuple[list
             speed = _mezo_ms(results, r.x, "step") / r.ms
             if math.isfinite(speed):
                 checks.append(TargetCheck("CPU step passes >= 1.5x faster than MeZO's 4 passes (MiniLM)", r.x,
-                                          r.provider, speed, 1.5, speed >= 1.5, f"{speed:.2f}x faster"))
+                                          r.provider, speed, 1.5, speed >= 1.5, f"speedup {speed:.2f}x"))
     missing = []
     names = {c.target.split(" (")[0] for c in checks}
     if not any(n.startswith("GPU perturb") for n in names):
