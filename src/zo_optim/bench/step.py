@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--batch", type=int, help="sequences per batch (default 2 on CPU, 16 on CUDA)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 32 on CPU, 128 on CUDA)")
-    p.add_argument("--steps", type=int, help="timed steps, median reported (default 3 on CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, help="timed steps, median reported (default 2 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 1 on CPU, 2 on CUDA)")
     p.add_argument("--providers", help=f"comma list from {', '.join(PROVIDERS)} (default: zo-optim,mezo-loop, "
                    "plus zo-optim-transient for 16-bit weights)")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     batch = args.batch or (16 if cuda else 2)
     seq = args.seq or (128 if cuda else 32)
-    steps = args.steps or (10 if cuda else 3)
+    steps = args.steps or (10 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     default_providers = "zo-optim,zo-optim-transient,mezo-loop" if dtype_name != "fp32" else "zo-optim,mezo-loop"
     providers = [p.strip() for p in (args.providers or default_providers).split(",") if p.strip()]
