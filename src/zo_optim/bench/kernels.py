@@ -274,8 +274,7 @@ def run_config(model: str, dtype_name: str, device: torch.device, providers: Seq
         if provider == "mezo-loop":
             # MeZO's `p.data = ...` replaced the storages; keep the list pointing at live tensors.
             params = loop.params
-        else:
-            del ours
+        del fns  # frees this provider's optimizer state (fp32 m, v, ... of the whole list) before the next
     del params
     gc.collect()
     if device.type == "cuda":
