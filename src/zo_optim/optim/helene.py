@@ -96,6 +96,7 @@ class HELENE(ZOOptimizer):
         self.hessian_interval = hessian_interval
         self.lambda_mode = lambda_mode
         self._clip_fn: ClipFn | None = None
+        self._clip_cache: dict[int, float] = {}  # the callable is evaluated once per tensor
         if callable(clip_lambda):
             self._clip_fn = clip_lambda
             clip_lambda = None  # the group holds a float or None (callable kept off the state dict)
@@ -135,10 +136,13 @@ class HELENE(ZOOptimizer):
         for p in params:
             lam = group["clip_lambda"]
             if lam is None:
-                assert self._clip_fn is not None
-                lam = float(self._clip_fn(names[id(p)], p))
-                if not math.isfinite(lam) or lam < 0.0:
-                    raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {lam} (a finite float >= 0)")
+                if id(p) not in self._clip_cache:
+                    assert self._clip_fn is not None
+                    value = float(self._clip_fn(names[id(p)], p))
+                    if not math.isfinite(value) or value < 0.0:
+                        raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {value} (a finite float >= 0)")
+                    self._clip_cache[id(p)] = value
+                lam = self._clip_cache[id(p)]
             out.append(lam / math.sqrt(p.numel()) if self.lambda_mode == "dim" else float(lam))
         return out
 
