@@ -447,3 +447,14 @@ def test_block_size_must_be_a_power_of_two_of_at_least_128():
     with pytest.raises(ValueError, match="Invalid block size"):
         with launch.block_size(96):
             pass
+
+
+def test_counter_words_out_of_uint32_range_are_refused_untouched():
+    params = [torch.randn(5, device=DEVICE)]
+    before = params[0].clone()
+    with pytest.raises(ValueError, match="query"):
+        ops.perturb_(params, [0], SEED, 1.0, query=2**32, backend="triton")
+    with pytest.raises(ValueError, match="rounding_slot"):
+        ops.sgd_update_(params, [0], SEED, torch.ones(1, device=DEVICE), lr=0.1, rounding_slot=2**32,
+                        backend="triton")
+    assert torch.equal(params[0], before)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numba  # noqa: F401  (ImportError here makes the backend unavailable)
+import numba  # ImportError here makes the backend unavailable
 import numpy as np
 import torch
 
@@ -93,10 +93,14 @@ def _table(params: Tensors, tensor_ids: Sequence[int], *states: Tensors | None) 
             if s.dtype != torch.float32 or s.device.type != "cpu" or not s.is_contiguous() or s.numel() != n:
                 raise ValueError(f"state buffer {row} must be a contiguous CPU float32 tensor like params[{row}]")
             table[row, col] = s.data_ptr() if n else 0
-    groups = (table[:, _kernels.NUMEL] + 3) // 4
     blocks = np.zeros(len(params) + 1, dtype=np.int64)
-    np.cumsum((groups + _kernels.BLOCK_GROUPS - 1) // _kernels.BLOCK_GROUPS, out=blocks[1:])
+    np.cumsum((table[:, _kernels.NUMEL] + _kernels.BLOCK - 1) // _kernels.BLOCK, out=blocks[1:])
     return table, blocks
+
+
+def _chunks(blocks: np.ndarray) -> int:
+    """Parallel chunks for a call: work items are dealt round-robin to a few chunks per thread."""
+    return int(min(blocks[-1], _kernels.CHUNKS_PER_THREAD * numba.get_num_threads()))
 
 
 def _common(seed: int, distribution: str, rounding: str, rounding_slot: int) -> tuple[int, int, bool, bool, int]:
@@ -124,7 +128,7 @@ def perturb_(
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     query = _check_u32("query", query)
     table, blocks = _table(params, tensor_ids, precond)
-    _kernels.perturb_kernel(table, blocks, k0, k1, query, rad, _f32(scale), sr, slot)
+    _kernels.perturb_kernel(_chunks(blocks), table, blocks, k0, k1, query, rad, _f32(scale), sr, slot)
 
 
 def sgd_update_(
@@ -148,8 +152,8 @@ def sgd_update_(
     restore, rscale, rq = _restore(restore_scale, restore_query)
     table, blocks = _table(params, tensor_ids, momentum_buffers)
     _kernels.sgd_kernel(
-        table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0, _f32(weight_decay),
-        _f32(momentum), restore, rscale, rq, sr, slot,
+        _chunks(blocks), table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0,
+        _f32(weight_decay), _f32(momentum), restore, rscale, rq, sr, slot,
     )
 
 
@@ -181,7 +185,7 @@ def adamw_update_(
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
     _kernels.adamw_kernel(
-        table, blocks, k0, k1, rad, _scalars(coeffs), _f32(1.0 - lr * weight_decay), _f32(beta1),
+        _chunks(blocks), table, blocks, k0, k1, rad, _scalars(coeffs), _f32(1.0 - lr * weight_decay), _f32(beta1),
         _f32(1.0 - beta1), _f32(beta2), _f32(1.0 - beta2), _f32(eps), _f32(step_size), _f32(bias2_sqrt),
         restore, rscale, rq, sr, slot,
     )
@@ -218,8 +222,8 @@ def precond_sgd_update_(
     restore, rscale, rq = _restore(restore_scale, restore_query)
     table, blocks = _table(params, tensor_ids, precond)
     _kernels.precond_sgd_kernel(
-        table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0, _f32(weight_decay),
-        rule == "hiso", bool(update_precond), _f32(precond_decay), _f32(precond_rate),
+        _chunks(blocks), table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0,
+        _f32(weight_decay), rule == "hiso", bool(update_precond), _f32(precond_decay), _f32(precond_rate),
         _scalars(precond_coeffs) if hizoo_update else _EMPTY, _f32(hessian_eps), restore, rscale, rq, sr, slot,
     )
 
@@ -255,7 +259,7 @@ def helene_update_(
     restore, rscale, rq = _restore(restore_scale, restore_query)
     table, blocks = _table(params, tensor_ids, exp_avgs, hessians)
     _kernels.helene_kernel(
-        table, blocks, k0, k1, rad, _scalars(coeffs), np.asarray(clip, dtype=np.float32), _f32(lr),
+        _chunks(blocks), table, blocks, k0, k1, rad, _scalars(coeffs), np.asarray(clip, dtype=np.float32), _f32(lr),
         _f32(1.0 - lr * weight_decay), _f32(alpha), _f32(beta1), _f32(beta2), _f32(1.0 - beta2), _f32(gamma),
         _f32(eps), bool(update_hessian), _scalars(hessian_coeffs) if update_hessian else _EMPTY,
         restore, rscale, rq, sr, slot,

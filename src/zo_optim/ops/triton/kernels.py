@@ -102,7 +102,7 @@ def _store_param(ptr, x, rem, i0, k0, k1, tensor_id, rounding_slot,
                  DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """The one rounding of the new parameter value (float32 ``x``) to ``DTYPE``."""
     if STOCHASTIC:
-        w = rounding_block(i0, k0, k1, tensor_id, rounding_slot, BLOCK)
+        w = rounding_block(i0, k0, k1, tensor_id, rounding_slot.to(tl.uint32), BLOCK)
         y = stochastic_round(x, w, DTYPE)
     else:
         y = round_nearest(x, DTYPE)

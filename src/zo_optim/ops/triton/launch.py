@@ -111,7 +111,7 @@ class TableCache:
         return tables
 
 
-table_cache = TableCache()
+table_cache = TableCache(maxsize=16)
 
 
 def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]]) -> Tables:
@@ -144,16 +144,29 @@ def _groups(params: Tensors) -> dict[torch.dtype, list[int]]:
     return groups
 
 
+def _i32(word: int, what: str = "seed word") -> int:
+    """A uint32 word as the int32 with the same bits: every value gets the same kernel signature
+    (Triton types Python ints >= 2**31 as int64 and would compile a second variant)."""
+    if not 0 <= word <= rng.MASK32:
+        raise ValueError(f"Invalid {what}: {word} (a Philox counter word, in [0, 2**32))")
+    return word - (1 << 32) if word >> 31 else word
+
+
 def _seed_words(seed: int) -> tuple[int, int]:
-    """The Philox key (seed & 0xFFFFFFFF, seed >> 32) as int32 bit patterns (one kernel signature)."""
+    """The Philox key (seed & 0xFFFFFFFF, seed >> 32) as int32 bit patterns."""
     seed &= rng.MASK64
-    lo, hi = seed & rng.MASK32, seed >> 32
-    return lo - (1 << 32) * (lo >> 31), hi - (1 << 32) * (hi >> 31)
+    return _i32(seed & rng.MASK32), _i32(seed >> 32)
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current CUDA device; the tensors' device must be current.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(kernel, grid: tuple[int], *args, **constexprs) -> None:
     """Every kernel launch of this backend goes through here (tests count them)."""
-    kernel[grid](*args, **constexprs)
+    with _on_device(args[0].device):
+        kernel[grid](*args, **constexprs)
 
 
 def _for_each_group(params, tensor_ids, states: Sequence[Tensors | None], extra_cols=None):
@@ -211,9 +224,10 @@ def perturb_(
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
     lo, hi = _seed_words(seed)
+    qa, rs = _i32(query, "query"), _i32(rounding_slot, "rounding_slot")
     for dtype, t, block in _for_each_group(params, tensor_ids, [precond]):
         _launch(
-            kernels.perturb_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, float(scale), query, rounding_slot,
+            kernels.perturb_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, float(scale), qa, rs,
             HAS_PRECOND=precond is not None, **_common(t, dtype, distribution, rounding, block),
         )
 
@@ -237,10 +251,11 @@ def sgd_update_(
     """Fused restore + ZO-SGD (see :func:`zo_optim.ops.reference.sgd_update_`)."""
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
+    rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
     for dtype, t, block in _for_each_group(params, tensor_ids, [momentum_buffers]):
         _launch(
             kernels.sgd_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs, float(lr),
-            float(weight_decay), float(momentum), float(restore_scale), restore_query, rounding_slot,
+            float(weight_decay), float(momentum), float(restore_scale), rq, rs,
             HAS_WD=weight_decay != 0.0, HAS_MOMENTUM=momentum_buffers is not None,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
             **_common(t, dtype, distribution, rounding, block),
@@ -270,6 +285,7 @@ def adamw_update_(
     """Fused restore + AdamW (see :func:`zo_optim.ops.reference.adamw_update_`)."""
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
+    rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
     # Host scalars in float64 like the reference, rounded to float32 once as kernel arguments.
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
@@ -277,7 +293,7 @@ def adamw_update_(
         _launch(
             kernels.adamw_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs, 1.0 - lr * weight_decay,
             float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, step_size, bias2_sqrt, float(eps),
-            float(restore_scale), restore_query, rounding_slot,
+            float(restore_scale), rq, rs,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
             **_common(t, dtype, distribution, rounding, block),
         )
@@ -312,12 +328,13 @@ def precond_sgd_update_(
         raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
+    rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
     for dtype, t, block in _for_each_group(params, tensor_ids, [precond]):
         _launch(
             kernels.precond_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs,
             coeffs if precond_coeffs is None else precond_coeffs, float(lr), float(weight_decay),
-            float(precond_decay), float(precond_rate), float(hessian_eps), float(restore_scale), restore_query,
-            rounding_slot,
+            float(precond_decay), float(precond_rate), float(hessian_eps), float(restore_scale),
+            rq, rs,
             HAS_WD=weight_decay != 0.0, UPDATE=bool(update_precond), HIZOO=hizoo,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
             **_common(t, dtype, distribution, rounding, block),
@@ -351,13 +368,14 @@ def helene_update_(
     """Fused restore + HELENE (see :func:`zo_optim.ops.reference.helene_update_`)."""
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
+    rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
     clip_bits = [_f32_bits(float(c)) for c in clip]
     for dtype, t, block in _for_each_group(params, tensor_ids, [exp_avgs, hessians], lambda i: (clip_bits[i],)):
         _launch(
             kernels.helene_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs,
             coeffs if hessian_coeffs is None else hessian_coeffs, float(lr), 1.0 - lr * weight_decay,
             float(alpha), float(beta1), float(beta2), 1.0 - beta2, float(gamma), float(eps), float(restore_scale),
-            restore_query, rounding_slot,
+            rq, rs,
             UPDATE=bool(update_hessian), GNB=hessian_coeffs is not None,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
             **_common(t, dtype, distribution, rounding, block),
