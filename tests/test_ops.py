@@ -26,6 +26,7 @@ Tolerances, from float32 rounding:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import subprocess
 import sys
@@ -470,7 +471,13 @@ def test_import_zo_optim_does_not_import_numba_or_triton():
 
 def _cpu_numerics():
     need("cpu")
-    numba = pytest.importorskip("numba")
+    return _compile_numerics_harness()
+
+
+@functools.cache
+def _compile_numerics_harness():
+    import numba
+
     from zo_optim.ops.cpu import _numerics as num
 
     @numba.njit
