@@ -25,6 +25,13 @@ would round to float32 (Python floats multiplied with float32 tensors) are
 rounded to float32 here before the kernel sees them. Small calls run on fewer
 threads (see :func:`_launch`).
 
+Processes: with numba's default threading layer on Linux (GNU OpenMP), a child
+created by ``fork()`` after the parent ran one of these kernels is terminated by
+numba when it runs one itself (torch's own OpenMP ops hang in such a child
+too): start workers with ``spawn``/``forkserver``, or set
+``NUMBA_THREADING_LAYER=workqueue`` (fork-safe, but not for concurrent calls from
+several Python threads).
+
 Compiled code is cached (``cache=True``): the first use of an op in a fresh
 install compiles it (~10 s per op on 2 busy cores; a process that loads the cache
 starts in ~1 s). The cache lives in ``__pycache__`` beside this file, or, when
