@@ -14,8 +14,11 @@ performs, one element (or one Philox counter) at a time:
 
 All float arithmetic is float32 with ``fastmath=False`` (no FMA contraction, no
 reassociation), in the order the reference backend performs it, so results agree
-with :mod:`zo_optim.ops.reference` except where libm's logf/sinf/cosf differ from
-torch's by an ulp.
+with :mod:`zo_optim.ops.reference` except where torch's log/sin/cos (Sleef, within
+1 ulp) differ from the correctly rounded ones computed here by an ulp.
+
+Functions work on blocks of elements (``*_block``) so that each stage is a simple
+loop LLVM vectorises; the scalar helpers they call are inlined.
 """
 
 from __future__ import annotations
