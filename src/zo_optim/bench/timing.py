@@ -84,12 +84,11 @@ def set_cpu_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise ValueError(f"Invalid threads: {threads}")
-    import os
-    import sys
-
     torch.set_num_threads(threads)
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when numba is first imported
-    if "numba" in sys.modules:
+    # numba's runtime mask, never the NUMBA_NUM_THREADS variable: numba re-reads that
+    # at each compilation and refuses a new value once its pool is up.
+    try:
         import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
