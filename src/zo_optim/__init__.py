@@ -1,8 +1,21 @@
 """zo-optim: zeroth-order (forward-pass-only) optimizers for PyTorch."""
 
 from . import ops, rng
+from .optim import HELENE, HiSo, HiZOO, MeZO, NonFiniteLossError, ZOAdam, ZOOptimizer
 from .rng import RNG_VERSION
 
 __version__ = "0.1.0"
 
-__all__ = ["RNG_VERSION", "__version__", "ops", "rng"]
+__all__ = [
+    "HELENE",
+    "RNG_VERSION",
+    "HiSo",
+    "HiZOO",
+    "MeZO",
+    "NonFiniteLossError",
+    "ZOAdam",
+    "ZOOptimizer",
+    "__version__",
+    "ops",
+    "rng",
+]

@@ -1,0 +1,143 @@
+r"""Where the perturbed weights live during the forwards of a ZO step.
+
+Two modes, chosen with ``perturbation=`` on every optimizer:
+
+``"inplace"`` (default)
+    The stored weights are moved to :math:`\theta + s\,u_k` by in-place passes
+    (``ops.perturb_``) and the last offset is undone inside the fused update
+    pass. No extra memory. For float32 weights the ±ε round trip is exact to a
+    few ulp; for bfloat16/float16 it is not (each pass rounds), so the weights
+    drift by about one ulp per step even with lr = 0 (measured in
+    ``tests/test_optim_lowprec.py``, figures in ``docs/optimizers.md``).
+
+``"transient"`` (with ``opt.attach(model)``)
+    The stored weights are never perturbed. A forward pre-hook on every module
+    that directly owns optimised parameters backs up that module's parameters
+    (one module's worth of extra memory), perturbs them in place for the
+    duration of the module's forward, and the forward hook (``always_call``, so
+    it also runs when the forward raises) copies the backup back. The restore
+    is a copy, so it is exact in every dtype: with lr = 0 the weights stay
+    bit-identical. We back up and copy back (instead of swapping ``param.data``
+    for a perturbed copy) so that anything holding a pointer to the parameter
+    storage (tied weights, compiled graphs, cached views) keeps working.
+    Limitation: a parameter must be used inside the forward of a module that
+    owns it (registered it); a module that returns a view of its own parameter
+    hands the restored values to its caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+# perturb(params, seed, query, scale): θ ← θ + scale·u_query for those params (the optimizer knows ids/preconditioner).
+PerturbFn = Callable[[list[torch.Tensor] | None, int, int, float], None]
+
+
+class InPlacePerturbation:
+    """Tracks the current offset ``scale·u_query`` of the stored weights and moves it."""
+
+    mode = "inplace"
+
+    def __init__(self, perturb: PerturbFn) -> None:
+        self._perturb = perturb
+        self.seed = 0
+        self.query = 0
+        self.scale = 0.0
+        self.passes = 0  # perturbation passes run in the current step (for tests and docs)
+
+    def move_to(self, seed: int, query: int, scale: float) -> None:
+        """Make the weights θ + scale·u_query (θ = unperturbed weights)."""
+        if self.scale != 0.0 and (query != self.query or seed != self.seed):
+            self._perturb(None, self.seed, self.query, -self.scale)
+            self.passes += 1
+            self.scale = 0.0
+        self.seed, self.query = seed, query
+        delta = scale - self.scale
+        if delta != 0.0:
+            self._perturb(None, seed, query, delta)
+            self.passes += 1
+            self.scale = scale
+
+    def restore(self) -> None:
+        """Undo any offset with one explicit pass (used on errors, skips and after ``estimate``)."""
+        if self.scale != 0.0:
+            self.move_to(self.seed, self.query, 0.0)
+
+    def pending_restore(self) -> tuple[float, int]:
+        """(restore_scale, restore_query) for the fused update op."""
+        return -self.scale, self.query
+
+    def mark_restored(self) -> None:
+        """The fused update pass has undone the offset."""
+        self.scale = 0.0
+
+
+class TransientPerturbation:
+    """Perturb one module at a time from forward hooks; the stored weights are never perturbed."""
+
+    mode = "transient"
+
+    def __init__(self, perturb: PerturbFn, is_optimised: Callable[[torch.Tensor], bool]) -> None:
+        self._perturb = perturb
+        self._is_optimised = is_optimised
+        self.seed = 0
+        self.query = 0
+        self.scale = 0.0
+        self.passes = 0
+        self._backups: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._handles: list[Any] = []
+        self.attached = False
+
+    def attach(self, modules: Iterable[torch.nn.Module]) -> None:
+        for mod in modules:
+            if not any(p is not None for p in mod._parameters.values()):
+                continue
+            self._handles.append(mod.register_forward_pre_hook(self._pre))
+            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
+        self.attached = True
+
+    def detach(self) -> None:
+        self.restore()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.attached = False
+
+    def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self.scale == 0.0 or id(module) in self._backups:
+            return
+        params = [p for p in module._parameters.values() if p is not None and self._is_optimised(p)]
+        if not params:
+            return
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in params]
+            self._backups[id(module)] = (params, backup)
+            self._perturb(params, self.seed, self.query, self.scale)
+        self.passes += 1
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        entry = self._backups.pop(id(module), None)
+        if entry is not None:
+            with torch.no_grad():
+                for p, b in zip(*entry, strict=True):
+                    p.copy_(b)
+
+    def move_to(self, seed: int, query: int, scale: float) -> None:
+        self.seed, self.query, self.scale = seed, query, scale
+
+    def restore(self) -> None:
+        self.scale = 0.0
+        for mid in list(self._backups):
+            params, backup = self._backups.pop(mid)
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+
+    def pending_restore(self) -> tuple[float, int]:
+        return 0.0, 0
+
+    def mark_restored(self) -> None:
+        self.scale = 0.0

@@ -1,0 +1,537 @@
+r"""The one step protocol shared by every zeroth-order optimizer.
+
+Subclasses only declare their hyper-parameters (torch-style ``defaults``), their
+per-parameter float32 buffers, the extra scalars they need, and which fused op
+applies the update (:meth:`ZOOptimizer._apply`). Everything else — seeds,
+estimators, the pass schedule, safety, accumulation, data parallel, state dicts —
+lives here and is never overridden.
+
+Step schedule (in-place perturbation, ``q = num_queries``; a *pass* is one
+elementwise sweep over the trainable weights):
+
+==============================  ===========================  =====================
+estimator                       forwards per step            passes per step
+==============================  ===========================  =====================
+central (MeZO, ZOAdam, HELENE)  2q                           3q (+ε, −2ε, then +ε
+                                                             restore of all but the
+                                                             last query; the last
+                                                             restore is fused into
+                                                             the update)
+forward (HiSo default)          q + 1 (L0 first)             2q
+central + L0 (HiZOO)            2q + 1                       3q
+==============================  ===========================  =====================
+
+``estimate(closure)`` alone leaves the weights restored (one more pass) and
+``step()`` then runs the update pass.
+
+Seeds: step ``t`` (steps already taken, skipped ones included) uses
+``rng.step_seed(base_seed, t)``; query ``k`` of that step is the contract's
+``query`` slot ``k``; the update pass stores low-precision weights with
+stochastic rounding slot 0 (perturbation passes round to nearest).
+
+Non-finite losses: with ``on_nonfinite="skip"`` the weights are restored, no
+state changes, ``skipped_steps`` grows by one and the step counter still
+advances (the skipped step's seed is consumed), so a run is a deterministic
+function of (base seed, data) whatever happens. With ``"raise"`` the weights are
+restored, the pending estimate is discarded and :class:`NonFiniteLossError` is
+raised; the counter does not advance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from .. import ops, rng
+from . import _distributed
+from ._estimate import Accumulator, Probes
+from ._perturbation import InPlacePerturbation, TransientPerturbation
+
+__all__ = ["NonFiniteLossError", "ZOOptimizer"]
+
+Closure = Callable[[], Any]
+
+ESTIMATORS = ("central", "forward")
+PERTURBATIONS = ("inplace", "transient")
+NONFINITE = ("skip", "raise")
+ROUNDINGS = ("stochastic", "nearest")
+
+_CLOSURE_HELP = (
+    "{name}.step() needs a closure that returns the loss (zeroth-order optimizers evaluate it at "
+    "perturbed weights), e.g.\n"
+    "    def closure():\n"
+    "        return model(**batch).loss   # scalar, or a [B] vector of per-example losses\n"
+    "    opt.step(closure)\n"
+    "or, for gradient accumulation, call opt.estimate(closure) one or more times before opt.step()."
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A closure returned a non-finite loss and ``on_nonfinite="raise"``."""
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r}")
+    if value < 0.0 or (value == 0.0 and not allow_zero):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
+
+    Args (common to every subclass):
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer
+            (``named_parameters()`` also works and gives names to per-tensor options).
+            Parameters with ``requires_grad=False`` are skipped and not numbered.
+        zo_eps: perturbation scale ε.
+        num_queries: random directions per step (each its own ``query`` slot).
+        estimator: ``"central"`` (±ε, 2q forwards) or ``"forward"`` (L0 + q forwards).
+        distribution: ``"gaussian"`` or ``"rademacher"`` directions z.
+        seed: base seed of the run (uint64); ``None`` draws one from Python's ``random``
+            (rank 0's is broadcast when ``torch.distributed`` is initialised).
+        backend: ``"auto" | "reference" | "cpu" | "triton"`` for the fused ops.
+        on_nonfinite: ``"skip"`` (restore, skip the update, count it) or ``"raise"``.
+        maximize: ascend the objective instead of descending.
+        perturbation: ``"inplace"`` or ``"transient"`` (needs :meth:`attach`, or ``module=``).
+        rounding: how the update pass stores bfloat16/float16 weights,
+            ``"stochastic"`` (default, unbiased) or ``"nearest"``.
+        module: shortcut for ``perturbation="transient"`` + ``opt.attach(module)``.
+    """
+
+    #: algorithm name written into state dicts and federated messages
+    algorithm: ClassVar[str] = "zo"
+    #: the buffer used as preconditioner P of the directions u = z / sqrt(P) (None: u = z)
+    precond_buffer: ClassVar[str | None] = None
+    #: whether L(θ) must be measured in every estimate (HiZOO's curvature)
+    needs_center_loss: ClassVar[bool] = False
+    #: estimators this algorithm accepts
+    estimators: ClassVar[tuple[str, ...]] = ESTIMATORS
+    #: names of the extra per-query scalars :meth:`apply_update` accepts, and whether each is required
+    extra_scalars: ClassVar[dict[str, bool]] = {}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        zo_eps: float = 1e-3,
+        num_queries: int = 1,
+        estimator: str = "central",
+        distribution: str = "gaussian",
+        seed: int | None = None,
+        backend: str = "auto",
+        on_nonfinite: str = "skip",
+        maximize: bool = False,
+        perturbation: str = "inplace",
+        rounding: str = "stochastic",
+        module: torch.nn.Module | None = None,
+    ) -> None:
+        _check_positive("zo_eps", zo_eps)
+        if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries < 1:
+            raise ValueError(f"Invalid num_queries: {num_queries!r} (an int >= 1)")
+        _check_choice("estimator", estimator, self.estimators)
+        _check_choice("distribution", distribution, ("gaussian", "rademacher"))
+        _check_choice("backend", backend, ops.BACKENDS)
+        _check_choice("on_nonfinite", on_nonfinite, NONFINITE)
+        _check_choice("perturbation", perturbation, PERTURBATIONS)
+        _check_choice("rounding", rounding, ROUNDINGS)
+        if seed is None:
+            seed = random.getrandbits(64)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**64))")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or dicts, got a single Tensor; pass [tensor]")
+        self.zo_eps = float(zo_eps)
+        self.num_queries = num_queries
+        self.estimator = estimator
+        self.distribution = distribution
+        self.base_seed = seed
+        self.backend = backend
+        self.on_nonfinite = on_nonfinite
+        self.maximize = bool(maximize)
+        self.rounding = rounding
+        self.skipped_steps = 0
+        self.last_projected_grads: torch.Tensor | None = None
+        self.last_extra_scalars: dict[str, torch.Tensor] = {}
+        self._t = 0
+        self._seed_synced = False
+        self._acc: Accumulator | None = None
+        self._tensor_ids: dict[int, int] = {}
+        super().__init__(params, defaults)
+        for p in self._all_params():
+            if p.is_sparse:
+                raise ValueError("sparse parameters are not supported: zeroth-order ops need dense tensors")
+        if not self._trainable():
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        self._inplace = InPlacePerturbation(self._perturb_params)
+        self._transient = TransientPerturbation(self._perturb_params, lambda p: id(p) in self._tensor_ids)
+        self._perturbation = self._transient if perturbation == "transient" or module is not None else self._inplace
+        if module is not None:
+            self.attach(module)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one param group's hyper-parameters (ValueError in torch style)."""
+        _check_positive("learning rate", group["lr"], allow_zero=True)
+        _check_positive("weight_decay value", group.get("weight_decay", 0.0), allow_zero=True)
+
+    def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
+        """Per-parameter float32 buffers of this group: name → initial value."""
+        return {}
+
+    def _extras_from_probes(self, probes: Probes) -> dict[str, torch.Tensor]:
+        """Extra per-query scalars [q] this algorithm derives from the probe losses."""
+        return {}
+
+    def _apply(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        ids: list[int],
+        seed: int,
+        coeffs: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+        step: int,
+        op_kwargs: dict[str, Any],
+    ) -> None:
+        """Run the fused restore + update op on one chunk (one group, one device).
+
+        ``coeffs`` [q] are the ĝ coefficients (g_k / q, negated when maximizing),
+        ``step`` is 1-based (this update's index), ``op_kwargs`` carries restore,
+        distribution, rounding and backend.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far (skipped ones included) = the ``t`` of the next seed."""
+        return self._t
+
+    @property
+    def current_seed(self) -> int:
+        """The seed of the step the next ``estimate``/``step`` works on."""
+        return rng.step_seed(self.base_seed, self._t)
+
+    @property
+    def perturbation(self) -> str:
+        return self._perturbation.mode
+
+    def attach(self, module: torch.nn.Module) -> None:
+        """Switch to ``perturbation="transient"``: perturb ``module``'s sub-modules one at a time from hooks.
+
+        Every optimised parameter must be registered on a module inside ``module``.
+        """
+        owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
+        missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
+                "on any sub-module of the attached module; attach the model that owns all of them"
+            )
+        if self._transient.attached:
+            self._transient.detach()
+        self._transient.attach(module.modules())
+        self._perturbation = self._transient
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach` and return to in-place perturbation."""
+        self._transient.detach()
+        self._perturbation = self._inplace
+
+    @torch.no_grad()
+    def estimate(self, closure: Closure) -> torch.Tensor:
+        """Run the forwards of the current step and accumulate its projected gradients.
+
+        Repeated calls before :meth:`step` average (gradient accumulation). The
+        weights are restored when it returns. Returns the loss estimate of L(θ)
+        (a 0-d tensor on the parameters' device).
+        """
+        return self._estimate(closure, keep_perturbed=False)
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """One ZO step: ``estimate(closure)`` (if given) then apply the accumulated estimate.
+
+        Returns the loss estimate of this call's closure (None without closure).
+        """
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                loss = self._estimate(closure, keep_perturbed=True)
+            elif self._acc is None:
+                raise TypeError(_CLOSURE_HELP.format(name=type(self).__name__))
+            self._apply_pending()
+        return loss
+
+    def take_estimate(self) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        """Hand back the pending estimate (seed, g [q], extra scalars) without applying it.
+
+        The step counter does not move; apply an aggregated version later with
+        :meth:`apply_update` (federated clients build on this).
+        """
+        if self._acc is None:
+            raise RuntimeError("no pending estimate: call estimate(closure) first")
+        grads, extras = self._acc.mean()
+        self._acc = None
+        return self.current_seed, grads, extras
+
+    @torch.no_grad()
+    def apply_update(self, seed: int, projected_grads: torch.Tensor | Iterable[float], **extra_scalars: Any) -> None:
+        """Apply one step from its scalars, with no forwards (replay primitive).
+
+        ``projected_grads`` are the q raw projected gradients g_k (not divided by
+        q, not negated for ``maximize``) measured with ``seed``; ``extra_scalars``
+        are the algorithm's extra per-query scalars (see the class docstring).
+        State advances exactly as in :meth:`step` (the step counter included), so
+        a replica that replays the (seed, scalars) of a run reproduces it.
+        """
+        if self._acc is not None:
+            raise RuntimeError("an estimate is pending; apply it with step() or drop it with take_estimate() first")
+        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**64))")
+        unknown = set(extra_scalars) - set(self.extra_scalars)
+        missing = {k for k, req in self.extra_scalars.items() if req and k not in extra_scalars}
+        if unknown or missing:
+            raise TypeError(
+                f"{type(self).__name__}.apply_update takes extra scalars {sorted(self.extra_scalars)} "
+                f"(required: {sorted(k for k, r in self.extra_scalars.items() if r)}); "
+                f"got unexpected {sorted(unknown)}, missing {sorted(missing)}"
+            )
+        device = self._trainable()[0].device
+        grads = self._as_scalars("projected_grads", projected_grads, device)
+        extras = {k: self._as_scalars(k, v, device) for k, v in extra_scalars.items() if v is not None}
+        self._refresh_layout()
+        self._ensure_state()
+        self._update(seed, grads, extras, restore=(0.0, 0))
+        self._t += 1
+
+    def state_bytes(self) -> int:
+        """Bytes held in per-parameter optimizer state (all fp32 buffers)."""
+        self._ensure_state()
+        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._ensure_state()
+        sd = super().state_dict()
+        sd["zo"] = {
+            "algorithm": self.algorithm,
+            "rng_version": rng.RNG_VERSION,
+            "base_seed": self.base_seed,
+            "step": self._t,
+            "skipped_steps": self.skipped_steps,
+            "zo_eps": self.zo_eps,
+            "num_queries": self.num_queries,
+            "estimator": self.estimator,
+            "distribution": self.distribution,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        zo = state_dict.get("zo")
+        if not isinstance(zo, dict):
+            raise ValueError(
+                "not a zo-optim state dict (no 'zo' entry); "
+                f"load a state dict saved by {type(self).__name__}.state_dict()"
+            )
+        if zo.get("algorithm") != self.algorithm:
+            raise ValueError(
+                f"state dict is from optimizer {zo.get('algorithm')!r}, cannot load it into {self.algorithm!r}; "
+                "construct the same optimizer class that saved it"
+            )
+        if zo.get("rng_version") != rng.RNG_VERSION:
+            raise ValueError(
+                f"state dict was saved with RNG contract {zo.get('rng_version')!r} but this zo-optim uses "
+                f"{rng.RNG_VERSION!r}; perturbations would differ, so resuming is refused"
+            )
+        if self._acc is not None:
+            raise RuntimeError("an estimate is pending; apply it with step() before loading a state dict")
+        saved = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        params = self._all_params()
+        for idx, entry in saved.items():
+            p = params[int(idx)]
+            # torch casts floating state to the param dtype on load; ZO buffers are always fp32.
+            self.state[p] = {
+                k: (v.detach().to(device=p.device, dtype=torch.float32).clone() if torch.is_tensor(v) else v)
+                for k, v in entry.items()
+            }
+        self.base_seed = int(zo["base_seed"])
+        self._t = int(zo["step"])
+        self.skipped_steps = int(zo["skipped_steps"])
+        self._seed_synced = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    # ------------------------------------------------------------------ internals
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self._all_params() if p.requires_grad]
+
+    def _chunks(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group, params, tensor_ids) per group and device, trainable params only."""
+        out = []
+        for group in self.param_groups:
+            by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+            for p in group["params"]:
+                if id(p) in self._tensor_ids:
+                    ps, ids = by_device.setdefault(p.device, ([], []))
+                    ps.append(p)
+                    ids.append(self._tensor_ids[id(p)])
+            out.extend((group, ps, ids) for ps, ids in by_device.values())
+        return out
+
+    def _refresh_layout(self) -> None:
+        """tensor_id = position among trainable params across groups (recomputed: freezing may change)."""
+        self._tensor_ids = {id(p): i for i, p in enumerate(self._trainable())}
+
+    def _ensure_state(self) -> None:
+        for group in self.param_groups:
+            for name, init in self._buffers(group).items():
+                for p in group["params"]:
+                    if p.requires_grad and name not in self.state[p]:
+                        self.state[p][name] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
+
+    def _sync_seed(self) -> None:
+        if not self._seed_synced:
+            self.base_seed = _distributed.broadcast_seed(self.base_seed, self._trainable()[0].device)
+            self._seed_synced = True
+
+    def _perturb_params(self, params: list[torch.Tensor] | None, seed: int, query: int, scale: float) -> None:
+        """θ ← θ + scale·u_query for ``params`` (all trainable ones when None)."""
+        if params is None:
+            chunks = [(ps, ids) for _, ps, ids in self._chunks()]
+        else:
+            by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+            for p in params:
+                ps, ids = by_device.setdefault(p.device, ([], []))
+                ps.append(p)
+                ids.append(self._tensor_ids[id(p)])
+            chunks = list(by_device.values())
+        for ps, ids in chunks:
+            precond = None if self.precond_buffer is None else [self.state[p][self.precond_buffer] for p in ps]
+            ops.perturb_(ps, ids, seed, scale, query=query, distribution=self.distribution, precond=precond,
+                         rounding="nearest", backend=self.backend)
+
+    def _call_closure(self, closure: Closure, device: torch.device) -> torch.Tensor:
+        with torch.no_grad():
+            loss = closure()
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor([float(loss)], dtype=torch.float32, device=device)
+        if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+            raise TypeError(
+                "the closure must return the loss as a float tensor (scalar or [B] per-example), "
+                f"got {type(loss).__name__}"
+            )
+        if loss.dim() > 1:
+            raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; return a scalar or [B] vector")
+        return loss.detach().reshape(-1).to(device=device, dtype=torch.float32)
+
+    def _estimate(self, closure: Closure, keep_perturbed: bool) -> torch.Tensor:
+        if closure is None or not callable(closure):
+            raise TypeError(_CLOSURE_HELP.format(name=type(self).__name__))
+        if self._perturbation is self._transient and not self._transient.attached:
+            raise RuntimeError("perturbation='transient' needs the model: call opt.attach(model) or pass module=model")
+        self._sync_seed()
+        self._refresh_layout()
+        self._ensure_state()
+        device = self._trainable()[0].device
+        seed = self.current_seed
+        pert = self._perturbation
+        eps = self.zo_eps
+        probes = Probes(self.estimator, eps)
+        try:
+            if self.needs_center_loss or self.estimator == "forward":
+                probes.center = self._call_closure(closure, device)
+            for k in range(self.num_queries):
+                pert.move_to(seed, k, eps)
+                probes.plus.append(self._call_closure(closure, device))
+                if self.estimator == "central":
+                    pert.move_to(seed, k, -eps)
+                    probes.minus.append(self._call_closure(closure, device))
+            all_losses = torch.cat(probes.all_losses())
+            finite = bool(torch.isfinite(all_losses).all())  # the one host sync of a step
+        except BaseException:
+            pert.restore()
+            raise
+        if not finite or not keep_perturbed:
+            pert.restore()
+        if not finite and self.on_nonfinite == "raise":
+            self._acc = None
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: the closure returned a non-finite loss at step {self._t}; weights restored "
+                "(use on_nonfinite='skip' to skip such steps)"
+            )
+        grads = probes.projected_grads()
+        extras = self._extras_from_probes(probes)
+        if self._acc is None:
+            self._acc = Accumulator()
+        self._acc.add(grads, extras, nonfinite=not finite)
+        return probes.loss()
+
+    def _apply_pending(self) -> None:
+        acc, self._acc = self._acc, None
+        assert acc is not None
+        grads, extras = acc.mean()
+        seed = self.current_seed
+        nonfinite = acc.nonfinite
+        if _distributed.world_size() > 1:
+            names = sorted(extras)
+            flag = torch.tensor([1.0 if nonfinite else 0.0], dtype=torch.float32, device=grads.device)
+            packed = _distributed.mean_across_ranks(torch.cat([grads, *(extras[k] for k in names), flag]))
+            q = grads.numel()
+            grads = packed[:q]
+            extras = {k: packed[q * (i + 1): q * (i + 2)] for i, k in enumerate(names)}
+            nonfinite = bool(packed[-1] > 0)
+        if nonfinite:
+            self._perturbation.restore()
+            self.skipped_steps += 1
+            self._t += 1
+            return
+        try:
+            self._update(seed, grads, extras, restore=self._perturbation.pending_restore())
+        except BaseException:
+            self._perturbation.restore()
+            raise
+        self._perturbation.mark_restored()
+        self._t += 1
+
+    def _update(
+        self, seed: int, grads: torch.Tensor, extras: dict[str, torch.Tensor], restore: tuple[float, int]
+    ) -> None:
+        self.last_projected_grads = grads
+        self.last_extra_scalars = extras
+        q = grads.numel()
+        coeffs = grads / q
+        if self.maximize:
+            coeffs = -coeffs
+        restore_scale, restore_query = restore
+        op_kwargs = dict(restore_scale=restore_scale, restore_query=restore_query, distribution=self.distribution,
+                         rounding=self.rounding, backend=self.backend)
+        for group, params, ids in self._chunks():
+            dev = params[0].device
+            self._apply(group, params, ids, seed, coeffs.to(dev), {k: v.to(dev) for k, v in extras.items()},
+                        self._t + 1, op_kwargs)
+
+    def _as_scalars(self, name: str, value: Any, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1)
+        if t.numel() != self.num_queries:
+            raise ValueError(f"{name} has {t.numel()} values, expected num_queries={self.num_queries}")
+        return t

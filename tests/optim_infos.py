@@ -1,0 +1,151 @@
+"""The optimizer table that drives the common optimizer tests (torch's OptimizerInfo style).
+
+Each entry lists the class, constructor inputs that must work, inputs that must
+fail (with the exception and a regex of its message), the extra scalars of
+``apply_update``, the state bytes per trainable parameter, and settings for the
+small convergence problems. Adding an optimizer = adding a row here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import zo_optim
+from zo_optim.optim.base import ZOOptimizer
+
+
+@dataclass(frozen=True)
+class ErrorInput:
+    kwargs: dict[str, Any]
+    error: type[BaseException]
+    match: str
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    cls: type[ZOOptimizer]
+    # constructor kwargs that must work (the first is the "default" configuration used by common tests)
+    inputs: list[dict[str, Any]]
+    errors: list[ErrorInput]
+    # state bytes per trainable parameter for inputs[i] (same order)
+    bytes_per_param: list[int]
+    # lr that makes the quadratic and the Rosenbrock test converge in their step budgets
+    quadratic_lr: float
+    rosenbrock_lr: float
+    # forwards (closure calls) per step with the default configuration
+    forwards_per_step: int
+    extra_kwargs_for_replay: Callable[[dict[str, torch.Tensor]], dict[str, Any]] = field(
+        default=lambda extras: dict(extras)
+    )
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+
+def _common_errors() -> list[ErrorInput]:
+    return [
+        ErrorInput(dict(lr=-1.0), ValueError, "Invalid learning rate"),
+        ErrorInput(dict(zo_eps=0.0), ValueError, "Invalid zo_eps"),
+        ErrorInput(dict(zo_eps=float("nan")), ValueError, "Invalid zo_eps"),
+        ErrorInput(dict(num_queries=0), ValueError, "Invalid num_queries"),
+        ErrorInput(dict(distribution="uniform"), ValueError, "Invalid distribution"),
+        ErrorInput(dict(backend="cuda"), ValueError, "Invalid backend"),
+        ErrorInput(dict(on_nonfinite="ignore"), ValueError, "Invalid on_nonfinite"),
+        ErrorInput(dict(perturbation="copy"), ValueError, "Invalid perturbation"),
+        ErrorInput(dict(rounding="up"), ValueError, "Invalid rounding"),
+        ErrorInput(dict(seed=-1), ValueError, "Invalid seed"),
+        ErrorInput(dict(weight_decay=-0.1), ValueError, "Invalid weight_decay"),
+    ]
+
+
+OPTIMIZERS: list[OptimizerInfo] = [
+    OptimizerInfo(
+        zo_optim.MeZO,
+        inputs=[dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, weight_decay=0.1, num_queries=2),
+                dict(lr=1e-2, estimator="forward", distribution="rademacher")],
+        errors=[*_common_errors(), ErrorInput(dict(momentum=1.5), ValueError, "Invalid momentum"),
+                ErrorInput(dict(estimator="backward"), ValueError, "Invalid estimator")],
+        bytes_per_param=[0, 4, 0],
+        quadratic_lr=2e-2,
+        rosenbrock_lr=1e-3,
+        forwards_per_step=2,
+    ),
+    OptimizerInfo(
+        zo_optim.ZOAdam,
+        inputs=[dict(lr=1e-2), dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, num_queries=3, estimator="forward")],
+        errors=[*_common_errors(), ErrorInput(dict(betas=(1.0, 0.9)), ValueError, "Invalid beta parameter at index 0"),
+                ErrorInput(dict(eps=-1.0), ValueError, "Invalid epsilon value")],
+        bytes_per_param=[8, 8],
+        quadratic_lr=5e-2,
+        rosenbrock_lr=2e-2,
+        forwards_per_step=2,
+    ),
+    OptimizerInfo(
+        zo_optim.HiZOO,
+        inputs=[dict(lr=1e-2, hessian_smooth=1e-3), dict(lr=1e-2, hessian_smooth=0.0, num_queries=2, weight_decay=0.1)],
+        errors=[*_common_errors(), ErrorInput(dict(hessian_smooth=2.0), ValueError, "Invalid hessian_smooth"),
+                ErrorInput(dict(estimator="forward"), ValueError, "Invalid estimator")],
+        bytes_per_param=[4, 4],
+        quadratic_lr=2e-2,
+        rosenbrock_lr=1e-2,
+        forwards_per_step=3,
+    ),
+    OptimizerInfo(
+        zo_optim.HELENE,
+        inputs=[dict(lr=1e-3), dict(lr=1e-3, hessian_interval=1, lambda_mode="dim", weight_decay=0.1, num_queries=2)],
+        errors=[*_common_errors(), ErrorInput(dict(anneal_T=0.0), ValueError, "Invalid anneal_T"),
+                ErrorInput(dict(hessian_interval=0), ValueError, "Invalid hessian_interval"),
+                ErrorInput(dict(lambda_mode="layer"), ValueError, "Invalid lambda_mode"),
+                ErrorInput(dict(gamma=0.0), ValueError, "Invalid gamma"),
+                ErrorInput(dict(clip_lambda=-1.0), ValueError, "Invalid clip_lambda"),
+                ErrorInput(dict(clip_lambda=lambda name, p: 1.0), ValueError, "needs parameter names")],
+        bytes_per_param=[8, 8],
+        quadratic_lr=2e-3,
+        rosenbrock_lr=1e-3,
+        forwards_per_step=2,
+    ),
+    OptimizerInfo(
+        zo_optim.HiSo,
+        inputs=[dict(lr=1e-2), dict(lr=1e-2, num_queries=3, k_interval=2, estimator="central")],
+        errors=[*_common_errors(), ErrorInput(dict(beta=1.0), ValueError, "Invalid beta"),
+                ErrorInput(dict(k_interval=0), ValueError, "Invalid k_interval"),
+                ErrorInput(dict(hessian_eps=-1.0), ValueError, "Invalid hessian_eps")],
+        bytes_per_param=[4, 4],
+        quadratic_lr=2e-2,
+        rosenbrock_lr=1e-2,
+        forwards_per_step=2,
+    ),
+]
+
+
+def ids(infos: list[OptimizerInfo]) -> list[str]:
+    return [i.name for i in infos]
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A 2-layer MLP with 3 parameter tensors of odd shapes (and one frozen-able bias)."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.to(dtype)
+
+
+def tiny_data(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randn(n, 5, generator=g), torch.randn(n, 3, generator=g)
+
+
+def loss_closure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, per_example: bool = False):
+    def closure() -> torch.Tensor:
+        out = model(x.to(next(model.parameters()).dtype)).float()
+        losses = ((out - y) ** 2).mean(dim=1)
+        return losses if per_example else losses.mean()
+
+    return closure
