@@ -26,6 +26,7 @@ Tolerances, from float32 rounding:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import subprocess
 import sys
@@ -332,6 +333,25 @@ def test_mezo_step_round_trip(backend):
     torch.testing.assert_close(p, start, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_special_values(backend, dtype, rounding):
+    """NaN/inf propagate, overflow and subnormals round like the reference (NaN payloads may differ)."""
+    need(backend)
+    values = [float("nan"), float("inf"), -float("inf"), 65504.0, 65519.0, 70000.0, 3.3e38, 1e-8, 6e-8, -0.0, 0.0]
+    base = torch.tensor(values * 7).to(dtype)
+    outs = []
+    for name in (backend, "reference"):
+        p = base.clone()
+        ops.perturb_([p], [4], 8, 1e-7, rounding=rounding, backend=name)
+        outs.append(p)
+    out, ref = outs
+    assert torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    assert_same_values(out[finite], ref[finite], f"{dtype} {rounding}")
+
+
 # --------------------------------------------------------------- bad input: clear error, nothing modified
 
 
@@ -463,3 +483,79 @@ def test_missing_triton_backend_gives_install_hint(monkeypatch):
 def test_import_zo_optim_does_not_import_numba_or_triton():
     code = "import sys, zo_optim, zo_optim.ops; assert 'numba' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------- cpu backend: the float conversions, bit for bit
+
+
+def _cpu_numerics():
+    need("cpu")
+    return _compile_numerics_harness()
+
+
+@functools.cache
+def _compile_numerics_harness():
+    import numba
+
+    from zo_optim.ops.cpu import _numerics as num
+
+    @numba.njit
+    def to_16(bits, words, fmt, stochastic, out):
+        for i in range(bits.shape[0]):
+            b, w = numba.uint64(bits[i]), numba.uint64(words[i])
+            if fmt == num.BF16:
+                out[i] = num.bf16_stochastic(b, w) if stochastic else num.bf16_nearest(b)
+            else:
+                out[i] = num.f16_stochastic(b, w) if stochastic else num.f16_nearest(b)
+
+    @numba.njit
+    def from_f16(h, out):
+        for i in range(h.shape[0]):
+            out[i] = num.half_to_f32(numba.uint64(h[i]))
+
+    return to_16, from_f16
+
+
+def _threshold_words(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rounding words that sit exactly on (or one step above) each value's stochastic-rounding threshold."""
+    mant_bits, emin = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}[dtype]
+    a = x.abs().to(torch.float64)
+    _, e = torch.frexp(a)
+    ulp = torch.pow(2.0, (torch.clamp(e.to(torch.int64) - 1, min=emin) - mant_bits).to(torch.float64))
+    frac = a / ulp - torch.floor(a / ulp)
+    u24 = torch.floor(frac * 2**24).to(torch.int64) + torch.randint(0, 2, x.shape, generator=gen)
+    return (u24.clamp(0, 2**24 - 1) << 8) | torch.randint(0, 256, x.shape, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_cpu_rounding_is_bit_exact(dtype, stochastic):
+    """float32 -> bf16/fp16 (nearest = torch's conversion; stochastic = rng.stochastic_round), incl. ties,
+    subnormals, overflow, inf/nan, on random bit patterns and on words at the exact rounding threshold."""
+    to_16, _ = _cpu_numerics()
+    gen = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(0, 2**32, (100_000,), generator=gen)
+    # Every exponent near the 16-bit formats' subnormal, normal and overflow edges, random mantissas.
+    exps = torch.tensor([0, 1, *range(99, 116), *range(140, 146), 253, 254, 255])
+    edge_bits = (exps.repeat_interleave(4000) << 23) | torch.randint(0, 2**23, (len(exps) * 4000,), generator=gen)
+    edge_bits |= torch.randint(0, 2, edge_bits.shape, generator=gen) << 31
+    bits = torch.cat([random_bits, edge_bits])
+    x = torch.from_numpy(bits.numpy().astype("uint32").view("float32"))
+    words = torch.randint(0, 2**32, bits.shape, generator=gen)
+    words[::2] = _threshold_words(x[::2], dtype, gen)
+    out = torch.empty(bits.shape, dtype=torch.int16)
+    to_16(bits.numpy().astype("uint32"), words.numpy().astype("uint32"), 1 if dtype == torch.bfloat16 else 2,
+          stochastic, out.numpy().view("uint16"))
+    expected = rng.stochastic_round(x, dtype, words) if stochastic else x.to(dtype)
+    got = out.view(dtype)
+    both_nan = torch.isnan(got) & torch.isnan(expected)
+    mismatch = (got.view(torch.int16) != expected.view(torch.int16)) & ~both_nan
+    assert not mismatch.any(), f"{int(mismatch.sum())} mismatches, e.g. bits {hex(int(bits[mismatch][0]))}"
+
+
+def test_cpu_half_to_float_is_exact():
+    _, from_f16 = _cpu_numerics()
+    h = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    out = torch.empty(h.shape, dtype=torch.float32)
+    from_f16(h.numpy().view("uint16"), out.numpy())
+    torch.testing.assert_close(out, h.view(torch.float16).float(), rtol=0, atol=0, equal_nan=True)

