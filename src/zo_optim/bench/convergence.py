@@ -16,7 +16,7 @@ the fine-tune).
 
 Outputs under ``--out``: ``convergence.csv`` (long format, :mod:`zo_optim.bench.report`),
 ``environment.json``, one ``<problem>.png`` of the best curves per problem, and the table
-on stdout (also ``summary.txt``). The default size finishes in about two minutes on two
+on stdout (also ``summary.txt``). The default size finishes in ~30 s on two
 CPU cores; ``--full`` is the size behind the numbers in ``docs/convergence.md``.
 """
 
