@@ -1,0 +1,141 @@
+"""``zo-optim bench convergence``: problems are what they claim, the runner counts and ranks right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zo_optim
+from zo_optim.bench import convergence as C
+from zo_optim.bench import problems as P
+from zo_optim.bench import report
+
+
+def _loss(inst: P.Instance) -> float:
+    with torch.no_grad():
+        return float(inst.closure_for_step()().mean())
+
+
+def test_quadratic_optimum_is_zero_and_start_is_normalised():
+    inst = P.build("quadratic", "ci", seed=0)
+    assert 0.5 < inst.evaluate() < 2.0  # normalised so that E[L(θ0)] = 1
+    assert len({p.numel() for p in inst.params}) == len(inst.params)  # layers of different sizes
+    with torch.no_grad():
+        for p, o in zip(inst.params, inst.extras["optimum"], strict=True):
+            p.copy_(o)
+    assert inst.evaluate() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rosenbrock_optimum_is_zero():
+    inst = P.build("rosenbrock", "ci", seed=0)
+    assert inst.evaluate() > 10.0
+    with torch.no_grad():
+        inst.params[0].fill_(1.0)
+    assert inst.evaluate() == 0.0
+
+
+def test_problem_is_fixed_and_seed_only_changes_batches():
+    a, b = P.build("mlp", "ci", seed=0), P.build("mlp", "ci", seed=1)
+    for pa, pb in zip(a.params, b.params, strict=True):
+        assert torch.equal(pa, pb)
+    assert a.evaluate() == b.evaluate()
+    assert _loss(a) != _loss(b)  # different first mini-batch
+    with torch.no_grad():
+        per_example = a.closure_for_step()()
+    assert per_example.shape == (64,)  # per-example losses for HELENE's A-GNB
+
+
+def test_closure_sees_the_same_batch_until_the_next_step():
+    inst = P.build("mlp", "ci", seed=0)
+    closure = inst.closure_for_step()
+    with torch.no_grad():
+        assert torch.equal(closure(), closure())
+
+
+def test_mezo_decreases_the_quadratic():
+    inst = P.build("quadratic", "ci", seed=0)
+    start = inst.evaluate()
+    opt = zo_optim.MeZO(inst.params, lr=C.BASE_LR["quadratic"]["mezo"], seed=0)
+    closure = inst.closure_for_step()
+    with torch.no_grad():
+        for _ in range(300):
+            opt.step(closure)
+    assert inst.evaluate() < 0.5 * start
+
+
+def test_forwards_are_counted_not_steps():
+    spec = P.PROBLEMS["quadratic"]
+    mezo = C.run_one(spec, "ci", "mezo", {"lr": 1e-3}, 0, C.zo_optim_factory, budget=60)
+    hizoo = C.run_one(spec, "ci", "hizoo", {"lr": 1e-3}, 0, C.zo_optim_factory, budget=60)
+    assert mezo.forwards[-1] == 60 and mezo.steps == 30  # central: 2 forwards per step
+    assert hizoo.forwards[-1] == 60 and hizoo.steps == 20  # L0, L+, L-: 3 per step
+
+
+def _run(values, forwards=None, diverged=False):
+    forwards = forwards or list(range(0, 10 * len(values), 10))
+    r = C.RunResult(forwards, values, len(values), diverged, 0.0)
+    r.final = math.inf if diverged else C._smooth(values)[-1]
+    return r
+
+
+def test_first_reach_uses_the_smoothed_curve():
+    spec = P.PROBLEMS["quadratic"]  # lower is better
+    # One noisy dip (0.1 at 10 forwards) is not enough: the 3-point running mean crosses 0.5 at 30.
+    assert C.first_reach(spec, [0, 10, 20, 30, 40], C._smooth([1.0, 0.1, 1.0, 0.2, 0.2]), 0.5) == 30
+    assert math.isnan(C.first_reach(spec, [0, 10], [1.0, 0.9], 0.5))
+
+
+def test_best_config_prefers_final_metric_and_rejects_divergence():
+    spec = P.PROBLEMS["minilm"]  # higher is better
+    good = C.ConfigResult("mezo", {"lr": 1.0}, [_run([0.5, 0.7, 0.8, 0.8]), _run([0.5, 0.7, 0.8, 0.8])])
+    fast_but_diverged = C.ConfigResult("mezo", {"lr": 2.0}, [_run([0.5, 0.9, 0.9, 0.9]), _run([0.5], diverged=True)])
+    worse = C.ConfigResult("mezo", {"lr": 0.5}, [_run([0.5, 0.6, 0.6, 0.7]), _run([0.5, 0.6, 0.6, 0.7])])
+    assert C.best_config(spec, [worse, fast_but_diverged, good]) is good
+
+
+def test_cli_smoke_writes_long_format_csv_png_and_table(tmp_path, capsys):
+    out = tmp_path / "conv"
+    rc = C.main(["--problems", "quadratic,mlp", "--optimizers", "mezo,helene", "--seeds", "2", "--budget", "60",
+                 "--out", str(out)])
+    assert rc == 0
+    rows = report.read_csv(out / "convergence.csv")  # raises unless the columns are the long format
+    assert {r["provider"] for r in rows} == {"mezo", "helene"}
+    metrics = {r["metric"] for r in rows}
+    assert {"loss", "forwards_to_target", "final_loss", "forwards_to_target_mean", "final_loss_mean",
+            "forwards_to_mezo_final_rel"} <= metrics
+    assert (out / "quadratic.png").stat().st_size > 0 and (out / "mlp.png").stat().st_size > 0
+    assert (out / "environment.json").exists()
+    text = capsys.readouterr().out
+    assert "MeZO" in text and "HELENE" in text and "final loss" in text
+
+
+def test_cli_rejects_unknown_names(tmp_path):
+    with pytest.raises(SystemExit, match="Invalid problem"):
+        C.main(["--problems", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="Invalid optimizer"):
+        C.main(["--optimizers", "sgd", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("trainable", ["head", "ffn"])
+def test_minilm_trainable_part_matches_the_full_model(tmp_path, monkeypatch, trainable):
+    """The cached-feature forward of the trainable part equals BertForSequenceClassification's logits."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("ZO_OPTIM_CACHE", str(tmp_path))
+    monkeypatch.setitem(P._MINILM_SIZES, "ci", (8, 8))
+    inst = P.minilm("ci", seed=0, trainable=trainable)
+    n_trainable = sum(p.numel() for p in inst.params)
+    assert (1_000_000 < n_trainable < 2_000_000) if trainable == "ffn" else (100_000 < n_trainable < 200_000)
+    texts, labels = P._tweets()
+    _, test_idx = P._split(labels, 8, 8, 0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(P._minilm_dir(), num_labels=2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(P._minilm_dir())
+    with torch.no_grad():
+        enc = tok([texts[int(i)] for i in test_idx[:4]], padding=True, truncation=True, max_length=64,
+                  return_tensors="pt")
+        expected = model(**enc).logits
+        got = inst.extras["logits"](inst.extras["test_x"][:4])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert sum(labels[int(i)] for i in test_idx) == 4  # class-balanced split
