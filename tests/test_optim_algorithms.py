@@ -163,6 +163,29 @@ def test_helene_annealing_agnb_and_hessian_interval():
                                    atol=1e-7)
 
 
+def test_helene_hessian_bias_correction_option():
+    """Opt-in: the update uses h / (1 - β2^n) (n = Hessian refreshes so far); h itself is stored uncorrected."""
+    beta2, k, lam = 0.99, 2, 1e-3
+    plain_model, corr_model = Quad(), Quad()
+    corr_model.load_state_dict(plain_model.state_dict())
+    kwargs = dict(lr=LR, zo_eps=EPS, betas=(0.9, beta2), hessian_interval=k, clip_lambda=lam, seed=3,
+                  backend="reference")
+    plain = zo_optim.HELENE(plain_model.parameters(), **kwargs)
+    corr = zo_optim.HELENE(corr_model.parameters(), hessian_bias_correction=True, **kwargs)
+    assert corr.state_dict()["param_groups"][0]["hessian_bias_correction"] is True
+    for step in range(1, 4):
+        before = [p.detach().clone() for p in corr_model.parameters()]
+        plain.step(lambda: plain_model().mean())
+        corr.step(lambda: corr_model().mean())
+        c = 1 - beta2 ** ((step - 1) // k + 1)
+        for p, q, b in zip(plain_model.parameters(), corr_model.parameters(), before, strict=True):
+            torch.testing.assert_close(corr.state[q]["hessian"], plain.state[p]["hessian"], rtol=1e-5, atol=1e-9)
+            m, h = corr.state[q]["exp_avg"], corr.state[q]["hessian"]
+            expected = b - LR * m / (torch.clamp(h / c, min=lam) + 1e-8)
+            torch.testing.assert_close(q.detach(), expected, rtol=1e-5, atol=1e-6)
+        plain_model.load_state_dict(corr_model.state_dict())  # same starting point for the next step
+
+
 def test_helene_clip_lambda_callable_and_dim_mode():
     model = Quad()
     opt = zo_optim.HELENE(model.named_parameters(), clip_lambda=lambda name, p: 4.0 if name == "w" else 9.0,

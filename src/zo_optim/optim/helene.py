@@ -58,10 +58,18 @@ class HELENE(ZOOptimizer):
 
     * The momentum is used as written, m ← β1·m + α_t·ĝ with α_t → β1, so its
       steady-state scale is β1/(1−β1) (9× ĝ for β1 = 0.9) and ≈ 10× at the start;
-      lr is therefore ~10× smaller than MeZO's for the same step length.
+      an lr ~10× smaller than MeZO's gives the same step length once h is clipped at λ.
     * t counts from 1 at the first step; the Hessian EMA is refreshed at
       t = 1, k+1, 2k+1, … (the paper's ``t mod k = 1``) and frozen in between.
     * Weight decay is decoupled (line 13 of Algorithm 1).
+    * ``hessian_bias_correction=True`` (an option, off by default so the default is
+      the paper's algorithm): h starts at 0 and, like Adam's v, is biased low for
+      its first ~1/(1−β2) refreshes, which shrinks the effective step up to 100×
+      early on. With the option the update uses h / (1 − β2ⁿ), n = refreshes so far.
+      Measured (``docs/convergence.md``): MLP final test MSE/var 0.874 → 0.099,
+      MiniLM head accuracy 0.650 → 0.690, MeZO's final accuracy reached in 0.65× of
+      MeZO's forwards. It is applied exactly through the fused op's arguments:
+      γ·max(h/c, λ) = (γ/c)·max(h, λ·c) with c = 1 − β2ⁿ.
 
     Scalars for :meth:`apply_update`: ``projected_grads`` (g_k) and, only when the
     losses were per-example, ``sq_grad_sum`` = Σ_b g_{k,b}² per query (without it
@@ -74,7 +82,7 @@ class HELENE(ZOOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-4,
+        lr: float = 1e-3,
         *,
         zo_eps: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -85,6 +93,7 @@ class HELENE(ZOOptimizer):
         lambda_mode: str = "const",
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        hessian_bias_correction: bool = False,
         num_queries: int = 1,
         estimator: str = "central",
         **kwargs: Any,
@@ -102,7 +111,10 @@ class HELENE(ZOOptimizer):
         if callable(clip_lambda):
             self._clip_fn = clip_lambda
             clip_lambda = None  # the group holds a float or None (callable kept off the state dict)
-        defaults = dict(lr=lr, betas=betas, gamma=gamma, clip_lambda=clip_lambda, eps=eps, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr, betas=betas, gamma=gamma, clip_lambda=clip_lambda, eps=eps, weight_decay=weight_decay,
+            hessian_bias_correction=bool(hessian_bias_correction),
+        )
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
         if self._clip_fn is not None and any("param_names" not in g for g in self.param_groups):
             raise ValueError(
@@ -152,9 +164,14 @@ class HELENE(ZOOptimizer):
         beta1, beta2 = group["betas"]
         alpha = beta1 + (1.0 - beta1) * math.exp(-step / self.anneal_T)
         sq = extras.get("sq_grad_sum")
+        gamma, clip = group["gamma"], self.clip_values(group, params)
+        if group.get("hessian_bias_correction", False):
+            refreshes = (step - 1) // self.hessian_interval + 1
+            correction = 1.0 - beta2**refreshes
+            gamma, clip = gamma / correction, [lam * correction for lam in clip]
         ops.helene_update_(
-            params, ids, seed, coeffs, lr=group["lr"], alpha=alpha, beta1=beta1, beta2=beta2, gamma=group["gamma"],
-            eps=group["eps"], clip=self.clip_values(group, params),
+            params, ids, seed, coeffs, lr=group["lr"], alpha=alpha, beta1=beta1, beta2=beta2, gamma=gamma,
+            eps=group["eps"], clip=clip,
             exp_avgs=[self.state[p]["exp_avg"] for p in params], hessians=[self.state[p]["hessian"] for p in params],
             update_hessian=(step - 1) % self.hessian_interval == 0,
             hessian_coeffs=None if sq is None else sq / coeffs.numel(),
