@@ -45,6 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_gloo_ranks_stay_bit_identical(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")

@@ -13,7 +13,7 @@ COMMANDS = {
     "demo": ("zo_optim.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
-    "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer, mean ± std over seeds"),
+    "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
 }
 
 

@@ -27,7 +27,9 @@ for ``t`` = number of steps already applied. Federated rounds derive local-step
 seeds the same way from (server seed, round, local step); see
 :func:`round_seed`.
 
-Gaussian: ``u_a = ((x_a >> 8) + 0.5) * 2**-24`` (exact in float32),
+Gaussian: ``u_a = ((x_a >> 8) + 0.5) * 2**-24`` evaluated in float32 (the sum is
+exact below 2**23 and rounds to even above, so ``u`` lies in (0, 1] and can be
+exactly 1.0, giving z = ±0; every backend performs the same float32 operations),
 ``r0 = sqrt(-2 ln u0), phi0 = 2 pi u1, r1 = sqrt(-2 ln u2), phi1 = 2 pi u3`` and
 the four outputs ``(r0 cos phi0, r0 sin phi0, r1 cos phi1, r1 sin phi1)``, all
 float32. Because every counter yields four outputs, z of element ``i`` does not
@@ -168,7 +170,7 @@ def _words(seed: int, tensor_id: int, n_counters: int, c2: int, c3: int, start: 
 
 
 def uniform24(words: torch.Tensor) -> torch.Tensor:
-    """``((x >> 8) + 0.5) * 2**-24`` as float32: in (0, 1), exact."""
+    """``((x >> 8) + 0.5) * 2**-24`` in float32: in (0, 1] (the sum rounds to even above 2**23)."""
     return ((words >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 

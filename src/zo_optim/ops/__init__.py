@@ -44,7 +44,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _INSTALL_HINT = {
-    "triton": 'pip install "zo-optim[triton]" (Triton needs Linux; on CPU set TRITON_INTERPRET=1 before importing triton)',
+    "triton": 'pip install "zo-optim[triton]" (Linux; CPU tensors need TRITON_INTERPRET=1 set before importing triton)',
     "cpu": 'pip install "zo-optim[cpu]" (installs numba)',
 }
 _MODULES = {"reference": "zo_optim.ops.reference", "cpu": "zo_optim.ops.cpu", "triton": "zo_optim.ops.triton"}
@@ -58,7 +58,8 @@ def load_backend(name: str) -> ModuleType:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
         except ImportError as exc:
-            raise ImportError(f"backend {name!r} is unavailable ({exc}); install it with: {_INSTALL_HINT[name]}") from exc
+            hint = _INSTALL_HINT[name]
+            raise ImportError(f"backend {name!r} is unavailable ({exc}); install it with: {hint}") from exc
     return _loaded[name]
 
 
@@ -101,7 +102,11 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
     if name == "reference":
         return name
     if exotic:
-        raise RuntimeError(f"backend {name!r} computes in float32 for float32/bfloat16/float16 tensors; use backend='reference' for {sorted(map(str, set(dtypes) - set(FAST_DTYPES)))}")
+        other = sorted(map(str, set(dtypes) - set(FAST_DTYPES)))
+        raise RuntimeError(
+            f"backend {name!r} computes in float32 for float32/bfloat16/float16 tensors; "
+            f"use backend='reference' for {other}"
+        )
     load_backend(name)
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' runs CPU tensors, got tensors on {device}; use backend='triton' or 'auto'")
@@ -137,13 +142,15 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     # The fast backends address flat contiguous memory; element i of a view is its
     # row-major logical index, so run on contiguous copies and write them back.
     work_params = [p if p.is_contiguous() else p.contiguous() for p in params]
-    work_states = {k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()}
+    work_states = {
+        k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()
+    }
     getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
-    for orig, work in zip(params, work_params):
+    for orig, work in zip(params, work_params, strict=True):
         if work is not orig:
             orig.copy_(work)
     for k, v in states.items():
-        for orig, work in zip(v or (), work_states[k] or ()):
+        for orig, work in zip(v or (), work_states[k] or (), strict=True):
             if work is not orig:
                 orig.copy_(work)
 
@@ -166,7 +173,8 @@ def perturb_(
         raise ValueError(f"Invalid query: {query!r}")
     _dispatch(
         "perturb_", params, tensor_ids, backend, {"precond": precond},
-        dict(seed=seed, scale=float(scale), query=query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
+        dict(seed=seed, scale=float(scale), query=query, distribution=distribution, rounding=rounding,
+             rounding_slot=rounding_slot),
     )
 
 

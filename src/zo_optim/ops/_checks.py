@@ -24,7 +24,7 @@ def check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int]) -> t
     if len(tensor_ids) != len(params):
         raise ValueError(f"got {len(params)} params but {len(tensor_ids)} tensor_ids; pass one id per tensor")
     device = params[0].device
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, not a torch.Tensor")
         if p.layout != torch.strided:
@@ -54,7 +54,7 @@ def check_state(name: str, state: Sequence[torch.Tensor] | None, params: Sequenc
         raise ValueError(f"{name} is required for this op")
     if len(state) != len(params):
         raise ValueError(f"{name} has {len(state)} tensors for {len(params)} params; pass one per param")
-    for i, (s, p) in enumerate(zip(state, params)):
+    for i, (s, p) in enumerate(zip(state, params, strict=True)):
         if s.dtype != torch.float32 or s.shape != p.shape or s.device != p.device:
             raise ValueError(
                 f"{name}[{i}] ({describe(s)}) must be float32 with the shape and device of "

@@ -30,7 +30,9 @@ from .. import rng
 Tensors = Sequence[torch.Tensor]
 
 
-def _z(seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype) -> torch.Tensor:
+def _z(
+    seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype
+) -> torch.Tensor:
     gen = rng.normal if distribution == "gaussian" else rng.rademacher
     return gen(seed, tensor_id, like.numel(), query).to(device=like.device, dtype=dtype).reshape(like.shape)
 
@@ -67,7 +69,11 @@ def _prologue(seed, tensor_id, param, coeffs, distribution, precond, restore_sca
     dirs = _Directions(seed, tensor_id, param, q, distribution, precond, dtype)
     theta = param.to(dtype)
     if restore_scale != 0.0:
-        zr = dirs.z[restore_query] if restore_query < q else _z(seed, tensor_id, param, restore_query, distribution, dtype)
+        zr = (
+            dirs.z[restore_query]
+            if restore_query < q
+            else _z(seed, tensor_id, param, restore_query, distribution, dtype)
+        )
         theta = theta + restore_scale * dirs.u(restore_query, zr)
     return dirs, theta, dirs.ghat(coeffs.to(dtype))
 
@@ -86,7 +92,7 @@ def perturb_(
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         z = _z(seed, tid, p, query, distribution, compute_dtype)
         if precond is not None:
             z = z * torch.rsqrt(precond[i].to(compute_dtype))
@@ -117,7 +123,7 @@ def sgd_update_(
         b \leftarrow \mu b + d \text{ (if momentum)};\quad
         \theta \leftarrow \theta_r - \text{lr}\cdot(b \text{ or } d)
     """
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
         d = g + weight_decay * theta if weight_decay != 0.0 else g
         if momentum_buffers is not None:
@@ -158,7 +164,7 @@ def adamw_update_(
     """
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
         theta = theta * (1.0 - lr * weight_decay)
         m = beta1 * exp_avgs[i].to(compute_dtype) + (1.0 - beta1) * g
@@ -208,8 +214,10 @@ def precond_sgd_update_(
     """
     if rule not in ("hizoo", "hiso"):
         raise ValueError(f"Invalid preconditioner rule: {rule!r}")
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
-        dirs, theta, g = _prologue(seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype)
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
+        dirs, theta, g = _prologue(
+            seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype
+        )
         d = g + weight_decay * theta if weight_decay != 0.0 else g
         new_theta = theta - lr * d
         if update_precond:
@@ -262,8 +270,10 @@ def helene_update_(
 
     with ``clip[i]`` = :math:`\lambda_i` of tensor i and ``eps`` = δ.
     """
-    for i, (p, tid) in enumerate(zip(params, tensor_ids)):
-        dirs, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
+        dirs, theta, g = _prologue(
+            seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype
+        )
         theta = theta * (1.0 - lr * weight_decay)
         m = beta1 * exp_avgs[i].to(compute_dtype) + alpha * g
         h = hessians[i].to(compute_dtype)

@@ -455,6 +455,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         device = self._trainable()[0].device
         seed = self.current_seed
         pert = self._perturbation
+        if self._acc is None:
+            pert.passes = 0
         eps = self.zo_eps
         probes = Probes(self.estimator, eps)
         try:

@@ -44,11 +44,13 @@ class HELENE(ZOOptimizer):
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
     by-products of the two forwards and ĥ uses Σ_b g_{k,b}² (no extra forward);
-    with a scalar loss ĥ = ĝ ⊙ ĝ.
+    with a scalar loss ĥ = ĝ ⊙ ĝ. With gradient accumulation (several ``estimate``
+    calls per step) the per-micro-batch sums Σ_b g_{k,b}² are averaged.
 
     λ_i: ``clip_lambda`` is a float (default 1.0: the paper's ablation found 1…3
-    stable, 0.9 unstable) or a callable ``(name, param) -> float`` (pass
-    ``model.named_parameters()`` so names exist). ``lambda_mode="dim"`` divides it
+    stable, 0.9 unstable) or a callable ``(name, param) -> float``, evaluated once per
+    tensor (pass ``model.named_parameters()``, or groups with a ``"param_names"`` list,
+    so names exist). ``lambda_mode="dim"`` divides it
     by √d_i (d_i = numel of tensor i), the paper's theoretical choice
     λ_i = R_i / (2√d_i).
 

@@ -3,13 +3,15 @@
 A call describes its tensors in an int64 table (one row per tensor: data
 address, element count, storage format, tensor id, up to two state-buffer
 addresses; 0 where absent), like the Triton backend's address table. The work is
-split into blocks of ``BLOCK_GROUPS`` Philox counters (4 elements each) over all
-tensors at once, so one ``prange`` balances hundreds of mixed-size tensors (and
-skips empty ones) with a single parallel launch.
+split into blocks of ``BLOCK`` elements over all tensors at once, so one
+``prange`` balances hundreds of mixed-size tensors (and skips empty ones) in a
+single parallel launch.
 
-Within a block, each counter ``j`` yields z of elements 4j … 4j+3 for every query
-in registers (:func:`directions`); each op then does its elementwise update in
-exactly the order of :mod:`zo_optim.ops.reference` and stores once.
+A block is processed in stages over small per-thread buffers (L2-resident), each
+a simple loop that LLVM vectorises: Philox words of the block's counters, z by
+Box-Muller (or Rademacher bits), ĝ = Σ_k c_k z_k (and Σ_k a_k z_k² where needed),
+the parameter converted to float32, the op's elementwise update in exactly the
+order of :mod:`zo_optim.ops.reference`, and one rounding per store.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numerics import F32, JIT, f32_array, load, philox, store, u16_array, z4
+from ._numerics import F32, JIT, f32_array, load_block, philox_block, store_block, u16_array, z_block
 
-BLOCK_GROUPS = 1024
-"""Philox counters (4 elements each) per work item: 16 KiB of fp32 params."""
+BLOCK = 2048
+"""Elements per work item: a multiple of 128, so a block starts on a Rademacher counter."""
+CHUNKS_PER_THREAD = 4
+"""Work items are dealt round-robin to this many chunks per thread (load balance)."""
 
 ADDR, NUMEL, FMT, TID, STATE0, STATE1 = range(6)
 TABLE_COLUMNS = 6
@@ -35,214 +39,271 @@ _U1 = np.uint64(1)
 
 @njit(**JIT)
 def _block(table, blocks, b):
-    """Tensor row, first counter and end counter of work item ``b``."""
+    """Tensor row, first element and element count of work item ``b``."""
     t = np.searchsorted(blocks, b, side="right") - 1
-    start = (b - blocks[t]) * BLOCK_GROUPS
-    end = min(start + BLOCK_GROUPS, (table[t, NUMEL] + 3) // 4)
-    return t, start, end
+    base = (b - blocks[t]) * BLOCK
+    return t, base, min(BLOCK, table[t, NUMEL] - base)
 
 
 @njit(**JIT)
-def _param_views(table, t):
-    """(float32 view, uint16 view) of tensor row ``t``; the view not matching its format is empty."""
-    n = table[t, NUMEL]
+def _param_views(table, t, base, count):
+    """(float32 view, uint16 view) of elements base … base+count-1 of tensor row ``t``; the view
+    not matching its format is empty. Block views index from 0, so LLVM sees non-negative indices
+    (numba's negative-index wraparound on ``base + l`` would keep the loops scalar)."""
     fmt = table[t, FMT]
-    pf = f32_array(table[t, ADDR] if fmt == F32 else 0, n)
-    ph = u16_array(table[t, ADDR] if fmt != F32 else 0, n)
-    return pf, ph
+    addr = table[t, ADDR]
+    if fmt == F32:
+        return f32_array(addr + 4 * base, count), u16_array(0, 0)
+    return f32_array(0, 0), u16_array(addr + 2 * base, count)
 
 
 @njit(**JIT)
-def _rounding_words(stochastic, fmt, j, tid, slot, k0, k1):
-    """Stochastic-rounding words of counter ``j`` (zeros when not needed)."""
+def _state_view(table, t, column, base, count):
+    """float32 view of elements base … base+count-1 of a state buffer (empty when absent)."""
+    addr = table[t, column]
+    return f32_array(addr + 4 * base if addr != 0 else 0, count)
+
+
+@njit(**JIT)
+def _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words):
+    """The stochastic-rounding word of each element of the block (counter word 3 = 1)."""
     if stochastic and fmt != F32:
-        return philox(j, tid, slot, _U1, k0, k1)
-    return _U0, _U0, _U0, _U0
+        philox_block(base // 4, (count + 3) // 4, tid, slot, _U1, k0, k1, words)
 
 
 @njit(**JIT)
-def directions(rademacher, k0, k1, j, tid, coeffs, curv_coeffs, restore, restore_query):
-    """For counter ``j``: ĝ = Σ_k c_k z_k, Σ_k a_k z_k², and z of the restore query (4-tuples).
+def _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, restore, restore_query,
+                words, z, g, curv, zr):
+    """g = Σ_k c_k z_k, curv = Σ_k a_k z_k² (if ``curv_coeffs`` is non-empty) and zr = z_restore_query.
 
-    ``curv_coeffs`` of length 0 skips the curvature sum; sums start from 0 and run
-    over k in order, like the reference.
+    Sums start from 0 and run over k in order, like the reference.
     """
-    g0 = g1 = g2 = g3 = _F0
-    c0 = c1 = c2 = c3 = _F0
-    r0 = r1 = r2 = r3 = _F0
     q = coeffs.shape[0]
     use_curv = curv_coeffs.shape[0] > 0
+    first = base // 4
+    for lo in range(count):
+        g[lo] = _F0
+        curv[lo] = _F0
     for k in range(q):
-        z0, z1, z2, z3 = z4(rademacher, k0, k1, j, tid, np.uint64(k))
+        z_block(rademacher, k0, k1, tid, np.uint64(k), first, count, words, z)
         ck = coeffs[k]
-        g0 = g0 + ck * z0
-        g1 = g1 + ck * z1
-        g2 = g2 + ck * z2
-        g3 = g3 + ck * z3
+        for lo in range(count):
+            g[lo] = g[lo] + ck * z[lo]
         if use_curv:
             a = curv_coeffs[k]
-            c0 = c0 + a * (z0 * z0)
-            c1 = c1 + a * (z1 * z1)
-            c2 = c2 + a * (z2 * z2)
-            c3 = c3 + a * (z3 * z3)
+            for lo in range(count):
+                curv[lo] = curv[lo] + a * (z[lo] * z[lo])
         if restore and k == restore_query:
-            r0, r1, r2, r3 = z0, z1, z2, z3
+            for lo in range(count):
+                zr[lo] = z[lo]
     if restore and restore_query >= q:
-        r0, r1, r2, r3 = z4(rademacher, k0, k1, j, tid, np.uint64(restore_query))
-    return (g0, g1, g2, g3), (c0, c1, c2, c3), (r0, r1, r2, r3)
+        z_block(rademacher, k0, k1, tid, np.uint64(restore_query), first, count, words, zr)
+
+
+# Each kernel is a prange over chunks of work items (per-chunk scratch allocated once); the work
+# of one item is a plain jitted function (``_*_block``) made of simple loops.
+
+
+@njit(**JIT)
+def _scratch():
+    """Per-chunk buffers: Philox words and five float32 rows (z, ĝ, curvature, z_restore, θ)."""
+    return np.empty(BLOCK, np.uint32), np.empty((5, BLOCK), np.float32)
+
+
+@njit(**JIT)
+def _perturb_block(table, blocks, b, k0, k1, query, rademacher, scale, stochastic, slot, words, buf):
+    t, base, count = _block(table, blocks, b)
+    fmt, tid = table[t, FMT], np.uint64(table[t, TID])
+    pf, ph = _param_views(table, t, base, count)
+    z, theta = buf[0], buf[4]
+    z_block(rademacher, k0, k1, tid, query, base // 4, count, words, z)
+    if table[t, STATE0] != 0:
+        pre = _state_view(table, t, STATE0, base, count)
+        for lo in range(count):
+            z[lo] = z[lo] * (_F1 / math.sqrt(pre[lo]))
+    load_block(pf, ph, fmt, count, theta)
+    for lo in range(count):
+        theta[lo] = theta[lo] + scale * z[lo]
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
 @njit(parallel=True, **JIT)
-def perturb_kernel(table, blocks, key0, key1, query, rademacher, scale, stochastic, slot):
+def perturb_kernel(n_chunks, table, blocks, key0, key1, query, rademacher, scale, stochastic, slot):
     k0, k1, q, sl = np.uint64(key0), np.uint64(key1), np.uint64(query), np.uint64(slot)
-    for b in prange(blocks[-1]):
-        t, start, end = _block(table, blocks, b)
-        n, fmt, tid = table[t, NUMEL], table[t, FMT], np.uint64(table[t, TID])
-        pf, ph = _param_views(table, t)
-        pre = f32_array(table[t, STATE0], n)
-        has_pre = table[t, STATE0] != 0
-        for j in range(start, end):
-            uj = np.uint64(j)
-            z = z4(rademacher, k0, k1, uj, tid, q)
-            w = _rounding_words(stochastic, fmt, uj, tid, sl, k0, k1)
-            for e in range(4):
-                i = 4 * j + e
-                if i >= n:
-                    break
-                u = z[e]
-                if has_pre:
-                    u = u * (_F1 / math.sqrt(pre[i]))
-                store(pf, ph, fmt, i, load(pf, ph, fmt, i) + scale * u, stochastic, w[e])
+    n_blocks = blocks[-1]
+    for chunk in prange(n_chunks):
+        words, buf = _scratch()
+        for b in range(chunk, n_blocks, n_chunks):
+            _perturb_block(table, blocks, b, k0, k1, q, rademacher, scale, stochastic, sl, words, buf)
+
+
+@njit(**JIT)
+def _sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, momentum,
+               restore, restore_scale, restore_query, stochastic, slot, words, buf):
+    t, base, count = _block(table, blocks, b)
+    fmt, tid = table[t, FMT], np.uint64(table[t, TID])
+    pf, ph = _param_views(table, t, base, count)
+    z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
+    _directions(rademacher, k0, k1, tid, base, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    load_block(pf, ph, fmt, count, theta)
+    has_buf = table[t, STATE0] != 0
+    mom = _state_view(table, t, STATE0, base, count)
+    for lo in range(count):
+        th = theta[lo]
+        if restore:
+            th = th + restore_scale * zr[lo]
+        d = g[lo]
+        if use_wd:
+            d = d + wd * th
+        if has_buf:
+            d = momentum * mom[lo] + d
+            mom[lo] = d
+        theta[lo] = th - lr * d
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
 @njit(parallel=True, **JIT)
-def sgd_kernel(table, blocks, key0, key1, rademacher, coeffs, lr, use_wd, wd, momentum,
+def sgd_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, lr, use_wd, wd, momentum,
                restore, restore_scale, restore_query, stochastic, slot):
     k0, k1, sl = np.uint64(key0), np.uint64(key1), np.uint64(slot)
-    no_curv = coeffs[:0]
-    for b in prange(blocks[-1]):
-        t, start, end = _block(table, blocks, b)
-        n, fmt, tid = table[t, NUMEL], table[t, FMT], np.uint64(table[t, TID])
-        pf, ph = _param_views(table, t)
-        buf = f32_array(table[t, STATE0], n)
-        has_buf = table[t, STATE0] != 0
-        for j in range(start, end):
-            uj = np.uint64(j)
-            g, _, zr = directions(rademacher, k0, k1, uj, tid, coeffs, no_curv, restore, restore_query)
-            w = _rounding_words(stochastic, fmt, uj, tid, sl, k0, k1)
-            for e in range(4):
-                i = 4 * j + e
-                if i >= n:
-                    break
-                theta = load(pf, ph, fmt, i)
-                if restore:
-                    theta = theta + restore_scale * zr[e]
-                d = g[e]
-                if use_wd:
-                    d = d + wd * theta
-                if has_buf:
-                    d = momentum * buf[i] + d
-                    buf[i] = d
-                store(pf, ph, fmt, i, theta - lr * d, stochastic, w[e])
+    n_blocks = blocks[-1]
+    for chunk in prange(n_chunks):
+        words, buf = _scratch()
+        for b in range(chunk, n_blocks, n_chunks):
+            _sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, momentum,
+                       restore, restore_scale, restore_query, stochastic, sl, words, buf)
+
+
+@njit(**JIT)
+def _adamw_block(table, blocks, b, k0, k1, rademacher, coeffs, decay, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, eps, step_size, bias2_sqrt, restore, restore_scale, restore_query,
+                 stochastic, slot, words, buf):
+    t, base, count = _block(table, blocks, b)
+    fmt, tid = table[t, FMT], np.uint64(table[t, TID])
+    pf, ph = _param_views(table, t, base, count)
+    z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
+    _directions(rademacher, k0, k1, tid, base, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    load_block(pf, ph, fmt, count, theta)
+    exp_avg = _state_view(table, t, STATE0, base, count)
+    exp_avg_sq = _state_view(table, t, STATE1, base, count)
+    for lo in range(count):
+        th = theta[lo]
+        if restore:
+            th = th + restore_scale * zr[lo]
+        th = th * decay
+        ge = g[lo]
+        m = beta1 * exp_avg[lo] + one_minus_beta1 * ge
+        v = beta2 * exp_avg_sq[lo] + one_minus_beta2 * (ge * ge)
+        exp_avg[lo] = m
+        exp_avg_sq[lo] = v
+        theta[lo] = th - step_size * (m / (math.sqrt(v) / bias2_sqrt + eps))
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
 @njit(parallel=True, **JIT)
-def adamw_kernel(table, blocks, key0, key1, rademacher, coeffs, decay, beta1, one_minus_beta1, beta2,
+def adamw_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, decay, beta1, one_minus_beta1, beta2,
                  one_minus_beta2, eps, step_size, bias2_sqrt, restore, restore_scale, restore_query,
                  stochastic, slot):
     k0, k1, sl = np.uint64(key0), np.uint64(key1), np.uint64(slot)
-    no_curv = coeffs[:0]
-    for b in prange(blocks[-1]):
-        t, start, end = _block(table, blocks, b)
-        n, fmt, tid = table[t, NUMEL], table[t, FMT], np.uint64(table[t, TID])
-        pf, ph = _param_views(table, t)
-        exp_avg = f32_array(table[t, STATE0], n)
-        exp_avg_sq = f32_array(table[t, STATE1], n)
-        for j in range(start, end):
-            uj = np.uint64(j)
-            g, _, zr = directions(rademacher, k0, k1, uj, tid, coeffs, no_curv, restore, restore_query)
-            w = _rounding_words(stochastic, fmt, uj, tid, sl, k0, k1)
-            for e in range(4):
-                i = 4 * j + e
-                if i >= n:
-                    break
-                theta = load(pf, ph, fmt, i)
-                if restore:
-                    theta = theta + restore_scale * zr[e]
-                theta = theta * decay
-                ge = g[e]
-                m = beta1 * exp_avg[i] + one_minus_beta1 * ge
-                v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (ge * ge)
-                exp_avg[i] = m
-                exp_avg_sq[i] = v
-                store(pf, ph, fmt, i, theta - step_size * (m / (math.sqrt(v) / bias2_sqrt + eps)), stochastic, w[e])
+    n_blocks = blocks[-1]
+    for chunk in prange(n_chunks):
+        words, buf = _scratch()
+        for b in range(chunk, n_blocks, n_chunks):
+            _adamw_block(table, blocks, b, k0, k1, rademacher, coeffs, decay, beta1, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, step_size, bias2_sqrt, restore, restore_scale, restore_query,
+                         stochastic, sl, words, buf)
+
+
+@njit(**JIT)
+def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
+                       decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
+                       stochastic, slot, words, buf):
+    t, base, count = _block(table, blocks, b)
+    fmt, tid = table[t, FMT], np.uint64(table[t, TID])
+    pf, ph = _param_views(table, t, base, count)
+    z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
+    _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, restore, restore_query,
+                words, z, g, curv, zr)
+    load_block(pf, ph, fmt, count, theta)
+    precond = _state_view(table, t, STATE0, base, count)
+    for lo in range(count):
+        old = precond[lo]
+        s = _F1 / math.sqrt(old)
+        th = theta[lo]
+        if restore:
+            th = th + restore_scale * (zr[lo] * s)
+        ge = g[lo] * s
+        d = ge
+        if use_wd:
+            d = d + wd * th
+        if update:
+            new = ge * ge + hessian_eps if hiso else old * curv[lo]
+            precond[lo] = decay * old + rate * new
+        theta[lo] = th - lr * d
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
 @njit(parallel=True, **JIT)
-def precond_sgd_kernel(table, blocks, key0, key1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
+def precond_sgd_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
                        decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
                        stochastic, slot):
     k0, k1, sl = np.uint64(key0), np.uint64(key1), np.uint64(slot)
-    for b in prange(blocks[-1]):
-        t, start, end = _block(table, blocks, b)
-        n, fmt, tid = table[t, NUMEL], table[t, FMT], np.uint64(table[t, TID])
-        pf, ph = _param_views(table, t)
-        precond = f32_array(table[t, STATE0], n)
-        for j in range(start, end):
-            uj = np.uint64(j)
-            g, curv, zr = directions(rademacher, k0, k1, uj, tid, coeffs, curv_coeffs, restore, restore_query)
-            w = _rounding_words(stochastic, fmt, uj, tid, sl, k0, k1)
-            for e in range(4):
-                i = 4 * j + e
-                if i >= n:
-                    break
-                old = precond[i]
-                s = _F1 / math.sqrt(old)
-                theta = load(pf, ph, fmt, i)
-                if restore:
-                    theta = theta + restore_scale * (zr[e] * s)
-                ge = g[e] * s
-                d = ge
-                if use_wd:
-                    d = d + wd * theta
-                if update:
-                    new = ge * ge + hessian_eps if hiso else old * curv[e]
-                    precond[i] = decay * old + rate * new
-                store(pf, ph, fmt, i, theta - lr * d, stochastic, w[e])
+    n_blocks = blocks[-1]
+    for chunk in prange(n_chunks):
+        words, buf = _scratch()
+        for b in range(chunk, n_blocks, n_chunks):
+            _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
+                               decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
+                               stochastic, sl, words, buf)
+
+
+@njit(**JIT)
+def _helene_block(table, blocks, b, k0, k1, rademacher, coeffs, clip, lr, decay, alpha, beta1, beta2,
+                  one_minus_beta2, gamma, eps, update, hessian_coeffs, restore, restore_scale, restore_query,
+                  stochastic, slot, words, buf):
+    t, base, count = _block(table, blocks, b)
+    fmt, tid = table[t, FMT], np.uint64(table[t, TID])
+    pf, ph = _param_views(table, t, base, count)
+    z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
+    _directions(rademacher, k0, k1, tid, base, count, coeffs, hessian_coeffs, restore, restore_query,
+                words, z, g, curv, zr)
+    load_block(pf, ph, fmt, count, theta)
+    exp_avg = _state_view(table, t, STATE0, base, count)
+    hessian = _state_view(table, t, STATE1, base, count)
+    gnb = hessian_coeffs.shape[0] > 0
+    lam = clip[t]
+    for lo in range(count):
+        th = theta[lo]
+        if restore:
+            th = th + restore_scale * zr[lo]
+        th = th * decay
+        ge = g[lo]
+        m = beta1 * exp_avg[lo] + alpha * ge
+        h = hessian[lo]
+        if update:
+            h_hat = curv[lo] if gnb else ge * ge
+            h = beta2 * h + one_minus_beta2 * h_hat
+            hessian[lo] = h
+        exp_avg[lo] = m
+        clipped = lam if h < lam else h  # torch.clamp(h, min=λ): NaN stays NaN
+        theta[lo] = th - lr * (m / (gamma * clipped + eps))
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
 @njit(parallel=True, **JIT)
-def helene_kernel(table, blocks, key0, key1, rademacher, coeffs, clip, lr, decay, alpha, beta1, beta2,
+def helene_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, clip, lr, decay, alpha, beta1, beta2,
                   one_minus_beta2, gamma, eps, update, hessian_coeffs, restore, restore_scale, restore_query,
                   stochastic, slot):
     k0, k1, sl = np.uint64(key0), np.uint64(key1), np.uint64(slot)
-    gnb = hessian_coeffs.shape[0] > 0
-    for b in prange(blocks[-1]):
-        t, start, end = _block(table, blocks, b)
-        n, fmt, tid = table[t, NUMEL], table[t, FMT], np.uint64(table[t, TID])
-        pf, ph = _param_views(table, t)
-        exp_avg = f32_array(table[t, STATE0], n)
-        hessian = f32_array(table[t, STATE1], n)
-        lam = clip[t]
-        for j in range(start, end):
-            uj = np.uint64(j)
-            g, curv, zr = directions(rademacher, k0, k1, uj, tid, coeffs, hessian_coeffs, restore, restore_query)
-            w = _rounding_words(stochastic, fmt, uj, tid, sl, k0, k1)
-            for e in range(4):
-                i = 4 * j + e
-                if i >= n:
-                    break
-                theta = load(pf, ph, fmt, i)
-                if restore:
-                    theta = theta + restore_scale * zr[e]
-                theta = theta * decay
-                ge = g[e]
-                m = beta1 * exp_avg[i] + alpha * ge
-                h = hessian[i]
-                if update:
-                    h_hat = curv[e] if gnb else ge * ge
-                    h = beta2 * h + one_minus_beta2 * h_hat
-                    hessian[i] = h
-                exp_avg[i] = m
-                clipped = lam if h < lam else h  # torch.clamp(h, min=λ): NaN stays NaN
-                store(pf, ph, fmt, i, theta - lr * (m / (gamma * clipped + eps)), stochastic, w[e])
+    n_blocks = blocks[-1]
+    for chunk in prange(n_chunks):
+        words, buf = _scratch()
+        for b in range(chunk, n_blocks, n_chunks):
+            _helene_block(table, blocks, b, k0, k1, rademacher, coeffs, clip, lr, decay, alpha, beta1, beta2,
+                          one_minus_beta2, gamma, eps, update, hessian_coeffs, restore, restore_scale,
+                          restore_query, stochastic, sl, words, buf)
