@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,14 @@ TINY = ["--steps", "4", "--batch-size", "4", "--train-examples", "8", "--eval-ex
         "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_process_settings(monkeypatch):
+    """The demo switches HF offline and pins numba to one thread for the whole process; not for other tests."""
+    for key in assets.offline_env():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(demo, "_serial_numba", lambda: None)
+
+
 def _run(tmp_path, *extra: str) -> dict:
     out = tmp_path / "out"
     assert demo.main([*TINY, "--out", str(out), *extra]) == 0
@@ -27,8 +39,7 @@ def _run(tmp_path, *extra: str) -> dict:
     return summary
 
 
-def test_smoke_head(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_smoke_head(tmp_path, capsys):
     summary = _run(tmp_path, "--optimizer", "mezo", "--seed", "3")
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
@@ -38,9 +49,20 @@ def test_smoke_head(tmp_path, capsys, monkeypatch):
     assert summary["lr"] == demo.DEFAULT_LR["mezo"]["head"]
     text = capsys.readouterr().out
     assert "held-out accuracy before" in text and "steps/s" in text and str(tmp_path / "out") in text
-    import os
-
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the demo switched the HF libraries offline
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("2", "2")])
+def test_serial_numba_sets_the_variable_before_numba_loads(preset, expected):
+    code = "import os, sys; from zo_optim import demo; demo._serial_numba(); "
+    code += "assert 'numba' not in sys.modules; print(os.environ['NUMBA_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    if preset is not None:
+        env["NUMBA_NUM_THREADS"] = preset
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
 
 
 @pytest.mark.parametrize("name", sorted(demo.OPTIMIZERS))

@@ -174,10 +174,19 @@ def load_minilm_classifier(
     private generator seeded with ``seed``; the global RNG is left untouched. Loads from disk only.
     """
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; keep the caller's stream
-        encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True, add_pooling_layer=False)
-        model = SentenceClassifier(encoder, num_labels).to(dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused BERT pooler is reported as "unexpected keys"
+    hf_logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; keep the caller's
+            encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True, add_pooling_layer=False)
+            model = SentenceClassifier(encoder, num_labels).to(dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     gen = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(model.head.in_features)
     with torch.no_grad():

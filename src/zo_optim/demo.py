@@ -149,18 +149,25 @@ def _optimizer_class(name: str) -> type:
 
 
 def _serial_numba() -> None:
-    """Run the numba kernels of the cpu backend on one thread in this process.
+    """Keep the cpu backend's numba kernels on the calling thread (used with ``--train head`` on CPU).
 
-    Between two forward passes, numba's OpenMP threads spin-wait and take the cores from
-    torch's own OpenMP pool (and the other way round). Measured on the 2-core machine (load ~7),
-    ``--train head``: 33 ms per MeZO step with numba on 2 threads, 0.75 ms on 1 thread (also
-    0.84 ms with ``OMP_WAIT_POLICY=PASSIVE``); ``--train last-k --k 1``: 0.33 vs 0.40 s per step,
-    i.e. no loss where the forwards dominate.
+    numba's OpenMP pool spin-waits after its parallel regions and takes the cores from torch's
+    pool between two forward passes. Measured on the 2-core machine (load ~2-7), ``--train head``,
+    MeZO on the cpu backend: 32 ms per step with numba's default 2 threads, 0.74 ms with
+    ``NUMBA_NUM_THREADS=1``, 1.1 ms with ``OMP_WAIT_POLICY=PASSIVE``, still 32 ms with
+    ``numba.set_num_threads(1)`` (the pool is already running). The variable must be set before
+    numba is first imported, and numba and torch share libgomp here, so once numba has launched,
+    ``torch.get_num_threads()`` drops to 1 too: harmless for the head (the encoder has run by
+    then; a head step is two tiny matmuls) but not for ``last-k``/``all``, where the forwards
+    dominate and numba's default threads cost nothing measurable (0.33 s per step with 2 numba
+    threads vs 0.40 s with ``numba.set_num_threads(1)``, ``--train last-k --k 1``). Hence only
+    for the head, and never over a value the user set.
     """
-    try:
-        import numba
-    except ImportError:
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
         return
+    import numba
+
     numba.set_num_threads(1)
 
 
@@ -297,8 +304,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     progress = not args.no_progress
     device = _resolve_device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu" and args.train == "head":
         _serial_numba()
+    torch_threads = torch.get_num_threads()
     opt_cls = _optimizer_class(args.optimizer)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer][args.train]
     t_start = time.perf_counter()
@@ -322,8 +330,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"held-out accuracy before: {acc_before:.1%} ({len(held_out)} tweets, loss {loss_before:.3f})")
 
     opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
                         desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", progress=progress)
@@ -367,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encode_s": encode_s,
         "total_s": total_s,
         **_peak_memory_mb(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch_threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "files": {"loss_curve": str(png), "losses": str(csv_path), "summary": str(json_path)},
     }
