@@ -63,18 +63,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:  # the help text says what None means
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zo-optim demo",
         description="Fine-tune the packaged all-MiniLM-L6-v2 as a tweet sentiment classifier (negative / positive) "
         "with a zeroth-order optimizer: forward passes only, no backward. Offline: model and tweets come from "
         "installed packages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="mezo", help="zeroth-order optimizer")
     p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate (default: per optimizer and --train)")
+                   help="learning rate (default: per optimizer and --train; the table is in docs/demo.md)")
     p.add_argument("--zo-eps", type=_positive_float, default=1e-3, help="perturbation scale ε")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="examples per step")
     p.add_argument("--train", choices=TRAIN_MODES, default="head",
