@@ -67,7 +67,9 @@ def _installed_file(dist_name: str, suffix: str) -> Path:
             path = Path(str(dist.locate_file(file))).resolve()
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"{dist_name!r} is installed but has no file ending in {suffix!r}; reinstall it ({_INSTALL_HINT})")
+    raise FileNotFoundError(
+        f"{dist_name!r} is installed but has no file ending in {suffix!r}; reinstall it ({_INSTALL_HINT})"
+    )
 
 
 def minilm_path() -> Path:
@@ -163,18 +165,30 @@ class SentenceClassifier(nn.Module):
         return self.classify(self.features(input_ids, attention_mask), attention_mask)
 
 
-def load_minilm_classifier(num_labels: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> SentenceClassifier:
+def load_minilm_classifier(
+    num_labels: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> SentenceClassifier:
     """The packaged all-MiniLM-L6-v2 encoder with a fresh linear head, in eval mode (no dropout).
 
-    The head is initialised from ``seed`` (``torch.nn.Linear``'s default init drawn from a
-    private generator, so the global RNG is untouched). Loads from disk only.
+    The head gets ``torch.nn.Linear``'s default distribution (uniform in ±1/√384) drawn from a
+    private generator seeded with ``seed``; the global RNG is left untouched. Loads from disk only.
     """
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True, add_pooling_layer=False)
-    model = SentenceClassifier(encoder, num_labels).to(dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused BERT pooler is reported as "unexpected keys"
+    hf_logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; keep the caller's
+            encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True, add_pooling_layer=False)
+            model = SentenceClassifier(encoder, num_labels).to(dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(model.head.in_features)  # nn.Linear's default uniform bound
+    bound = 1.0 / math.sqrt(model.head.in_features)
     with torch.no_grad():
         model.head.weight.copy_(torch.empty_like(model.head.weight).uniform_(-bound, bound, generator=gen))
         model.head.bias.copy_(torch.empty_like(model.head.bias).uniform_(-bound, bound, generator=gen))

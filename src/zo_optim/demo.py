@@ -38,13 +38,14 @@ from . import assets
 OPTIMIZERS = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
 TRAIN_MODES = ("head", "last-k", "all")
 
-# Default learning rate per (optimizer, train mode), picked from the sweeps in docs/demo.md.
+# Default learning rate per (optimizer, train mode). "head": the best held-out loss of a sweep
+# (2000 steps, batch 32, 3 seeds; docs/demo.md). "last-k" / "all": one short run each, not tuned.
 DEFAULT_LR: dict[str, dict[str, float]] = {
-    "mezo": {"head": 1e-2, "last-k": 1e-4, "all": 1e-5},
-    "zoadam": {"head": 2e-3, "last-k": 1e-4, "all": 1e-5},
-    "hizoo": {"head": 1e-2, "last-k": 1e-4, "all": 1e-5},
-    "helene": {"head": 1e-2, "last-k": 1e-4, "all": 1e-5},
-    "hiso": {"head": 1e-2, "last-k": 1e-4, "all": 1e-5},
+    "mezo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4},
+    "zoadam": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4},
+    "hizoo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4},
+    "helene": {"head": 1e-3, "last-k": 3e-4, "all": 1e-5},
+    "hiso": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4},
 }
 
 
@@ -62,17 +63,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:  # the help text says what None means
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zo-optim demo",
         description="Fine-tune the packaged all-MiniLM-L6-v2 as a tweet sentiment classifier (negative / positive) "
         "with a zeroth-order optimizer: forward passes only, no backward. Offline: model and tweets come from "
         "installed packages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="mezo", help="zeroth-order optimizer")
     p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: per optimizer and --train)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: per optimizer and --train; the table is in docs/demo.md)")
     p.add_argument("--zo-eps", type=_positive_float, default=1e-3, help="perturbation scale ε")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="examples per step")
     p.add_argument("--train", choices=TRAIN_MODES, default="head",
@@ -108,7 +117,9 @@ class Cached:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def batch(
+        self, index: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         rows = [self.rows[i] for i in index.tolist()]
         y = self.labels[index].to(device)
         if self.pooled:
@@ -138,8 +149,33 @@ def _optimizer_class(name: str) -> type:
         raise ValueError(f"Invalid optimizer: {name!r} (choose one of {', '.join(sorted(OPTIMIZERS))})")
     cls = getattr(zo_optim, OPTIMIZERS[name], None)
     if cls is None:
-        raise ValueError(f"Invalid optimizer: {name!r} (zo_optim.{OPTIMIZERS[name]} is not in this version of zo-optim)")
+        raise ValueError(
+            f"Invalid optimizer: {name!r} (zo_optim.{OPTIMIZERS[name]} is not in this version of zo-optim)"
+        )
     return cls
+
+
+def _serial_numba() -> None:
+    """Keep the cpu backend's numba kernels on the calling thread (used with ``--train head`` on CPU).
+
+    numba's OpenMP pool spin-waits after its parallel regions and takes the cores from torch's
+    pool between two forward passes. Measured on the 2-core machine (load ~2-7), ``--train head``,
+    MeZO on the cpu backend: 32 ms per step with numba's default 2 threads, 0.74 ms with
+    ``NUMBA_NUM_THREADS=1``, 1.1 ms with ``OMP_WAIT_POLICY=PASSIVE``, still 32 ms with
+    ``numba.set_num_threads(1)`` (the pool is already running). The variable must be set before
+    numba is first imported, and numba and torch share libgomp here, so once numba has launched,
+    ``torch.get_num_threads()`` drops to 1 too: harmless for the head (the encoder has run by
+    then; a head step is two tiny matmuls) but not for ``last-k``/``all``, where the forwards
+    dominate and numba's default threads cost nothing measurable (0.33 s per step with 2 numba
+    threads vs 0.40 s with ``numba.set_num_threads(1)``, ``--train last-k --k 1``). Hence only
+    for the head, and never over a value the user set.
+    """
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+        return
+    import numba
+
+    numba.set_num_threads(1)
 
 
 def select_trainable(model: assets.SentenceClassifier, mode: str, k: int) -> int:
@@ -205,6 +241,35 @@ def evaluate(model, data: Cached, start: int, device: torch.device, batch_size: 
     return correct / n, total_loss / n
 
 
+def train_loop(model: assets.SentenceClassifier, opt: torch.optim.Optimizer, train: Cached, start: int, steps: int,
+               batch_size: int, seed: int, device: torch.device, desc: str = "training", progress: bool = True
+               ) -> list[float]:
+    """``steps`` ZO steps on batches drawn epoch by epoch from ``train`` (reshuffled each epoch); the losses."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(len(train), generator=gen), 0
+    losses: list[float] = []
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
+        for step in range(steps):
+            if cursor + batch_size > len(order):  # next epoch
+                order, cursor = torch.randperm(len(train), generator=gen), 0
+            x, mask, y = train.batch(order[cursor : cursor + batch_size], device)
+            cursor += batch_size
+
+            def closure(x=x, mask=mask, y=y) -> torch.Tensor:
+                return F.cross_entropy(_logits(model, x, mask, start).float(), y)
+
+            losses.append(float(opt.step(closure)))  # the one host sync per step: the loss for the curve
+            bar.update(1)
+            if step % 20 == 0 or step == steps - 1:
+                recent = losses[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return losses
+
+
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
@@ -240,13 +305,15 @@ def _plot(losses: list[float], path: Path, title: str, eval_loss: tuple[float, f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     assets.set_offline()  # before transformers / huggingface_hub are imported: never the network
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     progress = not args.no_progress
     device = _resolve_device(args.device)
+    if device.type == "cpu" and args.train == "head":
+        _serial_numba()
+    torch_threads = torch.get_num_threads()
     opt_cls = _optimizer_class(args.optimizer)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer][args.train]
     t_start = time.perf_counter()
@@ -270,32 +337,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"held-out accuracy before: {acc_before:.1%} ({len(held_out)} tweets, loss {loss_before:.3f})")
 
     opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
-    gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train), generator=gen)
-    cursor = 0
-    losses: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    with tqdm(total=args.steps, desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", unit="step",
-              disable=not progress) as bar:
-        for step in range(args.steps):
-            if cursor + args.batch_size > len(order):  # next epoch: reshuffle
-                order, cursor = torch.randperm(len(train), generator=gen), 0
-            x, mask, y = train.batch(order[cursor : cursor + args.batch_size], device)
-            cursor += args.batch_size
-
-            def closure(x=x, mask=mask, y=y) -> torch.Tensor:
-                return F.cross_entropy(_logits(model, x, mask, start).float(), y)
-
-            losses.append(float(opt.step(closure)))
-            bar.update(1)
-            if step % 20 == 0 or step == args.steps - 1:
-                recent = losses[-50:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
+                        desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", progress=progress)
     train_s = time.perf_counter() - t0
 
     acc_after, loss_after = evaluate(model, held_out, start, device)
@@ -336,12 +380,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encode_s": encode_s,
         "total_s": total_s,
         **_peak_memory_mb(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch_threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "files": {"loss_curve": str(png), "losses": str(csv_path), "summary": str(json_path)},
     }
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MiB" for k, v in _peak_memory_mb(device).items())
+    peaks = _peak_memory_mb(device).items()
+    mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MiB" for k, v in peaks)
     print(
         f"\n{OPTIMIZERS[args.optimizer]} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "
         f"in {train_s:.1f} s ({summary['steps_per_s']:.1f} steps/s); whole run {total_s:.1f} s on {device}.\n"

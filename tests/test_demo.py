@@ -1,0 +1,144 @@
+"""``zo-optim demo`` end to end on a tiny budget (the full demo is not run in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+from zo_optim import assets, cli, demo
+
+TINY = ["--steps", "4", "--batch-size", "4", "--train-examples", "8", "--eval-examples", "8", "--max-len", "24",
+        "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_process_settings(monkeypatch):
+    """The demo switches HF offline and pins numba to one thread for the whole process; not for other tests."""
+    for key in assets.offline_env():
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(demo, "_serial_numba", lambda: None)
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "out"
+    assert demo.main([*TINY, "--out", str(out), *extra]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    png = out / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (out / "losses.csv").read_text().splitlines()
+    assert lines[0] == "step,loss" and len(lines) == 1 + summary["steps"]
+    return summary
+
+
+def test_smoke_head(tmp_path, capsys):
+    summary = _run(tmp_path, "--optimizer", "mezo", "--seed", "3")
+    for key in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["steps"] == 4 and summary["steps_per_s"] > 0 and summary["peak_rss_mb"] > 0
+    assert summary["trainable_params"] == 384 * 2 + 2 and summary["optimizer"] == "MeZO"
+    assert summary["eval_examples"] == 8 and summary["train_examples"] == 8
+    assert summary["lr"] == demo.DEFAULT_LR["mezo"]["head"]
+    text = capsys.readouterr().out
+    assert "held-out accuracy before" in text and "steps/s" in text and str(tmp_path / "out") in text
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the demo switched the HF libraries offline
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("2", "2")])
+def test_serial_numba_sets_the_variable_before_numba_loads(preset, expected):
+    code = "import os, sys; from zo_optim import demo; demo._serial_numba(); "
+    code += "assert 'numba' not in sys.modules; print(os.environ['NUMBA_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    if preset is not None:
+        env["NUMBA_NUM_THREADS"] = preset
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("name", sorted(demo.OPTIMIZERS))
+def test_every_optimizer_runs(tmp_path, name):
+    summary = _run(tmp_path, "--optimizer", name, "--steps", "2")
+    assert summary["optimizer"] == demo.OPTIMIZERS[name]
+
+
+@pytest.mark.parametrize(("mode", "k", "n_params"), [("last-k", 1, 1_774_464 + 770), ("all", 1, 22_565_376 + 770)])
+def test_smoke_other_train_modes(tmp_path, mode, k, n_params):
+    summary = _run(tmp_path, "--train", mode, "--k", str(k), "--steps", "2", "--lr", "1e-6")
+    assert summary["trainable_params"] == n_params
+    assert summary["train"] == mode
+
+
+def test_training_changes_only_trainable_params_and_cache_is_exact():
+    """The cached frozen prefix gives the same logits as the full model, before and after a step."""
+    model = assets.load_minilm_classifier(seed=0)
+    tok = assets.load_minilm_tokenizer()
+    texts, labels = ["great crew, thanks!", "delayed 3 hours", "meh", "love it"], [1, 0, 0, 1]
+    frozen_before = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("encoder.encoder.layer.5")
+                     and not n.startswith("head")}
+    start = demo.select_trainable(model, "last-k", 1)
+    assert start == 5
+    cached = demo._encode_cached(model, tok, texts, labels, start, 32, torch.device("cpu"), "", False)
+    import zo_optim
+
+    opt = zo_optim.MeZO([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=0, backend="reference")
+    demo.train_loop(model, opt, cached, start, 2, 2, 0, torch.device("cpu"), progress=False)
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    enc = assets.encode(tok, texts, 32)
+    x, mask, _ = cached.batch(torch.arange(4), torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(demo._logits(model, x, mask, start), model(**enc), atol=1e-5)
+
+
+def test_cli_dispatches_demo(tmp_path):
+    assert cli.main(["demo", *TINY, "--steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["--steps", "0"], "--steps: must be a positive integer, got 0"),
+    (["--steps", "-3"], "--steps: must be a positive integer, got -3"),
+    (["--lr", "-1"], "--lr: must be a positive number"),
+    (["--train", "last-k", "--k", "7"], "--k: invalid value 7 .*6 layers"),
+    (["--train", "middle"], "invalid choice: 'middle'"),
+])
+def test_bad_arguments_exit_with_a_clear_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    assert exc.value.code == 2
+    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+
+
+def test_select_trainable_checks_k_against_the_model():
+    model = assets.load_minilm_classifier()
+    with pytest.raises(ValueError, match=r"Invalid k: 9 \(the encoder has 6 layers"):
+        demo.select_trainable(model, "last-k", 9)
+    with pytest.raises(ValueError, match="Invalid train mode"):
+        demo.select_trainable(model, "some", 1)
+
+
+def test_bad_device_is_an_error_not_a_traceback(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert demo.main([*TINY, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_optimizer_missing_from_this_build(monkeypatch):
+    import zo_optim
+
+    monkeypatch.delattr(zo_optim, "HiSo")
+    with pytest.raises(ValueError, match=r"zo_optim.HiSo is not in this version"):
+        demo._optimizer_class("hiso")
