@@ -81,6 +81,15 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def _check_betas(betas: Any) -> None:
+    """A pair of decay rates in [0, 1), checked as torch.optim.Adam does."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (a pair)")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")

@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ._estimate import Probes
-from .base import ZOOptimizer, _check_positive
+from .base import ZOOptimizer, _check_betas, _check_positive
 
 __all__ = ["HELENE"]
 
@@ -124,12 +124,7 @@ class HELENE(ZOOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (a pair)")
-        for i, b in enumerate(betas):
-            if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b!r}")
+        _check_betas(group["betas"])
         _check_positive("gamma", group["gamma"])
         _check_positive("epsilon value", group["eps"], allow_zero=True)
         if group["clip_lambda"] is not None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import ops
-from .base import ZOOptimizer, _check_positive
+from .base import ZOOptimizer, _check_betas, _check_positive
 
 __all__ = ["ZOAdam"]
 
@@ -59,12 +59,7 @@ class ZOAdam(ZOOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         _check_positive("epsilon value", group["eps"], allow_zero=True)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (a pair)")
-        for i, b in enumerate(betas):
-            if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b!r}")
+        _check_betas(group["betas"])
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
