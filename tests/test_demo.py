@@ -136,6 +136,17 @@ def test_bad_device_is_an_error_not_a_traceback(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_backend_that_cannot_run_is_an_error_before_any_work(tmp_path, capsys, monkeypatch):
+    # e.g. --backend triton on a CPU-only machine without TRITON_INTERPRET: refused up front, exit 2
+    def refuse(name, device, dtypes=()):
+        raise RuntimeError("backend 'triton' runs CPU tensors only in Triton's interpreter")
+
+    monkeypatch.setattr(demo.ops, "resolve_backend", refuse)
+    monkeypatch.setattr(demo.assets, "load_minilm_classifier", lambda *a, **k: pytest.fail("model loaded"))
+    assert demo.main([*TINY, "--backend", "triton", "--out", str(tmp_path)]) == 2
+    assert "--backend triton: backend 'triton' runs CPU tensors only" in capsys.readouterr().err
+
+
 def test_optimizer_missing_from_this_build(monkeypatch):
     import zo_optim
 

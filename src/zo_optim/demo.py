@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import assets
+from . import assets, ops
 
 OPTIMIZERS = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
 TRAIN_MODES = ("head", "last-k", "all")
@@ -311,6 +311,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     progress = not args.no_progress
     device = _resolve_device(args.device)
+    try:  # fail before loading the model and encoding the tweets, with the backend's own reason
+        ops.resolve_backend(args.backend, device)
+    except RuntimeError as exc:
+        raise ValueError(f"--backend {args.backend}: {exc}") from exc
     if device.type == "cpu" and args.train == "head":
         _serial_numba()
     torch_threads = torch.get_num_threads()

@@ -56,7 +56,7 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
     "mezo": [{}],
     "zoadam": [{}],
     "hizoo": [{"hessian_smooth": a} for a in (1e-6, 1e-4, 1e-3)],
-    "helene": [{}, {"lambda_mode": "dim"}],
+    "helene": [{}, {"lambda_mode": "dim"}, {"hessian_bias_correction": True}],
     "hiso": [{}],
 }
 
@@ -332,7 +332,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
                    help="comma-separated subset of: " + ",".join(OPTIMIZER_NAMES))
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 2, --full: 3)")
-    p.add_argument("--sweep", action="store_true", help="also sweep HiZOO's α and HELENE's λ (with --full)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep HiZOO's α, HELENE's λ mode and bias correction (with --full)")
     p.add_argument("--budget", type=int, default=None, help="forward passes per run (overrides the problem's)")
     p.add_argument("--lr-factors", default=None,
                    help="comma-separated multipliers of each optimizer's base lr (default: 1; --full: 1/2, 1, 2)")
