@@ -559,3 +559,35 @@ def test_cpu_half_to_float_is_exact():
     out = torch.empty(h.shape, dtype=torch.float32)
     from_f16(h.numpy().view("uint16"), out.numpy())
     torch.testing.assert_close(out, h.view(torch.float16).float(), rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_strided_coeffs_read_by_logical_index(backend):
+    """A non-contiguous coeffs view (a column of a [q, 2] tensor) means its logical values."""
+    if backend != "reference":
+        need(backend)
+    table = torch.tensor([[0.5, 100.0], [-1.0, 100.0], [2.0, 100.0]])
+    strided, dense = table[:, 0], table[:, 0].clone()
+    precond = [torch.rand(8) + 0.5]
+    results = []
+    for coeffs in (strided, dense):
+        p, pc = [torch.zeros(8)], [t.clone() for t in precond]
+        ops.precond_sgd_update_(p, [0], 5, coeffs, lr=1.0, precond=pc, rule="hizoo", update_precond=True,
+                                precond_decay=0.9, precond_rate=0.1, precond_coeffs=torch.tensor([[1.0, 9.0]] * 3)[:, 0],
+                                distribution="rademacher", backend=backend)
+        h = [torch.ones(8)]
+        q = [torch.zeros(8)]
+        ops.helene_update_(q, [0], 5, coeffs, lr=1.0, alpha=1.0, beta1=0.9, beta2=0.99, gamma=1.0, eps=1e-8,
+                           clip=[1.0], exp_avgs=[torch.zeros(8)], hessians=h, update_hessian=True,
+                           hessian_coeffs=torch.tensor([[1.0, 9.0]] * 3)[:, 0], distribution="rademacher",
+                           backend=backend)
+        results.append((p[0], pc[0], q[0], h[0]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    p = [torch.zeros(8)]
+    ops.sgd_update_(p, [0], 5, strided, lr=1.0, distribution="rademacher", backend=backend)
+    z = [rng.rademacher(5, 0, 8, k) for k in range(3)]
+    torch.testing.assert_close(p[0], -(0.5 * z[0] - 1.0 * z[1] + 2.0 * z[2]), rtol=0, atol=0)

@@ -134,6 +134,11 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     for sname, svalue in states.items():
         if svalue is not None:
             _checks.check_state(sname, svalue, params)
+    # The backends read the per-query scalars as flat memory: a strided view (e.g. a
+    # column of a [q, 2] tensor) must become contiguous (a device copy, no host sync).
+    for sname in ("coeffs", "precond_coeffs", "hessian_coeffs"):
+        if kwargs.get(sname) is not None:
+            kwargs[sname] = kwargs[sname].contiguous()
     name = resolve_backend(backend, device, [p.dtype for p in params])
     module = load_backend(name)
     if name == "reference":
