@@ -591,3 +591,16 @@ def test_strided_coeffs_read_by_logical_index(backend):
     ops.sgd_update_(p, [0], 5, strided, lr=1.0, distribution="rademacher", backend=backend)
     z = [rng.rademacher(5, 0, 8, k) for k in range(3)]
     torch.testing.assert_close(p[0], -(0.5 * z[0] - 1.0 * z[1] + 2.0 * z[2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_float64_params_keep_float64_precision(backend):
+    p = [torch.full((4,), 1.0 + 1e-12, dtype=torch.float64)]
+    ops.perturb_(p, [0], 1, 0.0, backend=backend)
+    assert torch.equal(p[0], torch.full((4,), 1.0 + 1e-12, dtype=torch.float64))
+    start = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = [start.clone()]
+    ops.perturb_(p, [0], 1, 1e-3, backend=backend)
+    ops.perturb_(p, [0], 1, -2e-3, backend=backend)
+    ops.sgd_update_(p, [0], 1, torch.tensor([0.0]), lr=0.0, restore_scale=1e-3, backend=backend)
+    torch.testing.assert_close(p[0], start, rtol=0, atol=1e-15)

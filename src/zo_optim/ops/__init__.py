@@ -142,7 +142,11 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     name = resolve_backend(backend, device, [p.dtype for p in params])
     module = load_backend(name)
     if name == "reference":
-        getattr(module, op)(params, list(tensor_ids), **states, **kwargs)
+        # float64 params are the reason to use the reference: compute in float64 too,
+        # or a float32 pass would round them (1 + 1e-12 would not survive scale=0).
+        wide = any(p.dtype == torch.float64 for p in params)
+        compute_dtype = torch.float64 if wide else torch.float32
+        getattr(module, op)(params, list(tensor_ids), **states, **kwargs, compute_dtype=compute_dtype)
         return
     # The fast backends address flat contiguous memory; element i of a view is its
     # row-major logical index, so run on contiguous copies and write them back.
