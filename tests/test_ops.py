@@ -604,3 +604,17 @@ def test_float64_params_keep_float64_precision(backend):
     ops.perturb_(p, [0], 1, -2e-3, backend=backend)
     ops.sgd_update_(p, [0], 1, torch.tensor([0.0]), lr=0.0, restore_scale=1e-3, backend=backend)
     torch.testing.assert_close(p[0], start, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_leaf_params_requiring_grad_outside_no_grad(backend):
+    if backend != "reference":
+        need(backend)
+    a = torch.nn.Parameter(torch.zeros(4))
+    b = torch.nn.Parameter(torch.zeros(3, 5).t())  # non-contiguous leaf
+    ops.perturb_([a, b], [0, 1], 1, 1.0, backend=backend)
+    assert a.detach().abs().sum() > 0 and b.detach().abs().sum() > 0
+    ref = [torch.zeros(4), torch.zeros(3, 5).t()]
+    ops.perturb_(ref, [0, 1], 1, 1.0, backend="reference")
+    torch.testing.assert_close(a.detach(), ref[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.detach(), ref[1], rtol=0, atol=1e-6)

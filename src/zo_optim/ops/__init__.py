@@ -118,6 +118,10 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
     return name
 
 
+# Like torch.optim's step(): the ops write leaf tensors that may require grad (model
+# parameters), which autograd forbids outside no_grad; without it the copy-back of a
+# non-contiguous param would raise after the contiguous ones had been written.
+@torch.no_grad()
 def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
     device = _checks.check_params(params, tensor_ids)
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
