@@ -618,3 +618,22 @@ def test_leaf_params_requiring_grad_outside_no_grad(backend):
     ops.perturb_(ref, [0, 1], 1, 1.0, backend="reference")
     torch.testing.assert_close(a.detach(), ref[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(b.detach(), ref[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS, "auto"])
+@pytest.mark.parametrize("word", ["query", "restore_query", "rounding_slot"])
+@pytest.mark.parametrize("value", [2**32, -1, True, 1.0])
+def test_bad_counter_words_refused_untouched(backend, word, value):
+    if backend not in ("reference", "auto"):
+        need(backend)
+    params = [torch.randn(4), torch.randn(4).to(torch.bfloat16)]
+    buffers = [torch.randn(4), torch.randn(4)]
+    before, bbefore = _snapshot(params), _snapshot(buffers)
+    with pytest.raises(ValueError, match=f"Invalid {word}"):
+        if word == "query":
+            ops.perturb_(params, [0, 1], 1, 1.0, query=value, rounding="stochastic", backend=backend)
+        else:
+            ops.sgd_update_(params, [0, 1], 1, torch.tensor([1.0]), lr=1.0, momentum=0.9, momentum_buffers=buffers,
+                            restore_scale=1e-3, rounding="stochastic", backend=backend, **{word: value})
+    _unchanged(before, params)
+    _unchanged(bbefore, buffers)

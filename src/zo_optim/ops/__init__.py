@@ -126,12 +126,14 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     device = _checks.check_params(params, tensor_ids)
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
     _checks.check_choice("rounding", kwargs.get("rounding", "nearest"), _checks.ROUNDINGS)
+    # Counter words are checked here, not where the backends first use them: a bad one
+    # found midway would leave the earlier tensors written.
+    for word in ("query", "restore_query", "rounding_slot"):
+        if word in kwargs:
+            _checks.check_u32(word, kwargs[word])
     q = None
     if "coeffs" in kwargs:
         q = _checks.check_scalars("coeffs", kwargs["coeffs"], device)
-        rq = kwargs.get("restore_query", 0)
-        if not isinstance(rq, int) or rq < 0:
-            raise ValueError(f"Invalid restore_query: {rq!r}")
     for extra in ("precond_coeffs", "hessian_coeffs"):
         if kwargs.get(extra) is not None:
             _checks.check_scalars(extra, kwargs[extra], device, q)
@@ -182,8 +184,6 @@ def perturb_(
     backend: str = "auto",
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
-    if not isinstance(query, int) or query < 0:
-        raise ValueError(f"Invalid query: {query!r}")
     _dispatch(
         "perturb_", params, tensor_ids, backend, {"precond": precond},
         dict(seed=seed, scale=float(scale), query=query, distribution=distribution, rounding=rounding,

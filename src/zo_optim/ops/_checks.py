@@ -74,6 +74,12 @@ def check_scalars(name: str, t: torch.Tensor | None, device: torch.device, lengt
     return t.numel()
 
 
+def check_u32(name: str, value: object) -> None:
+    """An int counter word of the RNG contract (query, restore_query, rounding_slot)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= rng.MASK32:
+        raise ValueError(f"Invalid {name}: {value!r} (an int in [0, 2**32))")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")
