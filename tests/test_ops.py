@@ -637,3 +637,19 @@ def test_bad_counter_words_refused_untouched(backend, word, value):
                             restore_scale=1e-3, rounding="stochastic", backend=backend, **{word: value})
     _unchanged(before, params)
     _unchanged(bbefore, buffers)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("bad", [1e39, float("inf"), float("nan"), -0.5])
+def test_bad_helene_clip_refused_untouched(backend, bad):
+    if backend != "reference":
+        need(backend)
+    params = _good()
+    states = [[torch.zeros(6), torch.zeros(3, 2)] for _ in range(2)]
+    kept = [_snapshot(params), *map(_snapshot, states)]
+    with pytest.raises(ValueError, match=r"Invalid clip\[1\]"):
+        ops.helene_update_(params, [0, 1], 1, torch.ones(1), lr=0.1, alpha=1.0, beta1=0.9, beta2=0.99, gamma=1.0,
+                           eps=1e-8, clip=[1.0, bad], exp_avgs=states[0], hessians=states[1], update_hessian=True,
+                           hessian_coeffs=torch.ones(1), restore_scale=1e-3, backend=backend)
+    for before, after in zip(kept, [params, *states], strict=True):
+        _unchanged(before, after)

@@ -42,6 +42,7 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_F32_MAX = torch.finfo(torch.float32).max
 
 _INSTALL_HINT = {
     "triton": 'pip install "zo-optim[triton]" (Linux; CPU tensors need TRITON_INTERPRET=1 set before importing triton)',
@@ -241,10 +242,16 @@ def helene_update_(params, tensor_ids, seed, coeffs, *, lr, alpha, beta1, beta2,
     """Fused restore + HELENE update (see :func:`zo_optim.ops.reference.helene_update_`)."""
     if len(clip) != len(params):
         raise ValueError(f"clip has {len(clip)} values for {len(params)} params; pass one λ per tensor")
+    clip = [float(c) for c in clip]
+    for i, c in enumerate(clip):
+        # The backends clamp in float32: a λ beyond its range (or inf/nan) means no clamp on
+        # one backend and an error midway on another, so refuse it before anything is written.
+        if not 0.0 <= c <= _F32_MAX:
+            raise ValueError(f"Invalid clip[{i}]: {c!r} (a finite λ in [0, {_F32_MAX:.4g}], the float32 range)")
     _dispatch(
         "helene_update_", params, tensor_ids, backend, {"exp_avgs": exp_avgs, "hessians": hessians},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), alpha=float(alpha), beta1=float(beta1), beta2=float(beta2),
-             gamma=float(gamma), eps=float(eps), clip=[float(c) for c in clip], update_hessian=bool(update_hessian),
+             gamma=float(gamma), eps=float(eps), clip=clip, update_hessian=bool(update_hessian),
              hessian_coeffs=hessian_coeffs, weight_decay=float(weight_decay), restore_scale=float(restore_scale),
              restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
     )
