@@ -653,3 +653,25 @@ def test_bad_helene_clip_refused_untouched(backend, bad):
                            hessian_coeffs=torch.ones(1), restore_scale=1e-3, backend=backend)
     for before, after in zip(kept, [params, *states], strict=True):
         _unchanged(before, after)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fast_backends_bump_the_version_counter(backend):
+    """A raw-pointer write must look like an in-place op to autograd."""
+    need(backend)
+    params = [torch.zeros(6), torch.zeros(2, 3).t()]
+    bufs = [torch.zeros(6), torch.zeros(2, 3).t()]
+    before = [t._version for t in params + bufs]
+    ops.sgd_update_(params, [0, 1], 1, torch.tensor([1.0]), lr=0.1, momentum=0.9, momentum_buffers=bufs,
+                    backend=backend)
+    assert all(t._version > v for t, v in zip(params + bufs, before, strict=True))
+    precond = [torch.ones(6)]
+    v_p, v_c = params[0]._version, precond[0]._version
+    ops.perturb_(params[:1], [0], 1, 1e-3, precond=precond, backend=backend)
+    assert params[0]._version > v_p and precond[0]._version == v_c  # the preconditioner is only read
+    w = torch.ones(6, requires_grad=True)
+    x = w * 2.0
+    y = x.sin()  # saves x for backward
+    ops.perturb_([x.detach()], [0], 1, 1e-3, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -162,13 +162,34 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
         k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()
     }
     getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
+    written = _written_states(op, kwargs)
     for orig, work in zip(params, work_params, strict=True):
-        if work is not orig:
-            orig.copy_(work)
+        _write_back(orig, work)
     for k, v in states.items():
-        for orig, work in zip(v or (), work_states[k] or (), strict=True):
-            if work is not orig:
-                orig.copy_(work)
+        if k in written:
+            for orig, work in zip(v or (), work_states[k] or (), strict=True):
+                _write_back(orig, work)
+
+
+def _written_states(op: str, kwargs: dict[str, Any]) -> set[str]:
+    """The state lists an op writes (perturb_ only reads its preconditioner)."""
+    if op == "perturb_":
+        return set()
+    if op == "precond_sgd_update_":
+        return {"precond"} if kwargs["update_precond"] else set()
+    if op == "helene_update_":
+        return {"exp_avgs", "hessians"} if kwargs["update_hessian"] else {"exp_avgs"}
+    return {"momentum_buffers", "exp_avgs", "exp_avg_sqs"}
+
+
+def _write_back(orig: torch.Tensor, work: torch.Tensor) -> None:
+    if work is not orig:
+        orig.copy_(work)  # an in-place torch op: bumps orig's version counter itself
+    else:
+        # The fast backends write through raw pointers, which autograd cannot see: bump the
+        # version counter so that a tensor saved for backward before this op is detected as
+        # modified (as after any in-place torch op). Metadata only, no pass over the data.
+        torch.autograd.graph.increment_version(orig)
 
 
 def perturb_(
