@@ -675,3 +675,14 @@ def test_fast_backends_bump_the_version_counter(backend):
     ops.perturb_([x.detach()], [0], 1, 1e-3, backend=backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_non_tensor_params_and_bool_ids_refused():
+    with pytest.raises(TypeError, match=r"params\[0\] is a list"):
+        ops.perturb_([[1.0, 2.0], torch.zeros(2)], [0, 1], 1, 1.0, backend="reference")
+    with pytest.raises(TypeError, match=r"params\[1\] is a float"):
+        ops.perturb_([torch.zeros(2), 1.0], [0, 1], 1, 1.0, backend="reference")
+    p = [torch.zeros(2)]
+    with pytest.raises(ValueError, match=r"Invalid tensor_id for params\[0\]: True"):
+        ops.perturb_(p, [True], 1, 1.0, backend="reference")
+    assert torch.equal(p[0], torch.zeros(2))
