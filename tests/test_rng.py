@@ -103,6 +103,30 @@ def test_out_of_contract_numel_raises():
     rng.check_numel(rng.MAX_NUMEL)
 
 
+@pytest.mark.parametrize(
+    ("server_seed", "round_idx", "local_step", "seed"),
+    [
+        (0, 0, 0, 0xA7F72697A2731486),
+        (0, 0, 1, 0xEB718AFEA1509CD1),
+        (0, 1, 1, 0x65742C76D197241B),
+        (42, 3, 5, 0x3620F811FD07A836),
+        (2**64 - 1, 7, 1, 0xF512C768DA730A73),
+        (123456789, 1000, 32, 0x4E687F19A88AFDDA),
+    ],
+)
+def test_round_seed_golden(server_seed, round_idx, local_step, seed):
+    """Golden values of the federated seeds (computed once with an independent splitmix64)."""
+    assert rng.round_seed(server_seed, round_idx, local_step) == seed
+    assert seed == rng.step_seed(rng.step_seed(server_seed, round_idx), local_step)
+
+
+def test_round_seed_rejects_negative():
+    with pytest.raises(ValueError, match="Invalid round/local step"):
+        rng.round_seed(0, -1, 1)
+    with pytest.raises(ValueError, match="Invalid round/local step"):
+        rng.round_seed(0, 0, -1)
+
+
 def test_step_seed_rejects_negative():
     with pytest.raises(ValueError, match="Invalid step counter"):
         rng.step_seed(0, -1)

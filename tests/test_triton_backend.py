@@ -435,6 +435,30 @@ def test_table_cache_is_bounded():
     assert cache.hits == 1
 
 
+def test_table_cache_is_bounded_in_bytes():
+    cache = launch.TableCache(maxsize=100, max_bytes=3 * 8 * 4)  # a 1-block, 3-column table is 4 int64
+    for n in (1, 2, 3, 4):
+        cache.get(DEVICE, 128, 3, [(0, n, 0)])
+    assert len(cache) == 3 and cache.nbytes == 3 * 32
+    cache.get(DEVICE, 128, 3, [(0, 256, 0)])  # 2 blocks: 5 int64, evicts the two oldest
+    assert len(cache) == 2 and cache.nbytes == 32 + 40
+    cache.get(DEVICE, 128, 3, [(0, 2000, 0)])  # 16 blocks: 19 int64, over the bound on its own
+    assert len(cache) == 1 and cache.nbytes == 19 * 8  # the newest table always stays
+
+
+def test_table_cache_holds_a_step_of_nine_groups():
+    """Two keys per (group, dtype) and step: 9 groups must hit from the second step on."""
+    launch.table_cache.clear()
+    groups = [[torch.randn(4, device=DEVICE), torch.randn(3, device=DEVICE)] for _ in range(9)]
+    bufs = [[torch.zeros_like(p) for p in g] for g in groups]
+    coeffs = torch.tensor([0.1], device=DEVICE)
+    for step in range(3):
+        for g, b in zip(groups, bufs, strict=True):
+            ops.perturb_(g, [0, 1], step, 1e-3, backend="triton")
+            ops.sgd_update_(g, [0, 1], step, coeffs, lr=0.1, momentum=0.9, momentum_buffers=b, backend="triton")
+    assert (launch.table_cache.misses, launch.table_cache.hits) == (18, 36)
+
+
 def test_tables_encode_every_block():
     t = launch._build_tables(DEVICE, 128, 3, [(16, 300, 5), (32, 0, 6), (48, 128, 7)])
     assert t.ncol == 3 and t.n_blocks == 3 + 0 + 1 and t.aligned

@@ -98,7 +98,10 @@ def step_seed(base_seed: int, t: int) -> int:
 
 
 def round_seed(server_seed: int, round_idx: int, local_step: int) -> int:
-    """Seed of local step ``local_step`` (1-based) of federated round ``round_idx``.
+    """Seed of local step ``local_step`` of federated round ``round_idx``.
+
+    The federated protocol numbers local steps from 1; 0 is accepted (any
+    ``local_step >= 0`` gives a seed) but is not used by it.
 
     Derived with the same mixing as :func:`step_seed`: the server seed is first
     mixed with the round number, then with the local step.

@@ -42,6 +42,7 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_F32_MAX = torch.finfo(torch.float32).max
 
 _INSTALL_HINT = {
     "triton": 'pip install "zo-optim[triton]" (Linux; CPU tensors need TRITON_INTERPRET=1 set before importing triton)',
@@ -118,26 +119,41 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
     return name
 
 
+# Like torch.optim's step(): the ops write leaf tensors that may require grad (model
+# parameters), which autograd forbids outside no_grad; without it the copy-back of a
+# non-contiguous param would raise after the contiguous ones had been written.
+@torch.no_grad()
 def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
     device = _checks.check_params(params, tensor_ids)
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
     _checks.check_choice("rounding", kwargs.get("rounding", "nearest"), _checks.ROUNDINGS)
+    # Counter words are checked here, not where the backends first use them: a bad one
+    # found midway would leave the earlier tensors written.
+    for word in ("query", "restore_query", "rounding_slot"):
+        if word in kwargs:
+            _checks.check_u32(word, kwargs[word])
     q = None
     if "coeffs" in kwargs:
         q = _checks.check_scalars("coeffs", kwargs["coeffs"], device)
-        rq = kwargs.get("restore_query", 0)
-        if not isinstance(rq, int) or rq < 0:
-            raise ValueError(f"Invalid restore_query: {rq!r}")
     for extra in ("precond_coeffs", "hessian_coeffs"):
         if kwargs.get(extra) is not None:
             _checks.check_scalars(extra, kwargs[extra], device, q)
     for sname, svalue in states.items():
         if svalue is not None:
             _checks.check_state(sname, svalue, params)
+    # The backends read the per-query scalars as flat memory: a strided view (e.g. a
+    # column of a [q, 2] tensor) must become contiguous (a device copy, no host sync).
+    for sname in ("coeffs", "precond_coeffs", "hessian_coeffs"):
+        if kwargs.get(sname) is not None:
+            kwargs[sname] = kwargs[sname].contiguous()
     name = resolve_backend(backend, device, [p.dtype for p in params])
     module = load_backend(name)
     if name == "reference":
-        getattr(module, op)(params, list(tensor_ids), **states, **kwargs)
+        # float64 params are the reason to use the reference: compute in float64 too,
+        # or a float32 pass would round them (1 + 1e-12 would not survive scale=0).
+        wide = any(p.dtype == torch.float64 for p in params)
+        compute_dtype = torch.float64 if wide else torch.float32
+        getattr(module, op)(params, list(tensor_ids), **states, **kwargs, compute_dtype=compute_dtype)
         return
     # The fast backends address flat contiguous memory; element i of a view is its
     # row-major logical index, so run on contiguous copies and write them back.
@@ -146,13 +162,34 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
         k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()
     }
     getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
+    written = _written_states(op, kwargs)
     for orig, work in zip(params, work_params, strict=True):
-        if work is not orig:
-            orig.copy_(work)
+        _write_back(orig, work)
     for k, v in states.items():
-        for orig, work in zip(v or (), work_states[k] or (), strict=True):
-            if work is not orig:
-                orig.copy_(work)
+        if k in written:
+            for orig, work in zip(v or (), work_states[k] or (), strict=True):
+                _write_back(orig, work)
+
+
+def _written_states(op: str, kwargs: dict[str, Any]) -> set[str]:
+    """The state lists an op writes (perturb_ only reads its preconditioner)."""
+    if op == "perturb_":
+        return set()
+    if op == "precond_sgd_update_":
+        return {"precond"} if kwargs["update_precond"] else set()
+    if op == "helene_update_":
+        return {"exp_avgs", "hessians"} if kwargs["update_hessian"] else {"exp_avgs"}
+    return {"momentum_buffers", "exp_avgs", "exp_avg_sqs"}
+
+
+def _write_back(orig: torch.Tensor, work: torch.Tensor) -> None:
+    if work is not orig:
+        orig.copy_(work)  # an in-place torch op: bumps orig's version counter itself
+    else:
+        # The fast backends write through raw pointers, which autograd cannot see: bump the
+        # version counter so that a tensor saved for backward before this op is detected as
+        # modified (as after any in-place torch op). Metadata only, no pass over the data.
+        torch.autograd.graph.increment_version(orig)
 
 
 def perturb_(
@@ -169,8 +206,6 @@ def perturb_(
     backend: str = "auto",
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
-    if not isinstance(query, int) or query < 0:
-        raise ValueError(f"Invalid query: {query!r}")
     _dispatch(
         "perturb_", params, tensor_ids, backend, {"precond": precond},
         dict(seed=seed, scale=float(scale), query=query, distribution=distribution, rounding=rounding,
@@ -228,10 +263,16 @@ def helene_update_(params, tensor_ids, seed, coeffs, *, lr, alpha, beta1, beta2,
     """Fused restore + HELENE update (see :func:`zo_optim.ops.reference.helene_update_`)."""
     if len(clip) != len(params):
         raise ValueError(f"clip has {len(clip)} values for {len(params)} params; pass one λ per tensor")
+    clip = [float(c) for c in clip]
+    for i, c in enumerate(clip):
+        # The backends clamp in float32: a λ beyond its range (or inf/nan) means no clamp on
+        # one backend and an error midway on another, so refuse it before anything is written.
+        if not 0.0 <= c <= _F32_MAX:
+            raise ValueError(f"Invalid clip[{i}]: {c!r} (a finite λ in [0, {_F32_MAX:.4g}], the float32 range)")
     _dispatch(
         "helene_update_", params, tensor_ids, backend, {"exp_avgs": exp_avgs, "hessians": hessians},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), alpha=float(alpha), beta1=float(beta1), beta2=float(beta2),
-             gamma=float(gamma), eps=float(eps), clip=[float(c) for c in clip], update_hessian=bool(update_hessian),
+             gamma=float(gamma), eps=float(eps), clip=clip, update_hessian=bool(update_hessian),
              hessian_coeffs=hessian_coeffs, weight_decay=float(weight_decay), restore_scale=float(restore_scale),
              restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
     )

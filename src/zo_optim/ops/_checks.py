@@ -23,10 +23,11 @@ def check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int]) -> t
         raise ValueError("params is empty: pass at least one tensor")
     if len(tensor_ids) != len(params):
         raise ValueError(f"got {len(params)} params but {len(tensor_ids)} tensor_ids; pass one id per tensor")
-    device = params[0].device
-    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
+    for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, not a torch.Tensor")
+    device = params[0].device
+    for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         if p.layout != torch.strided:
             raise TypeError(
                 f"params[{i}] ({describe(p)}) has layout {p.layout}: zeroth-order ops need dense "
@@ -42,7 +43,7 @@ def check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int]) -> t
                 f"params[{i}] ({describe(p)}) is on {p.device} but params[0] is on {device}: "
                 "one call takes tensors of one device; move them or split the call"
             )
-        if not isinstance(tid, int) or not 0 <= tid <= rng.MASK32:
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= rng.MASK32:
             raise ValueError(f"Invalid tensor_id for params[{i}]: {tid!r} (an int in [0, 2**32))")
         rng.check_numel(p.numel(), f"params[{i}] ({describe(p)})")
     return device
@@ -72,6 +73,12 @@ def check_scalars(name: str, t: torch.Tensor | None, device: torch.device, lengt
     if length is not None and t.numel() != length:
         raise ValueError(f"{name} has {t.numel()} entries, expected {length} (one per query)")
     return t.numel()
+
+
+def check_u32(name: str, value: object) -> None:
+    """An int counter word of the RNG contract (query, restore_query, rounding_slot)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= rng.MASK32:
+        raise ValueError(f"Invalid {name}: {value!r} (an int in [0, 2**32))")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -14,6 +14,13 @@ the buffer is cached under everything it encodes (addresses, numels, tensor ids,
 state addresses, clip values, block size): a step that reuses the same tensors
 only builds that key. Because the key *is* the content, a hit is always correct;
 re-allocated tensors (``model.to()``, a new state buffer) simply miss.
+
+The cache holds :data:`TABLE_CACHE_ENTRIES` tables and at most
+:data:`TABLE_CACHE_BYTES` of device memory, least recently used first out. A
+step uses two keys per (param group, dtype) (perturb and update), so the entry
+bound covers 64 of them; a miss builds the host table in pinned memory for a
+CUDA target and copies it with ``non_blocking=True``, so it does not block the
+host on the device queue either.
 """
 
 from __future__ import annotations
@@ -76,20 +83,32 @@ class Tables:
     n_blocks: int
     ncol: int
     aligned: bool
+    host: torch.Tensor | None = None
+    """The pinned host source of a non-blocking copy, kept alive with the device buffer."""
+
+    @property
+    def nbytes(self) -> int:
+        return (self.slot_tab.numel() + self.blk_tab.numel()) * self.slot_tab.element_size()
+
+
+TABLE_CACHE_ENTRIES = 128
+TABLE_CACHE_BYTES = 256 << 20
 
 
 class TableCache:
-    """LRU cache of :class:`Tables` keyed by their full content."""
+    """LRU cache of :class:`Tables` keyed by their full content, bounded in entries and device bytes."""
 
-    def __init__(self, maxsize: int = 64) -> None:
+    def __init__(self, maxsize: int = TABLE_CACHE_ENTRIES, max_bytes: int = TABLE_CACHE_BYTES) -> None:
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.nbytes = 0
         self._entries: OrderedDict[tuple, Tables] = OrderedDict()
 
     def clear(self) -> None:
         self._entries.clear()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,12 +125,15 @@ class TableCache:
         self.misses += 1
         tables = _build_tables(device, block, n_addr, rows)
         self._entries[key] = tables
-        if len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        self.nbytes += tables.nbytes
+        # The newest entry always stays (the caller is about to launch with it).
+        while len(self._entries) > 1 and (len(self._entries) > self.maxsize or self.nbytes > self.max_bytes):
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
         return tables
 
 
-table_cache = TableCache(maxsize=16)
+table_cache = TableCache()
 
 
 def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]]) -> Tables:
@@ -122,9 +144,17 @@ def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tupl
         for slot, (_, numel, *_rest) in enumerate(rows)
     ]
     blk_tab = torch.cat(blocks)
-    buf = torch.cat([slot_tab, blk_tab]).to(device)
+    host = torch.cat([slot_tab, blk_tab])
+    pinned = None
+    if device.type == "cuda":
+        # Pinned source + non_blocking: the copy is queued on the stream instead of
+        # waiting for the device to drain the work already queued.
+        pinned = host.pin_memory()
+        buf = pinned.to(device, non_blocking=True)
+    else:
+        buf = host.to(device)
     aligned = all(r[0] % 16 == 0 and all(a % 16 == 0 for a in r[3:n_addr]) for r in rows)
-    return Tables(buf[: slot_tab.numel()], buf[slot_tab.numel():], blk_tab.numel(), ncol, aligned)
+    return Tables(buf[: slot_tab.numel()], buf[slot_tab.numel():], blk_tab.numel(), ncol, aligned, pinned)
 
 
 def _address(t: torch.Tensor | None) -> int:
