@@ -163,9 +163,13 @@ def test_helene_annealing_agnb_and_hessian_interval():
                                    atol=1e-7)
 
 
-def test_helene_hessian_bias_correction_option():
-    """Opt-in: the update uses h / (1 - β2^n) (n = Hessian refreshes so far); h itself is stored uncorrected."""
-    beta2, k, lam = 0.99, 2, 1e-3
+@pytest.mark.parametrize("lam", [1e-3, 5.0], ids=["h_above_lambda", "clamp_acts"])
+def test_helene_hessian_bias_correction_option(lam: float):
+    """Opt-in: the update uses h / (1 - β2^n) (n = Hessian refreshes so far); h itself is stored uncorrected.
+
+    λ = 5 makes the clamp act (h/c < λ somewhere), so λ·c must be scaled as well as γ/c.
+    """
+    beta2, k = 0.99, 2
     plain_model, corr_model = Quad(), Quad()
     corr_model.load_state_dict(plain_model.state_dict())
     kwargs = dict(lr=LR, zo_eps=EPS, betas=(0.9, beta2), hessian_interval=k, clip_lambda=lam, seed=3,
@@ -222,3 +226,42 @@ def test_hiso_preconditioner_frozen_between_updates():
     opt.step(closure)
     for p, k in zip(params, k2, strict=True):
         assert torch.equal(opt.state[p]["hessian"], k)
+
+
+def test_helene_sq_grad_sum_does_not_depend_on_the_micro_batch_split():
+    """Σ_b g_b² runs over the whole batch: 2 micro-batches of 2 give the h of one batch of 4.
+
+    (rtol 1e-3: the float32 finite differences of half-batch means round differently; averaging
+    the sums instead, the bug this guards against, is off by 2×.)
+    """
+    whole_model, split_model = Quad(), Quad()
+    kwargs = dict(lr=LR, zo_eps=EPS, hessian_interval=1, seed=5, backend="reference")
+    whole = zo_optim.HELENE(whole_model.parameters(), module=whole_model, **kwargs)
+    split = zo_optim.HELENE(split_model.parameters(), module=split_model, **kwargs)
+    for _ in range(2):
+        whole.step(whole_model)
+        split.estimate(lambda: split_model()[:2])
+        split.estimate(lambda: split_model()[2:])
+        split.step()
+        torch.testing.assert_close(split.last_projected_grads, whole.last_projected_grads, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(split.last_extra_scalars["sq_grad_sum"], whole.last_extra_scalars["sq_grad_sum"],
+                                   rtol=1e-3, atol=1e-5)
+    for p, q in zip(whole_model.parameters(), split_model.parameters(), strict=True):
+        torch.testing.assert_close(split.state[q]["hessian"], whole.state[p]["hessian"], rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-3, atol=1e-5)
+
+
+def test_helene_invalid_clip_value_fails_before_any_pass():
+    """λ of every group is evaluated before the first perturbation, so a bad one leaves all weights untouched."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named[:2]], "param_names": [n for n, _ in named[:2]]},
+              {"params": [p for _, p in named[2:]], "param_names": [n for n, _ in named[2:]]}]
+    opt = zo_optim.HELENE(groups, lr=0.0, clip_lambda=lambda name, p: -1.0 if name.startswith("2.") else 1.0,
+                          backend="reference", seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"Invalid clip_lambda for '2\.weight'"):
+        opt.step(lambda: model(x).square().mean())
+    for a, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, p.detach())

@@ -492,3 +492,194 @@ def test_backends_agree_with_reference(info: OptimizerInfo, backend: str):
     for a, c in zip(runs["reference"][0] + runs["reference"][1], runs[backend][0] + runs[backend][1], strict=True):
         # z agrees across backends to a few float32 ulp (libm); Adam-like rules amplify that where ĝ ≈ 0
         torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- failures after the probes, partial passes
+
+
+@ALL
+@pytest.mark.parametrize("mode", ["inplace", "transient"])
+def test_error_after_the_probes_restores_weights(info: OptimizerInfo, mode: str, monkeypatch):
+    """An interrupt in the data-parallel all-reduce (the weights are still perturbed there) restores them."""
+    from zo_optim.optim import _distributed
+
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model, perturbation=mode, module=model if mode == "transient" else None)
+    before = weights(model)
+
+    def interrupted(t):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(_distributed, "broadcast_seed", lambda seed, device: seed)
+    monkeypatch.setattr(_distributed, "sum_across_ranks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(loss_closure(model, x, y))
+    monkeypatch.undo()
+    if mode == "transient":
+        assert_bitwise(before, weights(model))
+        assert opt._transient.scale == 0.0
+    else:
+        for a, b in zip(before, weights(model), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert opt.step_count == 0
+    opt.step(loss_closure(model, x, y))  # still usable
+    assert opt.step_count == 1
+
+
+def test_mismatched_micro_batch_in_step_restores_weights():
+    x, y = tiny_data()
+    for mode in ("inplace", "transient"):
+        model = tiny_model()
+        opt = zo_optim.HELENE(model.parameters(), lr=1e-3, perturbation=mode,
+                              module=model if mode == "transient" else None, **REF)
+        opt.estimate(loss_closure(model, x, y, per_example=True))
+        before = weights(model)
+        with pytest.raises(ValueError, match="different scalars"):
+            opt.step(loss_closure(model, x, y))  # scalar loss after a per-example micro-batch
+        for a, b in zip(before, weights(model), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert opt._perturbation.scale == 0.0
+
+
+def _two_group_model():
+    model = tiny_model()
+    return model, [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+
+
+@ALL
+def test_perturbation_pass_failing_on_a_later_chunk_undoes_the_earlier_ones(info: OptimizerInfo, monkeypatch):
+    import zo_optim.optim.base as base
+
+    x, y = tiny_data()
+    model, groups = _two_group_model()
+    opt = info.cls(groups, **{**info.inputs[0], **REF})
+    before = weights(model)
+    second = {id(p) for p in groups[1]["params"]}
+    real = ops.perturb_
+
+    def failing_on_group_2(params, *args, **kwargs):
+        if any(id(p) in second for p in params):
+            raise RuntimeError("chunk 2 failed")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(base.ops, "perturb_", failing_on_group_2)
+    with pytest.raises(RuntimeError, match="chunk 2 failed"):
+        opt.step(loss_closure(model, x, y))
+    monkeypatch.undo()
+    for a, b in zip(before, weights(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    opt.step(loss_closure(model, x, y))  # still usable
+
+
+@ALL
+def test_fused_update_failing_on_a_later_chunk_restores_each_chunk_once(info: OptimizerInfo, monkeypatch):
+    x, y = tiny_data()
+    model, groups = _two_group_model()
+    opt = info.cls(groups, **{**info.inputs[0], **REF, "lr": 0.0})
+    before = weights(model)
+    real = opt._apply
+    calls = 0
+
+    def failing_second_chunk(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("chunk 2 failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opt, "_apply", failing_second_chunk)
+    with pytest.raises(RuntimeError, match="chunk 2 failed"):
+        opt.step(loss_closure(model, x, y))
+    for a, b in zip(before, weights(model), strict=True):  # lr = 0: chunk 1 restored by the op, chunk 2 by a pass
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in ops.available_backends("cpu"), reason="needs the cpu backend")
+def test_unusable_backend_on_a_later_chunk_fails_before_any_pass():
+    x, y = tiny_data()
+    model, groups = _two_group_model()
+    model[2].double()
+
+    def closure():
+        return ((model[2](torch.tanh(model[0](x)).double()).float() - y) ** 2).mean()
+
+    opt = zo_optim.MeZO(groups, lr=0.0, backend="cpu", seed=0)
+    before = weights(model)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="use backend='reference'"):
+            opt.step(closure)
+        assert_bitwise(before, weights(model))
+
+
+# ---------------------------------------------------------------- closure outputs
+
+
+@ALL
+def test_empty_loss_vector_is_refused_and_weights_restored(info: OptimizerInfo):
+    model = tiny_model()
+    opt = make(info, model)
+    before = weights(model)
+    with pytest.raises(ValueError, match="empty loss vector"):
+        opt.step(lambda: torch.empty(0))
+    for a, b in zip(before, weights(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert opt.step_count == 0
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_overflowing_derived_scalar_is_treated_as_nonfinite(on_nonfinite: str):
+    """HiZOO's curvature (L⁺ + L⁻ − 2L0)/2ε² overflows float32 although every loss is finite."""
+    model = tiny_model()
+    opt = zo_optim.HiZOO(model.parameters(), lr=1e-2, hessian_smooth=0.3, on_nonfinite=on_nonfinite, **REF)
+    opt.state_bytes()
+    before, state_before = weights(model), state_tensors(opt)
+    losses = iter([0.0, 3e38, 3e38])  # L0, L+, L-
+
+    def closure():
+        return torch.tensor(next(losses))
+
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteLossError):
+            opt.step(closure)
+        assert opt.step_count == 0
+    else:
+        opt.step(closure)
+        assert opt.skipped_steps == 1
+    for a, b in zip(before, weights(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_bitwise(state_before, state_tensors(opt))
+
+
+def test_one_dimensional_loss_of_length_one_is_per_example():
+    """The short last micro-batch (B = 1) produces the same scalar kinds as the others."""
+    x, y = tiny_data(n=9)
+    model = tiny_model()
+    opt = zo_optim.HELENE(model.parameters(), lr=1e-3, **REF)
+    opt.estimate(loss_closure(model, x[:8], y[:8], per_example=True))
+    opt.estimate(loss_closure(model, x[8:], y[8:], per_example=True))
+    _, _, extras = opt.take_estimate()
+    assert set(extras) == {"sq_grad_sum"}
+
+
+def test_transient_perturbs_a_parameter_shared_by_a_module_and_its_child_once():
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4, bias=False)
+            self.w = self.inner.weight  # the same Parameter registered on the parent and the child
+
+        def forward(self, x):
+            return self.inner(x).sum() + (x @ self.w.T).sum()
+
+    torch.manual_seed(0)
+    model, x = Outer(), torch.randn(3, 4)
+    seen = []
+    model.inner.register_forward_hook(lambda mod, a, o: seen.append(mod.weight.detach().clone()))
+    w0 = model.w.detach().clone()
+    opt = zo_optim.MeZO(model.parameters(), lr=0.0, zo_eps=1e-2, seed=0, backend="reference", module=model)
+    opt.step(lambda: model(x))
+    z = rng.normal(rng.step_seed(0, 0), 0, 16, 0).reshape(4, 4)
+    torch.testing.assert_close(seen[0] - w0, 1e-2 * z, rtol=1e-4, atol=1e-6)  # +εz, not +2εz
+    assert torch.equal(model.w.detach(), w0)
