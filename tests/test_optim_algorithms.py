@@ -265,3 +265,25 @@ def test_helene_invalid_clip_value_fails_before_any_pass():
         opt.step(lambda: model(x).square().mean())
     for a, p in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, p.detach())
+
+
+def test_hiso_directions_are_z_over_sqrt_k():
+    """With K ≠ 1 the probes and the update both use u = z / √K (K the preconditioner before the update)."""
+    model = Quad()
+    opt = zo_optim.HiSo(model.parameters(), lr=LR, zo_eps=EPS, num_queries=2, k_interval=1, seed=9,
+                        backend="reference", module=model)
+    opt.state_bytes()  # creates K
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        opt.state[p]["hessian"].copy_(torch.rand(p.shape, generator=g) * 3 + 0.25)
+    ks = [opt.state[p]["hessian"].clone() for p in model.parameters()]
+    theta = [p.detach().clone() for p in model.parameters()]
+    s = rng.step_seed(9, 0)
+    us = [[z(s, i, t, k) / kk.sqrt() for i, (t, kk) in enumerate(zip(theta, ks, strict=True))] for k in range(2)]
+    l0 = model().mean()
+    gs = torch.stack([(loss_at(model, [EPS * u for u in us[k]]).mean() - l0) / EPS for k in range(2)])
+    opt.step(lambda: model().mean())
+    torch.testing.assert_close(opt.last_projected_grads, gs, rtol=1e-4, atol=1e-4)
+    for i, (p, t0) in enumerate(zip(model.parameters(), theta, strict=True)):
+        ghat = (gs[0] * us[0][i] + gs[1] * us[1][i]) / 2
+        torch.testing.assert_close(p.detach(), t0 - LR * ghat, rtol=1e-4, atol=1e-5)
