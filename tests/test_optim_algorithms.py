@@ -287,3 +287,23 @@ def test_hiso_directions_are_z_over_sqrt_k():
     for i, (p, t0) in enumerate(zip(model.parameters(), theta, strict=True)):
         ghat = (gs[0] * us[0][i] + gs[1] * us[1][i]) / 2
         torch.testing.assert_close(p.detach(), t0 - LR * ghat, rtol=1e-4, atol=1e-5)
+
+
+def test_hiso_freeze_precond_survives_a_resume():
+    model = Quad()
+    opt = zo_optim.HiSo(model.parameters(), lr=LR, zo_eps=EPS, seed=8, backend="reference", module=model)
+    closure = lambda: model().mean()
+    opt.step(closure)
+    opt.freeze_precond = True
+    sd = opt.state_dict()
+    assert sd["zo"]["runtime"] == {"freeze_precond": True} and sd["zo"]["settings"] == {"k_interval": 1}
+    model_b = Quad()
+    model_b.load_state_dict(model.state_dict())
+    opt_b = zo_optim.HiSo(model_b.parameters(), lr=LR, zo_eps=EPS, seed=0, backend="reference", module=model_b)
+    opt_b.load_state_dict(sd)
+    assert opt_b.freeze_precond
+    for o, m in ((opt, model), (opt_b, model_b)):
+        o.step(lambda m=m: m().mean())
+    for p, q in zip(model.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["hessian"], opt_b.state[q]["hessian"])

@@ -216,6 +216,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Extra per-query scalars [q] this algorithm derives from the probe losses."""
         return {}
 
+    def _settings(self) -> dict[str, Any]:
+        """Constructor-level (not per-group) settings, written into ``state_dict()["zo"]["settings"]``."""
+        return {}
+
+    def _runtime_state(self) -> dict[str, Any]:
+        """Attributes a user may change between steps that a resume must restore (Python scalars)."""
+        return {}
+
+    def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
+        """Restore what :meth:`_runtime_state` saved (missing keys: older state dicts, keep the current value)."""
+
     def _prepare(self) -> None:
         """Validate per-tensor settings of every group before the first pass of a step.
 
@@ -372,6 +383,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             "num_queries": self.num_queries,
             "estimator": self.estimator,
             "distribution": self.distribution,
+            # constructor-level settings of the subclass, recorded for information (like zo_eps)
+            "settings": self._settings(),
+            # runtime flags that change the next steps; restored by load_state_dict
+            "runtime": self._runtime_state(),
         }
         return sd
 
@@ -407,6 +422,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = int(zo["base_seed"])
         self._t = int(zo["step"])
         self.skipped_steps = int(zo["skipped_steps"])
+        self._load_runtime_state(zo.get("runtime", {}))
         self._seed_synced = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

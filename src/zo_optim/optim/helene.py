@@ -40,6 +40,10 @@ class HELENE(ZOOptimizer):
     Fine-tuning LLM with Zeroth-order Optimization", arXiv 2411.10696. Arguments:
     ``betas`` = (β1, β2), ``anneal_T`` = T, ``hessian_interval`` = k, ``gamma`` = γ,
     ``clip_lambda`` = λ, ``eps`` = δ (``zo_eps`` is the perturbation scale).
+    ``anneal_T``, ``hessian_interval`` and ``lambda_mode`` are constructor settings (one
+    per optimizer, recorded in ``state_dict()["zo"]["settings"]`` for information, not
+    loaded back): pass the same values when resuming; a callable ``clip_lambda`` is not
+    saved either.
 
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
@@ -128,6 +132,9 @@ class HELENE(ZOOptimizer):
                 "clip_lambda is a callable (name, param) -> float, which needs parameter names: "
                 "pass model.named_parameters() (or groups built from named parameters)"
             )
+
+    def _settings(self) -> dict[str, Any]:
+        return {"anneal_T": self.anneal_T, "hessian_interval": self.hessian_interval, "lambda_mode": self.lambda_mode}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
