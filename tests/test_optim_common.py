@@ -736,3 +736,26 @@ def test_transient_perturbs_a_parameter_shared_by_a_module_and_its_child_once():
     z = rng.normal(rng.step_seed(0, 0), 0, 16, 0).reshape(4, 4)
     torch.testing.assert_close(seen[0] - w0, 1e-2 * z, rtol=1e-4, atol=1e-6)  # +εz, not +2εz
     assert torch.equal(model.w.detach(), w0)
+
+
+def test_named_parameters_are_handled_without_torch_support(monkeypatch):
+    """Names are extracted by ZOOptimizer itself (torch's Optimizer learned named_parameters() only in 2.6)."""
+    seen = []
+    real = torch.optim.Optimizer.add_param_group
+
+    def old_torch_add_param_group(self, group):  # what torch < 2.6 accepts: tensors only
+        assert all(isinstance(p, torch.Tensor) for p in group["params"])
+        seen.append(list(group.get("param_names", [])))
+        return real(self, group)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "add_param_group", old_torch_add_param_group)
+    model = tiny_model()
+    opt = zo_optim.HELENE(model.named_parameters(), clip_lambda=lambda name, p: 2.0 if name == "0.weight" else 1.0,
+                          **REF)
+    names = [n for n, _ in model.named_parameters()]
+    assert seen == [names] and opt.param_groups[0]["param_names"] == names
+    assert opt.clip_values(opt.param_groups[0], opt.param_groups[0]["params"]) == [2.0, 1.0, 1.0, 1.0]
+    opt.add_param_group({"params": [("extra", torch.nn.Parameter(torch.zeros(2)))], "lr": 0.0})
+    assert opt.param_groups[1]["param_names"] == ["extra"]
+    with pytest.raises(ValueError, match="Some param names are missing"):
+        zo_optim.MeZO([("a", torch.nn.Parameter(torch.zeros(2))), torch.nn.Parameter(torch.zeros(2))], **REF)

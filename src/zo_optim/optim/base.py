@@ -111,7 +111,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     Args (common to every subclass):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer
-            (``named_parameters()`` also works and gives names to per-tensor options).
+            (``named_parameters()`` also works and gives names to per-tensor options; the names
+            are extracted here, so this works with torch >= 2.4, not only torch >= 2.6).
             Parameters with ``requires_grad=False`` are skipped and not numbered.
         zo_eps: perturbation scale ε.
         num_queries: random directions per step (each its own ``query`` slot).
@@ -426,6 +427,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._seed_synced = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # (name, tensor) pairs become "params" + "param_names" here rather than in torch, whose
+        # Optimizer learned named_parameters() only in 2.6 (pytorch/pytorch#134107); this keeps
+        # torch >= 2.4 working and gives the same groups as torch's own handling.
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, set)):
+            items = list(param_group["params"])
+            named = [isinstance(it, tuple) for it in items]
+            if any(named):
+                if not all(named):
+                    raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+                param_group = {**param_group, "params": [t for _, t in items], "param_names": [n for n, _ in items]}
+            else:
+                param_group = {**param_group, "params": items}
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
