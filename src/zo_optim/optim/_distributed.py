@@ -21,16 +21,6 @@ def world_size() -> int:
     return 1
 
 
-def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """All-reduce (mean) a float32 tensor; a no-op on one rank."""
-    n = world_size()
-    if n == 1:
-        return t
-    out = t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / n
-
-
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) a float32 tensor; a no-op on one rank."""
     if world_size() == 1:
