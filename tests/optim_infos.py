@@ -87,7 +87,7 @@ OPTIMIZERS: list[OptimizerInfo] = [
     ),
     OptimizerInfo(
         zo_optim.HiZOO,
-        inputs=[dict(lr=1e-2, hessian_smooth=1e-3), dict(lr=1e-2, hessian_smooth=0.0, num_queries=2, weight_decay=0.1)],
+        inputs=[dict(lr=1e-2, hessian_smooth=1e-3), dict(lr=1e-2, hessian_smooth=0.3, num_queries=2, weight_decay=0.1)],
         errors=[*_common_errors(), ErrorInput(dict(hessian_smooth=2.0), ValueError, "Invalid hessian_smooth"),
                 ErrorInput(dict(estimator="forward"), ValueError, "Invalid estimator")],
         bytes_per_param=[4, 4],

@@ -163,9 +163,13 @@ def test_helene_annealing_agnb_and_hessian_interval():
                                    atol=1e-7)
 
 
-def test_helene_hessian_bias_correction_option():
-    """Opt-in: the update uses h / (1 - β2^n) (n = Hessian refreshes so far); h itself is stored uncorrected."""
-    beta2, k, lam = 0.99, 2, 1e-3
+@pytest.mark.parametrize("lam", [1e-3, 5.0], ids=["h_above_lambda", "clamp_acts"])
+def test_helene_hessian_bias_correction_option(lam: float):
+    """Opt-in: the update uses h / (1 - β2^n) (n = Hessian refreshes so far); h itself is stored uncorrected.
+
+    λ = 5 makes the clamp act (h/c < λ somewhere), so λ·c must be scaled as well as γ/c.
+    """
+    beta2, k = 0.99, 2
     plain_model, corr_model = Quad(), Quad()
     corr_model.load_state_dict(plain_model.state_dict())
     kwargs = dict(lr=LR, zo_eps=EPS, betas=(0.9, beta2), hessian_interval=k, clip_lambda=lam, seed=3,
@@ -222,3 +226,84 @@ def test_hiso_preconditioner_frozen_between_updates():
     opt.step(closure)
     for p, k in zip(params, k2, strict=True):
         assert torch.equal(opt.state[p]["hessian"], k)
+
+
+def test_helene_sq_grad_sum_does_not_depend_on_the_micro_batch_split():
+    """Σ_b g_b² runs over the whole batch: 2 micro-batches of 2 give the h of one batch of 4.
+
+    (rtol 1e-3: the float32 finite differences of half-batch means round differently; averaging
+    the sums instead, the bug this guards against, is off by 2×.)
+    """
+    whole_model, split_model = Quad(), Quad()
+    kwargs = dict(lr=LR, zo_eps=EPS, hessian_interval=1, seed=5, backend="reference")
+    whole = zo_optim.HELENE(whole_model.parameters(), module=whole_model, **kwargs)
+    split = zo_optim.HELENE(split_model.parameters(), module=split_model, **kwargs)
+    for _ in range(2):
+        whole.step(whole_model)
+        split.estimate(lambda: split_model()[:2])
+        split.estimate(lambda: split_model()[2:])
+        split.step()
+        torch.testing.assert_close(split.last_projected_grads, whole.last_projected_grads, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(split.last_extra_scalars["sq_grad_sum"], whole.last_extra_scalars["sq_grad_sum"],
+                                   rtol=1e-3, atol=1e-5)
+    for p, q in zip(whole_model.parameters(), split_model.parameters(), strict=True):
+        torch.testing.assert_close(split.state[q]["hessian"], whole.state[p]["hessian"], rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-3, atol=1e-5)
+
+
+def test_helene_invalid_clip_value_fails_before_any_pass():
+    """λ of every group is evaluated before the first perturbation, so a bad one leaves all weights untouched."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named[:2]], "param_names": [n for n, _ in named[:2]]},
+              {"params": [p for _, p in named[2:]], "param_names": [n for n, _ in named[2:]]}]
+    opt = zo_optim.HELENE(groups, lr=0.0, clip_lambda=lambda name, p: -1.0 if name.startswith("2.") else 1.0,
+                          backend="reference", seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"Invalid clip_lambda for '2\.weight'"):
+        opt.step(lambda: model(x).square().mean())
+    for a, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, p.detach())
+
+
+def test_hiso_directions_are_z_over_sqrt_k():
+    """With K ≠ 1 the probes and the update both use u = z / √K (K the preconditioner before the update)."""
+    model = Quad()
+    opt = zo_optim.HiSo(model.parameters(), lr=LR, zo_eps=EPS, num_queries=2, k_interval=1, seed=9,
+                        backend="reference", module=model)
+    opt.state_bytes()  # creates K
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        opt.state[p]["hessian"].copy_(torch.rand(p.shape, generator=g) * 3 + 0.25)
+    ks = [opt.state[p]["hessian"].clone() for p in model.parameters()]
+    theta = [p.detach().clone() for p in model.parameters()]
+    s = rng.step_seed(9, 0)
+    us = [[z(s, i, t, k) / kk.sqrt() for i, (t, kk) in enumerate(zip(theta, ks, strict=True))] for k in range(2)]
+    l0 = model().mean()
+    gs = torch.stack([(loss_at(model, [EPS * u for u in us[k]]).mean() - l0) / EPS for k in range(2)])
+    opt.step(lambda: model().mean())
+    torch.testing.assert_close(opt.last_projected_grads, gs, rtol=1e-4, atol=1e-4)
+    for i, (p, t0) in enumerate(zip(model.parameters(), theta, strict=True)):
+        ghat = (gs[0] * us[0][i] + gs[1] * us[1][i]) / 2
+        torch.testing.assert_close(p.detach(), t0 - LR * ghat, rtol=1e-4, atol=1e-5)
+
+
+def test_hiso_freeze_precond_survives_a_resume():
+    model = Quad()
+    opt = zo_optim.HiSo(model.parameters(), lr=LR, zo_eps=EPS, seed=8, backend="reference", module=model)
+    closure = lambda: model().mean()
+    opt.step(closure)
+    opt.freeze_precond = True
+    sd = opt.state_dict()
+    assert sd["zo"]["runtime"] == {"freeze_precond": True} and sd["zo"]["settings"] == {"k_interval": 1}
+    model_b = Quad()
+    model_b.load_state_dict(model.state_dict())
+    opt_b = zo_optim.HiSo(model_b.parameters(), lr=LR, zo_eps=EPS, seed=0, backend="reference", module=model_b)
+    opt_b.load_state_dict(sd)
+    assert opt_b.freeze_precond
+    for o, m in ((opt, model), (opt_b, model_b)):
+        o.step(lambda m=m: m().mean())
+    for p, q in zip(model.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["hessian"], opt_b.state[q]["hessian"])

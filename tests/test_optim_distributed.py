@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -66,3 +67,61 @@ def test_two_gloo_ranks_stay_bit_identical(tmp_path):
         for _ in range(STEPS):
             opt.step(loss_closure(model, x, y, per_example=True))
         assert not torch.equal(next(model.parameters()).detach(), a["weights"][0]), info.name
+
+
+def _worker_raise_and_sum(rank: int, world: int, port: int, out_dir: str) -> None:
+    import zo_optim
+    from zo_optim.optim.base import NonFiniteLossError
+
+    torch.set_num_threads(1)
+    # a short timeout: a rank left alone in the all-reduce must fail the test, not hang it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        result = {}
+        # on_nonfinite="raise" with a NaN on rank 1 only: every rank restores and raises together
+        model = tiny_model(seed=0)
+        x, y = tiny_data(seed=rank)
+        opt = zo_optim.MeZO(model.parameters(), lr=1e-2, backend="reference", seed=0, on_nonfinite="raise")
+        inner = loss_closure(model, x, y)
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step((lambda: inner() * float("nan")) if rank == 1 else inner)
+            result["raised"] = False
+        except NonFiniteLossError:
+            result["raised"] = True
+        after = [p.detach() for p in model.parameters()]
+        result["drift"] = max((a - b).abs().max().item() for a, b in zip(before, after, strict=True))
+        result["step_count"] = opt.step_count
+        # HELENE: each rank holds half of one batch of 16; Σ_b g_b² is summed across ranks
+        model = tiny_model(seed=0)
+        x, y = tiny_data(seed=0)
+        half = slice(8 * rank, 8 * rank + 8)
+        opt = zo_optim.HELENE(model.parameters(), lr=1e-3, backend="reference", seed=0)
+        opt.step(loss_closure(model, x[half], y[half], per_example=True))
+        result["sq_grad_sum"] = opt.last_extra_scalars["sq_grad_sum"].clone()
+        result["hessian"] = [opt.state[p]["hessian"].clone() for p in model.parameters()]
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_raise_together_and_sum_sq_grad_sum(tmp_path):
+    import zo_optim
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    mp.spawn(_worker_raise_and_sum, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in results:
+        assert r["raised"] and r["step_count"] == 0
+        assert r["drift"] <= 1e-6
+    model = tiny_model(seed=0)
+    x, y = tiny_data(seed=0)
+    opt = zo_optim.HELENE(model.parameters(), lr=1e-3, backend="reference", seed=0)
+    opt.step(loss_closure(model, x, y, per_example=True))  # the whole batch of 16 in one process
+    for r in results:
+        torch.testing.assert_close(r["sq_grad_sum"], opt.last_extra_scalars["sq_grad_sum"], rtol=1e-3, atol=1e-5)
+        for h, p in zip(r["hessian"], model.parameters(), strict=True):
+            torch.testing.assert_close(h, opt.state[p]["hessian"], rtol=1e-3, atol=1e-9)

@@ -4,6 +4,8 @@ A ZO step is fully described by (seed, scalars), so replicas that start from the
 same weights stay bit-identical if they agree on the seed and on the scalars:
 every rank measures its own losses on its own data, the scalars are averaged
 with one all-reduce (4 bytes per scalar), and every rank applies the same update.
+Sums over examples (HELENE's Σ_b g_b²) and the non-finite flag travel in the
+same all-reduce and are summed instead of averaged.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ def world_size() -> int:
     return 1
 
 
-def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """All-reduce (mean) a float32 tensor; a no-op on one rank."""
-    n = world_size()
-    if n == 1:
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) a float32 tensor; a no-op on one rank."""
+    if world_size() == 1:
         return t
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / n
+    return out
 
 
 def broadcast_seed(seed: int, device: torch.device) -> int:

@@ -6,8 +6,11 @@ For query :math:`k` with direction :math:`u_k` and scale :math:`\epsilon`:
 * forward:  :math:`g_k = (L(\theta+\epsilon u_k) - L(\theta)) / \epsilon`
 
 Losses are 1-D float32 tensors (a scalar loss is a vector of length 1; a
-closure may return a ``[B]`` vector of per-example losses). Everything stays on
-the device: no host sync here.
+closure may return a ``[B]`` vector of per-example losses). Whether the losses
+are per-example is decided by the closure's output rank, not by its length: a
+1-D output is per-example even when B = 1 (the last, short micro-batch of an
+epoch), so every micro-batch and every rank produces the same kinds of scalars.
+Everything stays on the device: no host sync here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Probes:
     center: torch.Tensor | None = None  # L(θ), [B] or [1]
     plus: list[torch.Tensor] = field(default_factory=list)  # L(θ + ε u_k)
     minus: list[torch.Tensor] = field(default_factory=list)  # L(θ − ε u_k) (central only)
+    per_example: list[bool] = field(default_factory=list)  # one per closure call: returned a 1-D vector
 
     def all_losses(self) -> list[torch.Tensor]:
         return ([self.center] if self.center is not None else []) + self.plus + self.minus
@@ -47,7 +51,7 @@ class Probes:
         return (plus - self.center.mean()) / self.zo_eps
 
     def has_per_example(self) -> bool:
-        return all(t.numel() > 1 for t in self.all_losses())
+        return bool(self.per_example) and all(self.per_example)
 
     def loss(self) -> torch.Tensor:
         """Estimate of L(θ): L0 when measured, else the mean of the probes."""
@@ -57,9 +61,15 @@ class Probes:
 
 
 class Accumulator:
-    """Running sums of the scalars of several estimates of one step (gradient accumulation)."""
+    """Running sums of the scalars of several estimates of one step (gradient accumulation).
 
-    def __init__(self) -> None:
+    ``mean`` averages the projected gradients and the extras over the estimates,
+    except the extras named in ``summed`` (sums over examples, e.g. HELENE's
+    Σ_b g_b², which must not depend on how a batch is split), which stay summed.
+    """
+
+    def __init__(self, summed: frozenset[str] = frozenset()) -> None:
+        self.summed = summed
         self.count = 0
         self.grads: torch.Tensor | None = None
         self.extras: dict[str, torch.Tensor] = {}
@@ -78,4 +88,6 @@ class Accumulator:
 
     def mean(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert self.grads is not None and self.count > 0
-        return self.grads / self.count, {k: v / self.count for k, v in self.extras.items()}
+        return self.grads / self.count, {
+            k: v if k in self.summed else v / self.count for k, v in self.extras.items()
+        }

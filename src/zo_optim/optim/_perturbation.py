@@ -109,7 +109,12 @@ class TransientPerturbation:
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if self.scale == 0.0 or id(module) in self._backups:
             return
-        params = [p for p in module._parameters.values() if p is not None and self._is_optimised(p)]
+        # a Parameter registered on a module and on one of its descendants is already perturbed
+        # (and backed up) by the outer module: perturbing it again would apply the offset twice
+        active = {id(p) for ps, _ in self._backups.values() for p in ps}
+        params = [
+            p for p in module._parameters.values() if p is not None and self._is_optimised(p) and id(p) not in active
+        ]
         if not params:
             return
         with torch.no_grad():

@@ -34,7 +34,18 @@ state changes, ``skipped_steps`` grows by one and the step counter still
 advances (the skipped step's seed is consumed), so a run is a deterministic
 function of (base seed, data) whatever happens. With ``"raise"`` the weights are
 restored, the pending estimate is discarded and :class:`NonFiniteLossError` is
-raised; the counter does not advance.
+raised; the counter does not advance. "Non-finite" covers the losses and every
+scalar derived from them (g_k, HiZOO's curvature, ...), checked in one host sync.
+In data parallel the flag travels in the same all-reduce as the scalars, so all
+ranks skip, or restore and raise, together (at ``step``, not inside ``estimate``).
+
+Errors: from the first perturbation until the fused update has run, any
+exception (KeyboardInterrupt included) restores the weights before it
+propagates. Every pass is all or nothing across the (group, device) chunks:
+backends and per-tensor settings are validated before the first pass, a
+perturbation pass that fails on a later chunk takes back the earlier ones, and
+an update that fails part-way restores only the chunks the fused op has not
+processed (those it processed are restored and updated).
 """
 
 from __future__ import annotations
@@ -100,7 +111,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     Args (common to every subclass):
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer
-            (``named_parameters()`` also works and gives names to per-tensor options).
+            (``named_parameters()`` also works and gives names to per-tensor options; the names
+            are extracted here, so this works with torch >= 2.4, not only torch >= 2.6).
             Parameters with ``requires_grad=False`` are skipped and not numbered.
         zo_eps: perturbation scale ε.
         num_queries: random directions per step (each its own ``query`` slot).
@@ -127,6 +139,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     estimators: ClassVar[tuple[str, ...]] = ESTIMATORS
     #: names of the extra per-query scalars :meth:`apply_update` accepts, and whether each is required
     extra_scalars: ClassVar[dict[str, bool]] = {}
+    #: extra scalars that are sums over examples: summed (not averaged) across micro-batches and ranks
+    summed_extras: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -203,6 +217,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Extra per-query scalars [q] this algorithm derives from the probe losses."""
         return {}
 
+    def _settings(self) -> dict[str, Any]:
+        """Constructor-level (not per-group) settings, written into ``state_dict()["zo"]["settings"]``."""
+        return {}
+
+    def _runtime_state(self) -> dict[str, Any]:
+        """Attributes a user may change between steps that a resume must restore (Python scalars)."""
+        return {}
+
+    def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
+        """Restore what :meth:`_runtime_state` saved (missing keys: older state dicts, keep the current value)."""
+
+    def _prepare(self) -> None:
+        """Validate per-tensor settings of every group before the first pass of a step.
+
+        Anything that can fail must fail here, while no weight is perturbed yet.
+        """
+
     def _apply(
         self,
         group: dict[str, Any],
@@ -277,11 +308,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         with torch.no_grad():
             loss = None
-            if closure is not None:
-                loss = self._estimate(closure, keep_perturbed=True)
-            elif self._acc is None:
+            if closure is None and self._acc is None:
                 raise TypeError(_CLOSURE_HELP.format(name=type(self).__name__))
-            self._apply_pending()
+            # From the first perturbation until the fused update has run, any error (a bad
+            # closure output, a mismatched micro-batch, an interrupted all-reduce, ...) restores
+            # the weights before it propagates.
+            try:
+                if closure is not None:
+                    loss = self._estimate(closure, keep_perturbed=True)
+                self._apply_pending()
+            except BaseException:
+                self._perturbation.restore()
+                raise
         return loss
 
     def take_estimate(self) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
@@ -323,6 +361,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         extras = {k: self._as_scalars(k, v, device) for k, v in extra_scalars.items() if v is not None}
         self._refresh_layout()
         self._ensure_state()
+        self._prepare()
         self._update(seed, grads, extras, restore=(0.0, 0))
         self._t += 1
 
@@ -345,6 +384,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             "num_queries": self.num_queries,
             "estimator": self.estimator,
             "distribution": self.distribution,
+            # constructor-level settings of the subclass, recorded for information (like zo_eps)
+            "settings": self._settings(),
+            # runtime flags that change the next steps; restored by load_state_dict
+            "runtime": self._runtime_state(),
         }
         return sd
 
@@ -380,9 +423,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = int(zo["base_seed"])
         self._t = int(zo["step"])
         self.skipped_steps = int(zo["skipped_steps"])
+        self._load_runtime_state(zo.get("runtime", {}))
         self._seed_synced = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # (name, tensor) pairs become "params" + "param_names" here rather than in torch, whose
+        # Optimizer learned named_parameters() only in 2.6 (pytorch/pytorch#134107); this keeps
+        # torch >= 2.4 working and gives the same groups as torch's own handling.
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, set)):
+            items = list(param_group["params"])
+            named = [isinstance(it, tuple) for it in items]
+            if any(named):
+                if not all(named):
+                    raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+                param_group = {**param_group, "params": [t for _, t in items], "param_names": [n for n, _ in items]}
+            else:
+                param_group = {**param_group, "params": items}
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
@@ -434,15 +490,34 @@ class ZOOptimizer(torch.optim.Optimizer):
                 ps.append(p)
                 ids.append(self._tensor_ids[id(p)])
             chunks = list(by_device.values())
-        for ps, ids in chunks:
-            precond = None if self.precond_buffer is None else [self.state[p][self.precond_buffer] for p in ps]
-            ops.perturb_(ps, ids, seed, scale, query=query, distribution=self.distribution, precond=precond,
-                         rounding="nearest", backend=self.backend)
+        done: list[tuple[list[torch.Tensor], list[int]]] = []
+        try:
+            for ps, ids in chunks:
+                self._perturb_chunk(ps, ids, seed, query, scale)
+                done.append((ps, ids))
+        except BaseException:
+            # a later chunk failed: take back the chunks already moved, so the pass is all or nothing
+            for ps, ids in reversed(done):
+                self._perturb_chunk(ps, ids, seed, query, -scale)
+            raise
 
-    def _call_closure(self, closure: Closure, device: torch.device) -> torch.Tensor:
+    def _perturb_chunk(self, ps: list[torch.Tensor], ids: list[int], seed: int, query: int, scale: float) -> None:
+        precond = None if self.precond_buffer is None else [self.state[p][self.precond_buffer] for p in ps]
+        ops.perturb_(ps, ids, seed, scale, query=query, distribution=self.distribution, precond=precond,
+                     rounding="nearest", backend=self.backend)
+
+    def _check_backends(self) -> None:
+        """Resolve the backend of every (group, device) chunk now, so an unusable one fails before any pass."""
+        for _, ps, _ in self._chunks():
+            dtypes = [p.dtype for p in ps] + ([torch.float32] if self.precond_buffer is not None else [])
+            ops.resolve_backend(self.backend, ps[0].device, dtypes)
+
+    def _call_closure(self, closure: Closure, device: torch.device, probes: Probes) -> torch.Tensor:
+        """The closure's loss as a 1-D float32 vector; records in ``probes`` whether it was per-example (1-D)."""
         with torch.no_grad():
             loss = closure()
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float32, device=device)
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
             raise TypeError(
@@ -451,6 +526,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         if loss.dim() > 1:
             raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; return a scalar or [B] vector")
+        if loss.numel() == 0:
+            raise ValueError(
+                "the closure returned an empty loss vector (shape (0,)); return a scalar or a non-empty [B] vector "
+                "(an empty micro-batch must not be passed to the optimizer)"
+            )
+        probes.per_example.append(loss.dim() == 1)
         return loss.detach().reshape(-1).to(device=device, dtype=torch.float32)
 
     def _estimate(self, closure: Closure, keep_perturbed: bool) -> torch.Tensor:
@@ -461,6 +542,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._sync_seed()
         self._refresh_layout()
         self._ensure_state()
+        self._check_backends()
+        self._prepare()
         device = self._trainable()[0].device
         seed = self.current_seed
         pert = self._perturbation
@@ -468,33 +551,38 @@ class ZOOptimizer(torch.optim.Optimizer):
             pert.passes = 0
         eps = self.zo_eps
         probes = Probes(self.estimator, eps)
+        distributed = _distributed.world_size() > 1
         try:
             if self.needs_center_loss or self.estimator == "forward":
-                probes.center = self._call_closure(closure, device)
+                probes.center = self._call_closure(closure, device, probes)
             for k in range(self.num_queries):
                 pert.move_to(seed, k, eps)
-                probes.plus.append(self._call_closure(closure, device))
+                probes.plus.append(self._call_closure(closure, device, probes))
                 if self.estimator == "central":
                     pert.move_to(seed, k, -eps)
-                    probes.minus.append(self._call_closure(closure, device))
-            all_losses = torch.cat(probes.all_losses())
-            finite = bool(torch.isfinite(all_losses).all())  # the one host sync of a step
+                    probes.minus.append(self._call_closure(closure, device, probes))
+            grads = probes.projected_grads()
+            extras = self._extras_from_probes(probes)
+            # the one host sync of a step: losses and every scalar derived from them (an overflowing
+            # curvature is as unusable as a NaN loss)
+            checked = torch.cat([*probes.all_losses(), grads, *extras.values()])
+            finite = bool(torch.isfinite(checked).all())
+            if not finite or not keep_perturbed:
+                pert.restore()
+            # in data parallel every rank must reach the all-reduce: the flag travels with the
+            # scalars and all ranks raise (or skip) together in _apply_pending
+            if not finite and self.on_nonfinite == "raise" and not distributed:
+                self._acc = None
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: the closure returned a non-finite loss at step {self._t}; weights "
+                    "restored (use on_nonfinite='skip' to skip such steps)"
+                )
+            if self._acc is None:
+                self._acc = Accumulator(self.summed_extras)
+            self._acc.add(grads, extras, nonfinite=not finite)
         except BaseException:
             pert.restore()
             raise
-        if not finite or not keep_perturbed:
-            pert.restore()
-        if not finite and self.on_nonfinite == "raise":
-            self._acc = None
-            raise NonFiniteLossError(
-                f"{type(self).__name__}: the closure returned a non-finite loss at step {self._t}; weights restored "
-                "(use on_nonfinite='skip' to skip such steps)"
-            )
-        grads = probes.projected_grads()
-        extras = self._extras_from_probes(probes)
-        if self._acc is None:
-            self._acc = Accumulator()
-        self._acc.add(grads, extras, nonfinite=not finite)
         return probes.loss()
 
     def _apply_pending(self) -> None:
@@ -503,24 +591,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         grads, extras = acc.mean()
         seed = self.current_seed
         nonfinite = acc.nonfinite
-        if _distributed.world_size() > 1:
+        n = _distributed.world_size()
+        if n > 1:
+            # one all-reduce (SUM) for everything; averaged scalars are divided by n afterwards
             names = sorted(extras)
             flag = torch.tensor([1.0 if nonfinite else 0.0], dtype=torch.float32, device=grads.device)
-            packed = _distributed.mean_across_ranks(torch.cat([grads, *(extras[k] for k in names), flag]))
+            packed = _distributed.sum_across_ranks(torch.cat([grads, *(extras[k] for k in names), flag]))
             q = grads.numel()
-            grads = packed[:q]
-            extras = {k: packed[q * (i + 1): q * (i + 2)] for i, k in enumerate(names)}
+            grads = packed[:q] / n
+            extras = {
+                k: packed[q * (i + 1): q * (i + 2)] if k in self.summed_extras else packed[q * (i + 1): q * (i + 2)] / n
+                for i, k in enumerate(names)
+            }
             nonfinite = bool(packed[-1] > 0)
         if nonfinite:
             self._perturbation.restore()
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: a closure returned a non-finite loss at step {self._t} (on some rank); "
+                    "weights restored (use on_nonfinite='skip' to skip such steps)"
+                )
             self.skipped_steps += 1
             self._t += 1
             return
-        try:
-            self._update(seed, grads, extras, restore=self._perturbation.pending_restore())
-        except BaseException:
-            self._perturbation.restore()
-            raise
+        self._update(seed, grads, extras, restore=self._perturbation.pending_restore())
         self._perturbation.mark_restored()
         self._t += 1
 
@@ -536,10 +630,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         restore_scale, restore_query = restore
         op_kwargs = dict(restore_scale=restore_scale, restore_query=restore_query, distribution=self.distribution,
                          rounding=self.rounding, backend=self.backend)
-        for group, params, ids in self._chunks():
-            dev = params[0].device
-            self._apply(group, params, ids, seed, coeffs.to(dev), {k: v.to(dev) for k, v in extras.items()},
-                        self._t + 1, op_kwargs)
+        chunks = self._chunks()
+        done = 0
+        try:
+            for group, params, ids in chunks:
+                dev = params[0].device
+                self._apply(group, params, ids, seed, coeffs.to(dev), {k: v.to(dev) for k, v in extras.items()},
+                            self._t + 1, op_kwargs)
+                done += 1
+        except BaseException:
+            # chunks the fused op has processed are restored (and updated); restore only the others
+            if restore_scale != 0.0:
+                for _, params, ids in chunks[done:]:
+                    self._perturb_chunk(params, ids, seed, restore_query, restore_scale)
+                self._perturbation.mark_restored()
+            raise
 
     def _as_scalars(self, name: str, value: Any, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1)

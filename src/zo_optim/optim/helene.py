@@ -40,12 +40,20 @@ class HELENE(ZOOptimizer):
     Fine-tuning LLM with Zeroth-order Optimization", arXiv 2411.10696. Arguments:
     ``betas`` = (β1, β2), ``anneal_T`` = T, ``hessian_interval`` = k, ``gamma`` = γ,
     ``clip_lambda`` = λ, ``eps`` = δ (``zo_eps`` is the perturbation scale).
+    ``anneal_T``, ``hessian_interval`` and ``lambda_mode`` are constructor settings (one
+    per optimizer, recorded in ``state_dict()["zo"]["settings"]`` for information, not
+    loaded back): pass the same values when resuming; a callable ``clip_lambda`` is not
+    saved either.
 
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
     by-products of the two forwards and ĥ uses Σ_b g_{k,b}² (no extra forward);
-    with a scalar loss ĥ = ĝ ⊙ ĝ. With gradient accumulation (several ``estimate``
-    calls per step) the per-micro-batch sums Σ_b g_{k,b}² are averaged.
+    with a scalar loss ĥ = ĝ ⊙ ĝ. Σ_b runs over the whole batch of the step: with
+    gradient accumulation (several ``estimate`` calls per step) the per-micro-batch
+    sums are added, and in data parallel they are summed across ranks (while ĝ is
+    averaged), so ĥ does not depend on how a batch is split (2 micro-batches of 8
+    give the same h as one batch of 16). A closure that returns a 1-D vector is
+    per-example even when B = 1.
 
     λ_i: ``clip_lambda`` is a float (default 1.0: the paper's ablation found 1…3
     stable, 0.9 unstable) or a callable ``(name, param) -> float``, evaluated once per
@@ -64,8 +72,10 @@ class HELENE(ZOOptimizer):
     * Weight decay is decoupled (line 13 of Algorithm 1).
     * ``hessian_bias_correction=True`` (an option, off by default so the default is
       the paper's algorithm): h starts at 0 and, like Adam's v, is biased low for
-      its first ~1/(1−β2) refreshes, which shrinks the effective step up to 100×
-      early on. With the option the update uses h / (1 − β2ⁿ), n = refreshes so far.
+      its first ~1/(1−β2) refreshes. Where the true h exceeds λ, the too-small
+      denominator makes the early steps up to 1/(1−β2) = 100× LARGER than intended,
+      and they shrink as h warms up (where h < λ the clip hides the bias). With the
+      option the update uses h / (1 − β2ⁿ), n = refreshes so far.
       Measured (``docs/convergence.md``): MLP final test MSE/var 0.874 → 0.099,
       MiniLM head accuracy 0.650 → 0.690, MeZO's final accuracy reached in 0.65× of
       MeZO's forwards. It is applied exactly through the fused op's arguments:
@@ -78,6 +88,7 @@ class HELENE(ZOOptimizer):
 
     algorithm = "helene"
     extra_scalars: ClassVar[dict[str, bool]] = {"sq_grad_sum": False}
+    summed_extras: ClassVar[frozenset[str]] = frozenset({"sq_grad_sum"})
 
     def __init__(
         self,
@@ -122,6 +133,9 @@ class HELENE(ZOOptimizer):
                 "pass model.named_parameters() (or groups built from named parameters)"
             )
 
+    def _settings(self) -> dict[str, Any]:
+        return {"anneal_T": self.anneal_T, "hessian_interval": self.hessian_interval, "lambda_mode": self.lambda_mode}
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         _check_betas(group["betas"])
@@ -137,6 +151,11 @@ class HELENE(ZOOptimizer):
         if not probes.has_per_example():
             return {}
         return {"sq_grad_sum": probes.per_example_grads().square().sum(dim=1)}
+
+    def _prepare(self) -> None:
+        # evaluate (and validate) every λ_i now: a bad value must fail before the first pass
+        for group in self.param_groups:
+            self.clip_values(group, [p for p in group["params"] if p.requires_grad])
 
     def clip_values(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
         """λ_i of each tensor of ``group`` (after ``lambda_mode``)."""

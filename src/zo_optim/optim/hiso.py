@@ -42,6 +42,9 @@ class HiSo(ZOOptimizer):
 
     The federated wrapper freezes K within a round; set ``opt.freeze_precond =
     True`` to stop K updates entirely (``k_interval`` counts steps otherwise).
+    ``freeze_precond`` is saved by ``state_dict()`` and restored by ``load_state_dict``;
+    ``k_interval`` is a constructor setting (recorded in ``state_dict()["zo"]["settings"]``
+    for information): pass the same value when resuming.
     Passes over the weights: 2P (+μu_p, then restore; the last restore is fused
     with the update and the K update).
 
@@ -72,6 +75,16 @@ class HiSo(ZOOptimizer):
         self.freeze_precond = False
         defaults = dict(lr=lr, beta=beta, hessian_eps=hessian_eps, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"k_interval": self.k_interval}
+
+    def _runtime_state(self) -> dict[str, Any]:
+        return {"freeze_precond": bool(self.freeze_precond)}
+
+    def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
+        if "freeze_precond" in runtime:
+            self.freeze_precond = bool(runtime["freeze_precond"])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
