@@ -244,9 +244,7 @@ def precond_sgd_update_(params, tensor_ids, seed, coeffs, *, lr, precond, rule, 
                         restore_query=0, distribution="gaussian", rounding="nearest", rounding_slot=0,
                         backend="auto") -> None:
     """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
-    _checks.check_choice("rule", rule, ("hizoo", "hiso"))
-    if rule == "hizoo" and update_precond and precond_coeffs is None:
-        raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
+    _checks.check_precond_rule(rule, update_precond, precond_coeffs)
     _dispatch(
         "precond_sgd_update_", params, tensor_ids, backend, {"precond": precond},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), rule=rule, update_precond=bool(update_precond),

@@ -81,6 +81,13 @@ def check_u32(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (an int in [0, 2**32))")
 
 
+def check_precond_rule(rule: str, update_precond: bool, precond_coeffs: object) -> None:
+    """The preconditioner rule of ``precond_sgd_update_``, and HiZOO's curvature scalars when Σ updates."""
+    check_choice("rule", rule, ("hizoo", "hiso"))
+    if rule == "hizoo" and update_precond and precond_coeffs is None:
+        raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import rng
+from ._checks import check_precond_rule
 
 Tensors = Sequence[torch.Tensor]
 
@@ -212,8 +213,7 @@ def precond_sgd_update_(
     ``precond_decay``/``precond_rate`` are passed separately (not rate = 1 − decay)
     so a rate of 1e-8 survives float32.
     """
-    if rule not in ("hizoo", "hiso"):
-        raise ValueError(f"Invalid preconditioner rule: {rule!r}")
+    check_precond_rule(rule, update_precond, precond_coeffs)
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         dirs, theta, g = _prologue(
             seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype

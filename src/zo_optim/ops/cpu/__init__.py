@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ... import rng
+from .._checks import check_precond_rule
 from . import _kernels
 from ._numerics import BF16, F16, F32
 
@@ -244,11 +245,8 @@ def precond_sgd_update_(
     rounding_slot: int = 0,
 ) -> None:
     """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
-    if rule not in ("hizoo", "hiso"):
-        raise ValueError(f"Invalid preconditioner rule: {rule!r}")
+    check_precond_rule(rule, update_precond, precond_coeffs)
     hizoo_update = update_precond and rule == "hizoo"
-    if hizoo_update and precond_coeffs is None:
-        raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     restore, rscale, rq = _restore(restore_scale, restore_query)
     table, blocks = _table(params, tensor_ids, precond)

@@ -35,6 +35,7 @@ import torch
 import triton.language as tl
 
 from ... import rng
+from .._checks import check_precond_rule
 from . import kernels
 
 Tensors = Sequence[torch.Tensor]
@@ -351,11 +352,8 @@ def precond_sgd_update_(
     rounding_slot: int = 0,
 ) -> None:
     """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
-    if rule not in ("hizoo", "hiso"):
-        raise ValueError(f"Invalid preconditioner rule: {rule!r}")
+    check_precond_rule(rule, update_precond, precond_coeffs)
     hizoo = rule == "hizoo"
-    if hizoo and update_precond and precond_coeffs is None:
-        raise ValueError("rule='hizoo' needs precond_coeffs (the per-query curvature scalars) to update Σ")
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
     rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
