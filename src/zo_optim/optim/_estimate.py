@@ -5,8 +5,11 @@ For query :math:`k` with direction :math:`u_k` and scale :math:`\epsilon`:
 * central:  :math:`g_k = (L(\theta+\epsilon u_k) - L(\theta-\epsilon u_k)) / 2\epsilon`
 * forward:  :math:`g_k = (L(\theta+\epsilon u_k) - L(\theta)) / \epsilon`
 
-Losses are 1-D float32 tensors (a scalar loss is a vector of length 1; a
-closure may return a ``[B]`` vector of per-example losses). Whether the losses
+Losses are 1-D tensors (a scalar loss is a vector of length 1; a closure may
+return a ``[B]`` vector of per-example losses) in float32, or float64 when the
+closure returned float64: loss differences are taken in the loss's precision, so
+``1000 + ||w - c||^2`` with ε = 1e-6 keeps its signal (float32 would round the
+difference of two losses near 1000 to 0). Whether the losses
 are per-example is decided by the closure's output rank, not by its length: a
 1-D output is per-example even when B = 1 (the last, short micro-batch of an
 epoch), so every micro-batch and every rank produces the same kinds of scalars.
@@ -61,33 +64,41 @@ class Probes:
 
 
 class Accumulator:
-    """Running sums of the scalars of several estimates of one step (gradient accumulation).
+    """Weighted running sums of the scalars of several estimates of one step (gradient accumulation).
 
-    ``mean`` averages the projected gradients and the extras over the estimates,
-    except the extras named in ``summed`` (sums over examples, e.g. HELENE's
-    Σ_b g_b², which must not depend on how a batch is split), which stay summed.
+    Each estimate carries a weight w (default 1, e.g. a micro-batch's token count);
+    :meth:`mean` is the weighted mean Σ w·g / Σ w of the projected gradients and of
+    the averaged extras. The extras named in ``summed`` (sums over examples, e.g.
+    HELENE's Σ_b g_b², which must not depend on how a batch is split) are summed
+    unweighted. All estimates of one step share one seed. Sums are kept in the
+    scalars' dtype (float32, or float64 for float64 losses).
     """
 
-    def __init__(self, summed: frozenset[str] = frozenset()) -> None:
+    def __init__(self, seed: int, summed: frozenset[str] = frozenset()) -> None:
+        self.seed = seed
         self.summed = summed
         self.count = 0
-        self.grads: torch.Tensor | None = None
-        self.extras: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.grads: torch.Tensor | None = None  # Σ w·g
+        self.extras: dict[str, torch.Tensor] = {}  # Σ w·x (Σ x for summed extras)
         self.nonfinite = False
 
-    def add(self, grads: torch.Tensor, extras: dict[str, torch.Tensor], nonfinite: bool) -> None:
+    def add(self, grads: torch.Tensor, extras: dict[str, torch.Tensor], nonfinite: bool, weight: float = 1.0) -> None:
         if self.count and set(extras) != set(self.extras):
             raise ValueError(
                 f"micro-batches of one step produced different scalars ({sorted(extras)} vs {sorted(self.extras)}); "
                 "return the same kind of loss (scalar or per-example vector) from every closure"
             )
         self.nonfinite |= nonfinite
-        self.grads = grads if self.grads is None else self.grads + grads
-        self.extras = {k: v if k not in self.extras else self.extras[k] + v for k, v in extras.items()}
+        wg = grads * weight
+        self.grads = wg if self.grads is None else self.grads + wg
+        weighted = {k: v if k in self.summed else v * weight for k, v in extras.items()}
+        self.extras = {k: v if k not in self.extras else self.extras[k] + v for k, v in weighted.items()}
+        self.weight += weight
         self.count += 1
 
     def mean(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert self.grads is not None and self.count > 0
-        return self.grads / self.count, {
-            k: v if k in self.summed else v / self.count for k, v in self.extras.items()
+        return self.grads / self.weight, {
+            k: v if k in self.summed else v / self.weight for k, v in self.extras.items()
         }

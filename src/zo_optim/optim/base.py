@@ -50,9 +50,12 @@ processed (those it processed are restored and updated).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import random
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -104,6 +107,26 @@ def _check_betas(betas: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, choices))})")
+
+
+def _as_seed(value: Any) -> int:
+    """A uint64 seed from an int-like value (Python or NumPy integer), else ValueError."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        seed = int(value)
+        if 0 <= seed < 2**64:
+            return seed
+    raise ValueError(f"Invalid seed: {value!r} (an int in [0, 2**64))")
+
+
+def _as_weight(value: Any) -> float:
+    """A micro-batch weight: a positive finite number (a one-element tensor is read on the host)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        w = float(value)
+        if math.isfinite(w) and w > 0.0:
+            return w
+    raise ValueError(f"Invalid weight: {value!r} (a positive finite number, e.g. the micro-batch's token count)")
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -168,10 +191,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         _check_choice("on_nonfinite", on_nonfinite, NONFINITE)
         _check_choice("perturbation", perturbation, PERTURBATIONS)
         _check_choice("rounding", rounding, ROUNDINGS)
-        if seed is None:
-            seed = random.getrandbits(64)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**64))")
+        seed = random.getrandbits(64) if seed is None else _as_seed(seed)
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors or dicts, got a single Tensor; pass [tensor]")
         self.zo_eps = float(zo_eps)
@@ -190,6 +210,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._seed_synced = False
         self._acc: Accumulator | None = None
         self._tensor_ids: dict[int, int] = {}
+        # held while a step is in flight (estimate, step, apply_update, state-dict calls): a second call from
+        # the closure or from another thread is refused instead of moving weights under the running step
+        self._in_flight = threading.Lock()
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -291,31 +314,65 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._transient.detach()
         self._perturbation = self._inplace
 
+    @property
+    def pending_seed(self) -> int | None:
+        """The seed of the pending (accumulated, not yet applied) estimate; None when nothing is pending."""
+        return None if self._acc is None else self._acc.seed
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Refuse ``what`` while another call of this optimizer is in flight (re-entrant or concurrent)."""
+        if not self._in_flight.acquire(blocking=False):
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() was called while a step of this optimizer is in flight (from "
+                "inside the closure, or from another thread); the optimizer is not re-entrant: call it only "
+                "after estimate()/step() have returned"
+            )
+        try:
+            yield
+        finally:
+            self._in_flight.release()
+
     @torch.no_grad()
-    def estimate(self, closure: Closure) -> torch.Tensor:
-        """Run the forwards of the current step and accumulate its projected gradients.
+    def estimate(self, closure: Closure, *, seed: int | None = None, weight: Any = None) -> torch.Tensor:
+        """Run the forwards of one step and accumulate its projected gradients.
 
-        Repeated calls before :meth:`step` average (gradient accumulation). The
-        weights are restored when it returns. Returns the loss estimate of L(θ)
-        (a 0-d tensor on the parameters' device).
+        Repeated calls before :meth:`step` accumulate a weighted mean (gradient
+        accumulation); the weights are restored when it returns. Returns the loss
+        estimate of L(θ) (a 0-d tensor on the parameters' device).
+
+        Args:
+            closure: returns the loss (scalar or ``[B]`` per-example vector).
+            seed: the step seed (uint64) to measure with, instead of
+                ``current_seed`` (federated rounds: ``rng.round_seed(...)``);
+                :meth:`step` then applies with it. Every estimate of one
+                accumulation must use the same seed.
+            weight: this micro-batch's weight in the mean (a positive finite
+                number, default 1; e.g. its token count). The accumulated scalar
+                is Σ w·g / Σ w, across micro-batches and, in data parallel, ranks.
         """
-        return self._estimate(closure, keep_perturbed=False)
+        with self._exclusive("estimate"):
+            return self._estimate(closure, keep_perturbed=False, seed=seed, weight=weight)
 
-    def step(self, closure: Closure | None = None) -> torch.Tensor | None:  # type: ignore[override]
-        """One ZO step: ``estimate(closure)`` (if given) then apply the accumulated estimate.
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, seed: int | None = None, weight: Any = None
+    ) -> torch.Tensor | None:
+        """One ZO step: ``estimate(closure, seed=seed, weight=weight)`` (if given), then apply the estimate.
 
         Returns the loss estimate of this call's closure (None without closure).
         """
-        with torch.no_grad():
+        with self._exclusive("step"), torch.no_grad():
             loss = None
             if closure is None and self._acc is None:
                 raise TypeError(_CLOSURE_HELP.format(name=type(self).__name__))
+            if closure is None and (seed is not None or weight is not None):
+                raise TypeError("seed= and weight= describe the closure's estimate; pass them with a closure")
             # From the first perturbation until the fused update has run, any error (a bad
             # closure output, a mismatched micro-batch, an interrupted all-reduce, ...) restores
             # the weights before it propagates.
             try:
                 if closure is not None:
-                    loss = self._estimate(closure, keep_perturbed=True)
+                    loss = self._estimate(closure, keep_perturbed=True, seed=seed, weight=weight)
                 self._apply_pending()
             except BaseException:
                 self._perturbation.restore()
@@ -328,11 +385,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         The step counter does not move; apply an aggregated version later with
         :meth:`apply_update` (federated clients build on this).
         """
-        if self._acc is None:
-            raise RuntimeError("no pending estimate: call estimate(closure) first")
-        grads, extras = self._acc.mean()
-        self._acc = None
-        return self.current_seed, grads, extras
+        with self._exclusive("take_estimate"):
+            if self._acc is None:
+                raise RuntimeError("no pending estimate: call estimate(closure) first")
+            grads, extras = self._acc.mean()
+            seed = self._acc.seed
+            self._acc = None
+            return seed, grads, extras
 
     @torch.no_grad()
     def apply_update(self, seed: int, projected_grads: torch.Tensor | Iterable[float], **extra_scalars: Any) -> None:
@@ -344,10 +403,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         State advances exactly as in :meth:`step` (the step counter included), so
         a replica that replays the (seed, scalars) of a run reproduces it.
         """
+        with self._exclusive("apply_update"):
+            self._apply_update(seed, projected_grads, extra_scalars)
+
+    def _apply_update(self, seed: Any, projected_grads: Any, extra_scalars: dict[str, Any]) -> None:
         if self._acc is not None:
             raise RuntimeError("an estimate is pending; apply it with step() or drop it with take_estimate() first")
-        if not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**64))")
+        seed = _as_seed(seed)
         unknown = set(extra_scalars) - set(self.extra_scalars)
         missing = {k for k, req in self.extra_scalars.items() if req and k not in extra_scalars}
         if unknown or missing:
@@ -372,6 +434,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         return sum(v.numel() * v.element_size() for v in tensors)
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state (tensors and Python scalars only; loadable with ``weights_only=True``).
+
+        Refused while an estimate is pending (``estimate()`` called, ``step()`` not yet): the
+        pending scalars belong to a step that has not happened, so a checkpoint is taken
+        after ``step()`` (as ``transformers.Trainer`` does) or after ``take_estimate()``.
+        """
+        with self._exclusive("state_dict"):
+            if self._acc is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.state_dict() was called while an estimate is pending (estimate() without "
+                    "step()); apply it with step() (or drop it with take_estimate()) before saving"
+                )
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         self._ensure_state()
         sd = super().state_dict()
         sd["zo"] = {
@@ -392,6 +469,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with self._exclusive("load_state_dict"):
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         zo = state_dict.get("zo")
         if not isinstance(zo, dict):
             raise ValueError(
@@ -439,8 +520,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                 param_group = {**param_group, "params": [t for _, t in items], "param_names": [n for n, _ in items]}
             else:
                 param_group = {**param_group, "params": items}
-        super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        with self._exclusive("add_param_group"):
+            super().add_param_group(param_group)
+            try:
+                self._check_group(self.param_groups[-1])
+            except BaseException:
+                self.param_groups.pop()  # a refused group is not kept
+                raise
 
     # ------------------------------------------------------------------ internals
 
@@ -513,12 +599,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             ops.resolve_backend(self.backend, ps[0].device, dtypes)
 
     def _call_closure(self, closure: Closure, device: torch.device, probes: Probes) -> torch.Tensor:
-        """The closure's loss as a 1-D float32 vector; records in ``probes`` whether it was per-example (1-D)."""
+        """The closure's loss as a 1-D vector; records in ``probes`` whether it was per-example (1-D).
+
+        float64 losses (and Python floats, which are doubles) stay float64 so that loss
+        differences keep their precision; every other floating dtype becomes float32.
+        """
         with torch.no_grad():
             loss = closure()
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             probes.per_example.append(False)
-            return torch.tensor([float(loss)], dtype=torch.float32, device=device)
+            return torch.tensor([float(loss)], dtype=torch.float64, device=device)
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
             raise TypeError(
                 "the closure must return the loss as a float tensor (scalar or [B] per-example), "
@@ -532,20 +622,27 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "(an empty micro-batch must not be passed to the optimizer)"
             )
         probes.per_example.append(loss.dim() == 1)
-        return loss.detach().reshape(-1).to(device=device, dtype=torch.float32)
+        dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+        return loss.detach().reshape(-1).to(device=device, dtype=dtype)
 
-    def _estimate(self, closure: Closure, keep_perturbed: bool) -> torch.Tensor:
+    def _estimate(self, closure: Closure, keep_perturbed: bool, seed: Any = None, weight: Any = None) -> torch.Tensor:
         if closure is None or not callable(closure):
             raise TypeError(_CLOSURE_HELP.format(name=type(self).__name__))
         if self._perturbation is self._transient and not self._transient.attached:
             raise RuntimeError("perturbation='transient' needs the model: call opt.attach(model) or pass module=model")
+        w = 1.0 if weight is None else _as_weight(weight)
         self._sync_seed()
+        seed = self.current_seed if seed is None else _as_seed(seed)
+        if self._acc is not None and seed != self._acc.seed:
+            raise ValueError(
+                f"estimate(seed={seed}) does not match the pending estimate's seed {self._acc.seed}: every "
+                "micro-batch of one step must use the same seed; call step() (or take_estimate()) first"
+            )
         self._refresh_layout()
         self._ensure_state()
         self._check_backends()
         self._prepare()
         device = self._trainable()[0].device
-        seed = self.current_seed
         pert = self._perturbation
         if self._acc is None:
             pert.passes = 0
@@ -561,8 +658,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if self.estimator == "central":
                     pert.move_to(seed, k, -eps)
                     probes.minus.append(self._call_closure(closure, device, probes))
-            grads = probes.projected_grads()
-            extras = self._extras_from_probes(probes)
+            # the scalars are formed in the losses' dtype, then kept (and sent) as float32
+            grads = probes.projected_grads().float()
+            extras = {k: v.float() for k, v in self._extras_from_probes(probes).items()}
             # the one host sync of a step: losses and every scalar derived from them (an overflowing
             # curvature is as unusable as a NaN loss)
             checked = torch.cat([*probes.all_losses(), grads, *extras.values()])
@@ -578,8 +676,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     "restored (use on_nonfinite='skip' to skip such steps)"
                 )
             if self._acc is None:
-                self._acc = Accumulator(self.summed_extras)
-            self._acc.add(grads, extras, nonfinite=not finite)
+                self._acc = Accumulator(seed, self.summed_extras)
+            self._acc.add(grads, extras, nonfinite=not finite, weight=w)
         except BaseException:
             pert.restore()
             raise
@@ -587,23 +685,24 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _apply_pending(self) -> None:
         acc, self._acc = self._acc, None
-        assert acc is not None
-        grads, extras = acc.mean()
-        seed = self.current_seed
+        assert acc is not None and acc.grads is not None
+        seed = acc.seed
         nonfinite = acc.nonfinite
-        n = _distributed.world_size()
-        if n > 1:
-            # one all-reduce (SUM) for everything; averaged scalars are divided by n afterwards
-            names = sorted(extras)
-            flag = torch.tensor([1.0 if nonfinite else 0.0], dtype=torch.float32, device=grads.device)
-            packed = _distributed.sum_across_ranks(torch.cat([grads, *(extras[k] for k in names), flag]))
-            q = grads.numel()
-            grads = packed[:q] / n
-            extras = {
-                k: packed[q * (i + 1): q * (i + 2)] if k in self.summed_extras else packed[q * (i + 1): q * (i + 2)] / n
-                for i, k in enumerate(names)
-            }
+        if _distributed.world_size() > 1:
+            # one all-reduce (SUM) of the weighted sums Σ w·g, Σ w·x (Σ x for summed extras), Σ w and the
+            # non-finite flag: the mean is weighted across micro-batches AND ranks
+            names = sorted(acc.extras)
+            device = acc.grads.device
+            tail = torch.tensor([acc.weight, 1.0 if nonfinite else 0.0], dtype=torch.float32, device=device)
+            packed = _distributed.sum_across_ranks(torch.cat([acc.grads, *(acc.extras[k] for k in names), tail]))
+            q = acc.grads.numel()
+            total = packed[-2]
+            grads = packed[:q] / total
+            sums = {k: packed[q * (i + 1): q * (i + 2)] for i, k in enumerate(names)}
+            extras = {k: v if k in self.summed_extras else v / total for k, v in sums.items()}
             nonfinite = bool(packed[-1] > 0)
+        else:
+            grads, extras = acc.mean()
         if nonfinite:
             self._perturbation.restore()
             if self.on_nonfinite == "raise":
