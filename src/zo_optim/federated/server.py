@@ -291,6 +291,14 @@ class Server:
             self._record.bytes_down += n
             self._record.snapshot_bytes += snap
 
+    def set_position(self, client_id: int, position: int) -> None:
+        """Record that ``client_id`` has applied ``position`` rounds (an engine that delivers every entry itself)."""
+        if client_id not in self._positions:
+            raise KeyError(f"unknown client {client_id}")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"Invalid position: {position} (in 0..{self.position})")
+        self._positions[client_id] = position
+
     def eligible(self) -> list[int]:
         """Clients that may be sampled now: every client that owes no reply."""
         return [c for c in self._positions if c not in self._owes]
@@ -352,7 +360,9 @@ class Server:
             try:
                 msg: Message = decode(reply)
             except ProtocolError as e:
-                return self._reject("malformed", None, str(e))
+                reason = "version" if reply.get("zo_fed") != PROTOCOL_VERSION else "malformed"
+                cid = reply.get("client_id")
+                return self._reject(reason, cid if isinstance(cid, int) else None, str(e))
             if not isinstance(msg, Reply):
                 return self._reject("malformed", None, f"expected a reply, got a {msg.kind}")
             reply = msg
