@@ -1,0 +1,234 @@
+"""The client side: :class:`FederatedWrapper` turns any zo-optim optimizer into a federated participant.
+
+``handle(task, closure)``:
+
+1. checks the task's contract (protocol version, RNG contract, algorithm, P, τ);
+2. catches up: loads the task's snapshot if its position is older than the task's
+   entries, then applies the entries it does not have (idempotent); if it still cannot
+   reach ``task.round`` it answers ``status="gap"`` with its real position (no crash);
+3. runs τ local steps with seeds ``rng.round_seed(server_seed, round, k)``, k = 1..τ:
+   ``estimate(closure(step), seed=...)`` → ``take_estimate()``; for τ > 1 each local step is
+   applied locally (``apply_update``, HiSo's K frozen) so the next one measures at the
+   moved weights, and afterwards weights and optimizer state are copied back from a CPU
+   copy taken before step 1 (bit-exact);
+4. replies with the τ·P float32 scalars per stream and its position.
+
+Exactness of the scalars' side effects: ``estimate`` with in-place perturbation leaves
+float32 weights a few ulp off, so the wrapper either uses transient perturbation
+(``exact="transient"``: ``opt.attach(model)``; the stored weights are never perturbed) or
+copies the weights back from the CPU copy after the forwards (``exact="restore"``, one
+weights-sized CPU buffer, the default when no model is given). Either way a client that
+computed is bit-identical to a replica that only replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .. import rng
+from ..optim.base import ZOOptimizer
+from .protocol import PROTOCOL_VERSION, Hello, ProtocolError, Reply, Task, Welcome, pack_scalars
+from .replica import GapError, Replica, config_digest
+
+__all__ = ["FederatedWrapper", "StepClosure"]
+
+#: ``closure(step) -> loss``: the client's loss on its batch number ``step`` (a client-local counter of local
+#: steps). It is called several times per step (one per forward of the estimate) with the same ``step``, and must
+#: use the same batch each time.
+StepClosure = Callable[[int], Any]
+
+EXACT_MODES = ("transient", "restore")
+
+
+class FederatedWrapper:
+    """A federated participant around ``optimizer``.
+
+    Args:
+        optimizer: any zo-optim optimizer (MeZO, ZOAdam, HiZOO, HELENE, HiSo).
+        local_steps: τ, local steps per round (must match the server's).
+        client_id: this client's id (a uint64; Flower's node id fits).
+        model: the model that owns the optimizer's parameters; with it the wrapper uses
+            transient perturbation (``opt.attach(model)``) unless ``exact="restore"``.
+        exact: ``"transient"`` or ``"restore"`` (see the module docstring); default
+            ``"transient"`` when the optimizer is already transient or ``model`` is given.
+        extras: optional extra streams to send (HELENE's ``"sq_grad_sum"`` needs per-example losses).
+    """
+
+    def __init__(
+        self,
+        optimizer: ZOOptimizer,
+        local_steps: int = 1,
+        *,
+        client_id: int = 0,
+        model: torch.nn.Module | None = None,
+        exact: str | None = None,
+        extras: Iterable[str] = (),
+    ) -> None:
+        if exact is None:
+            exact = "transient" if (model is not None or optimizer.perturbation == "transient") else "restore"
+        if exact not in EXACT_MODES:
+            raise ValueError(f"Invalid exact: {exact!r} (choose from 'transient', 'restore')")
+        if not isinstance(client_id, int) or isinstance(client_id, bool) or not 0 <= client_id < 2**64:
+            raise ValueError(f"Invalid client_id: {client_id!r} (an int in [0, 2**64))")
+        if exact == "transient" and optimizer.perturbation != "transient":
+            if model is None:
+                raise ValueError("exact='transient' needs the model (model=...) or an optimizer already attached")
+            optimizer.attach(model)
+        self.replica = Replica(optimizer, local_steps=local_steps, extras=extras)
+        self.optimizer = optimizer
+        self.client_id = client_id
+        self.exact = exact
+        self.local_step_counter = 0
+        self.gaps = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def local_steps(self) -> int:
+        return self.replica.local_steps
+
+    @property
+    def position(self) -> int:
+        """Rounds applied (0 .. position-1)."""
+        return self.replica.position
+
+    def checksum(self) -> str:
+        return self.replica.checksum()
+
+    def hello(self) -> Hello:
+        """The handshake message announcing this client's contract."""
+        opt = self.optimizer
+        return Hello(client_id=self.client_id, algorithm=opt.algorithm, rng_version=rng.RNG_VERSION,
+                     num_queries=opt.num_queries, local_steps=self.local_steps, config_digest=config_digest(opt),
+                     position=self.position)
+
+    def welcome(self, msg: Welcome) -> None:
+        """Take the server's answer to :meth:`hello`: the server seed; raise if refused."""
+        if not msg.accepted:
+            raise ProtocolError(f"the server refused client {self.client_id}: {msg.reason}")
+        self.replica.server_seed = msg.server_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position, server seed, counters, weights and optimizer state (for engines that restart clients)."""
+        snap = self.replica.snapshot()
+        return {"position": self.position, "server_seed": self.replica.server_seed,
+                "local_step_counter": self.local_step_counter, "snapshot": snap.payload}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .protocol import Snapshot
+
+        self.replica.load_snapshot(Snapshot(int(state["position"]), state["snapshot"]))
+        self.replica.snapshot_loads -= 1  # a restart, not a catch-up
+        self.replica.server_seed = state["server_seed"]
+        self.local_step_counter = int(state["local_step_counter"])
+
+    # ------------------------------------------------------------------ protocol
+
+    def _check_task(self, task: Task) -> None:
+        opt = self.optimizer
+        wrong = []
+        if task.version != PROTOCOL_VERSION:
+            wrong.append(f"protocol version {task.version} (ours {PROTOCOL_VERSION})")
+        if task.rng_version != rng.RNG_VERSION:
+            wrong.append(f"RNG contract {task.rng_version!r} (ours {rng.RNG_VERSION!r})")
+        if task.algorithm != opt.algorithm:
+            wrong.append(f"algorithm {task.algorithm!r} (ours {opt.algorithm!r})")
+        if task.num_queries != opt.num_queries:
+            wrong.append(f"num_queries {task.num_queries} (ours {opt.num_queries})")
+        if task.local_steps != self.local_steps:
+            wrong.append(f"local_steps {task.local_steps} (ours {self.local_steps})")
+        if task.client_id != self.client_id:
+            wrong.append(f"client id {task.client_id} (ours {self.client_id})")
+        if wrong:
+            raise ProtocolError("task refused: " + "; ".join(wrong))
+        if self.replica.server_seed is None:
+            self.replica.server_seed = task.server_seed
+        elif self.replica.server_seed != task.server_seed:
+            raise ProtocolError(f"task from a federation with server seed {task.server_seed}, ours is "
+                                f"{self.replica.server_seed}")
+
+    def catch_up(self, task: Task) -> int:
+        """Apply the task's snapshot/entries this client misses; returns the position (may fall short: a gap)."""
+        self._check_task(task)
+        rep = self.replica
+        if task.snapshot is not None and rep.position < task.log_start and task.snapshot.position <= task.round:
+            rep.load_snapshot(task.snapshot)
+        entries = [e for e in task.entries if e.round >= rep.position]
+        if entries and entries[0].round == rep.position:
+            try:
+                rep.apply_all(entries)
+            except GapError:  # entries not consecutive: stop where we are and report it
+                pass
+        return rep.position
+
+    def _reply(self, task: Task, status: str, **kw: Any) -> Reply:
+        return Reply(round=task.round, client_id=self.client_id, status=status, position=self.position,
+                     algorithm=self.optimizer.algorithm, rng_version=rng.RNG_VERSION, **kw)
+
+    def handle(self, task: Task, closure: StepClosure | None = None, *, n_examples: int = 1) -> Reply:
+        """Catch up, run the round's τ local steps, and reply (see the module docstring).
+
+        ``closure(step)`` returns the loss on batch ``step`` (not needed when ``task.compute`` is False).
+        """
+        position = self.catch_up(task)
+        if position != task.round:
+            self.gaps += 1
+            return self._reply(task, "gap")
+        if not task.compute:
+            return self._reply(task, "synced")
+        if closure is None:
+            raise TypeError("handle(task, closure) needs closure(step) -> loss to compute the round's scalars")
+        if not isinstance(n_examples, int) or isinstance(n_examples, bool) or n_examples < 1:
+            raise ValueError(f"Invalid n_examples: {n_examples!r} (a positive int)")
+        grads, extras, losses = self.compute(task.round, closure, streams=tuple(task.streams.split(","))
+                                             if task.streams else ())
+        return self._reply(task, "ok", n_examples=n_examples, loss=float(sum(losses) / len(losses)),
+                           scalars=pack_scalars(grads), extras=tuple((n, pack_scalars(v)) for n, v in extras.items()))
+
+    def compute(
+        self, round_idx: int, closure: StepClosure, *, streams: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
+        """τ local steps of round ``round_idx`` at the current position; weights and state end where they began.
+
+        Returns (g [τ·P] float32, extras {name: [τ·P]}, per-step losses).
+        """
+        rep, opt = self.replica, self.optimizer
+        streams = rep.streams if streams is None else tuple(s for s in streams if s)
+        tau = self.local_steps
+        need_copy = tau > 1 or self.exact == "restore"
+        saved = rep.save_local() if need_copy else None
+        has_k = hasattr(opt, "freeze_precond")
+        user_freeze = bool(getattr(opt, "freeze_precond", False))
+        grads: list[torch.Tensor] = []
+        extras: dict[str, list[torch.Tensor]] = {n: [] for n in streams}
+        losses: list[float] = []
+        try:
+            if has_k:
+                opt.freeze_precond = True  # K stays frozen within a round (HiSo)
+            for k in range(1, tau + 1):
+                step = self.local_step_counter
+                seed = rep.seed(round_idx, k)
+                loss = opt.estimate(lambda step=step: closure(step), seed=seed)
+                self.local_step_counter += 1
+                _, g, ex = opt.take_estimate()
+                missing = [n for n in streams if n not in ex]
+                if missing:
+                    raise ValueError(f"the estimate has no extra scalars {missing} (HELENE's 'sq_grad_sum' needs "
+                                     "the closure to return per-example losses)")
+                grads.append(g.detach().float().cpu())
+                for n in streams:
+                    extras[n].append(ex[n].detach().float().cpu())
+                losses.append(float(loss))
+                if k < tau:
+                    # the next local step measures at the locally moved weights (K frozen)
+                    opt.apply_update(seed, g, **{n: ex[n] for n in ex if n in opt.extra_scalars})
+        finally:
+            if saved is not None:
+                rep.revert_local(saved)
+            if has_k:
+                opt.freeze_precond = user_freeze
+        # non-finite scalars are sent as they are: the server refuses them (and says why)
+        return torch.cat(grads), {n: torch.cat(v) for n, v in extras.items()}, losses

@@ -1,0 +1,97 @@
+"""The round log: append-only entries with absolute round indices, trimming and snapshots.
+
+Position ``p`` means "rounds 0 .. p-1 applied". The log holds the entries of rounds
+``start .. end-1``; :meth:`RoundLog.trim` drops the oldest ones down to ``limit``, but never
+past the newest snapshot, so every position is reachable: a position ``>= start`` by
+replaying entries, an older one by loading the newest snapshot and replaying the tail.
+At most ``max_snapshots`` snapshots are kept (the newest ones).
+"""
+
+from __future__ import annotations
+
+from .protocol import RoundEntry, Snapshot
+
+__all__ = ["RoundLog"]
+
+
+class RoundLog:
+    """Bounded log of closed rounds plus the newest snapshots.
+
+    Args:
+        limit: most entries kept (None: unbounded). Needs snapshots to trim.
+        max_snapshots: snapshots kept (the newest).
+    """
+
+    def __init__(self, limit: int | None = None, max_snapshots: int = 2) -> None:
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"Invalid log_limit: {limit!r} (an int >= 1, or None)")
+        if not isinstance(max_snapshots, int) or max_snapshots < 1:
+            raise ValueError(f"Invalid max_snapshots: {max_snapshots!r} (an int >= 1)")
+        self.limit = limit
+        self.max_snapshots = max_snapshots
+        self._entries: list[RoundEntry] = []
+        self._start = 0
+        self._snapshots: list[Snapshot] = []
+
+    @property
+    def start(self) -> int:
+        """Round index of the oldest entry kept (= ``end`` when empty)."""
+        return self._start
+
+    @property
+    def end(self) -> int:
+        """Number of rounds ever appended = the position of a replica that applied them all."""
+        return self._start + len(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, entry: RoundEntry) -> None:
+        if entry.round != self.end:
+            raise ValueError(f"log entry for round {entry.round} appended at position {self.end}")
+        self._entries.append(entry)
+
+    def entries(self, start: int, stop: int | None = None) -> tuple[RoundEntry, ...]:
+        """Entries of rounds ``start .. stop-1`` (stop defaults to ``end``); KeyError if trimmed."""
+        stop = self.end if stop is None else stop
+        if start < self._start or stop > self.end or start > stop:
+            raise KeyError(f"rounds {start}..{stop - 1} are not in the log (it holds {self._start}..{self.end - 1})")
+        return tuple(self._entries[start - self._start: stop - self._start])
+
+    def add_snapshot(self, snapshot: Snapshot) -> None:
+        if not self._start <= snapshot.position <= self.end:
+            raise ValueError(f"snapshot at position {snapshot.position} outside the log {self._start}..{self.end}")
+        self._snapshots.append(snapshot)
+        del self._snapshots[: -self.max_snapshots]
+
+    @property
+    def latest_snapshot(self) -> Snapshot | None:
+        return self._snapshots[-1] if self._snapshots else None
+
+    @property
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        return tuple(self._snapshots)
+
+    def trim(self) -> int:
+        """Drop the oldest entries down to ``limit``, never past the newest snapshot; returns how many."""
+        if self.limit is None or len(self._entries) <= self.limit:
+            return 0
+        snap = self.latest_snapshot
+        floor = snap.position if snap is not None else 0
+        drop = min(len(self._entries) - self.limit, max(0, floor - self._start))
+        if drop:
+            del self._entries[:drop]
+            self._start += drop
+            self._snapshots = [s for s in self._snapshots if s.position >= self._start]
+        return drop
+
+    def catch_up(self, position: int) -> tuple[Snapshot | None, tuple[RoundEntry, ...]]:
+        """What a replica at ``position`` needs to reach ``end``: (snapshot or None, entries)."""
+        if position > self.end:
+            raise ValueError(f"position {position} is ahead of the log's end {self.end}")
+        if position >= self._start:
+            return None, self.entries(position)
+        snap = self.latest_snapshot
+        if snap is None:  # trim never passes the newest snapshot, so this cannot happen
+            raise RuntimeError(f"position {position} is older than the log ({self._start}) and there is no snapshot")
+        return snap, self.entries(snap.position)

@@ -1,0 +1,329 @@
+"""Messages of the scalar-only federated protocol, their plain-data encoding and byte counts.
+
+A round ``r`` is (r, τ seeds derived from the server seed, τ·P aggregated float32 scalars
+per scalar stream). Four messages travel:
+
+* :class:`Hello` (client → server, once): the client's contract — protocol version, RNG
+  contract, algorithm, P, τ and a digest of the optimizer's configuration.
+* :class:`Welcome` (server → client, once): accepted or refused (with the reason), and the
+  server seed the seeds of every round are derived from.
+* :class:`Task` (server → client, per round): the round to compute (or ``compute=False``:
+  only catch up), the log entries the client has not applied yet, or a snapshot + tail.
+* :class:`Reply` (client → server, per round): status ``"ok"`` with τ·P scalars per stream,
+  or ``"gap"`` with the client's real position (it could not catch up from the task).
+
+:func:`encode` turns a message into a flat ``dict[str, int | float | str | bytes]`` (every
+value a scalar of those four types, so Flower's ``ConfigRecord``, JSON + base64 or a
+tensor can carry it); scalars are packed little-endian float32 (4 B each), round numbers
+and seeds are uint64, and every encoding starts with the header ``zo_fed`` (protocol
+version) and ``kind``. :func:`decode` checks the header and the types and refuses anything
+malformed with :class:`ProtocolError` (it never trusts lengths it did not check).
+:func:`payload_bytes` counts what the encoding holds (int/float 8 B, bytes and str their
+length), the figure the server reports per round.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Hello",
+    "Message",
+    "ProtocolError",
+    "Reply",
+    "RoundEntry",
+    "Snapshot",
+    "Task",
+    "Welcome",
+    "decode",
+    "encode",
+    "pack_scalars",
+    "payload_bytes",
+    "unpack_scalars",
+]
+
+#: version of the message layout; a peer with another version is refused
+PROTOCOL_VERSION = 1
+
+Plain = int | float | str | bytes
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, from another protocol version, or otherwise not decodable."""
+
+
+def pack_scalars(values: Any) -> bytes:
+    """float32 values (tensor, array or sequence) → packed little-endian float32 bytes."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float32).reshape(-1).numpy()
+    return np.asarray(values, dtype="<f4").reshape(-1).tobytes()
+
+
+def unpack_scalars(data: bytes) -> torch.Tensor:
+    """Packed little-endian float32 bytes → a float32 CPU tensor (copy)."""
+    if len(data) % 4:
+        raise ProtocolError(f"scalar payload of {len(data)} bytes is not a whole number of float32 values")
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32, copy=True))
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    """One closed round as every replica applies it.
+
+    ``scalars`` holds τ·P packed float32 values ordered (local step k, query p), k-major;
+    ``extras`` the algorithm's extra streams (e.g. HiZOO's ``curvature``) in the same layout,
+    sorted by name. An entry with ``n_participants == 0`` (no valid reply) is applied as a
+    no-op: the position advances, nothing else moves.
+    """
+
+    round: int
+    n_participants: int
+    scalars: bytes = b""
+    extras: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.n_participants == 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Weights + optimizer state of the server replica after ``position`` rounds.
+
+    ``payload`` is a ``torch.save`` blob loadable with ``weights_only=True`` (see
+    :meth:`zo_optim.federated.Replica.snapshot`).
+    """
+
+    position: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    """Common header fields."""
+
+    kind: ClassVar[str] = ""
+    version: int = field(default=PROTOCOL_VERSION, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Handshake from a client: what it will compute with."""
+
+    kind: ClassVar[str] = "hello"
+    client_id: int
+    algorithm: str
+    rng_version: str
+    num_queries: int
+    local_steps: int
+    config_digest: str
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """The server's answer to :class:`Hello`."""
+
+    kind: ClassVar[str] = "welcome"
+    client_id: int
+    accepted: bool
+    reason: str
+    server_seed: int
+    algorithm: str
+    rng_version: str
+    num_queries: int
+    local_steps: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Task(Message):
+    """Work for one client in round ``round``.
+
+    ``entries`` are the consecutive rounds ``log_start .. round-1`` the server believes the
+    client misses (possibly none); ``snapshot`` (if set) is the state after
+    ``snapshot.position`` rounds, sent when the client's position is older than the log.
+    ``compute=False``: only catch up (end of a simulation, a newly joined replica).
+    ``streams``: comma-separated names of the extra scalar streams to send (e.g. ``"curvature"``).
+    """
+
+    kind: ClassVar[str] = "task"
+    round: int
+    client_id: int
+    server_seed: int
+    algorithm: str
+    rng_version: str
+    num_queries: int
+    local_steps: int
+    log_start: int
+    entries: tuple[RoundEntry, ...] = ()
+    snapshot: Snapshot | None = None
+    compute: bool = True
+    streams: str = ""
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    """A client's answer to a :class:`Task`.
+
+    ``status="ok"``: ``scalars`` (τ·P packed float32, k-major) and ``extras`` hold the
+    client's projected gradients for round ``round``, measured at position ``round``.
+    ``status="gap"``: the client could not reach ``round`` from the task; ``position`` is
+    where it really is, so the server can send the missing part.
+    """
+
+    kind: ClassVar[str] = "reply"
+    round: int
+    client_id: int
+    status: str
+    position: int
+    algorithm: str
+    rng_version: str
+    n_examples: int = 0
+    loss: float = math.nan
+    scalars: bytes = b""
+    extras: tuple[tuple[str, bytes], ...] = ()
+
+
+_KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Task, Reply)}
+
+# entry layout in the packed log blob: round (uint64), n_participants (uint32), value count (uint32), then
+# the scalars and each extra stream (names listed once in "entry_extras"), each value-count float32 values
+_ENTRY_HEAD = struct.Struct("<QII")
+
+
+def _pack_entries(entries: tuple[RoundEntry, ...]) -> tuple[bytes, str]:
+    names: tuple[str, ...] | None = None
+    out = bytearray()
+    for e in entries:
+        e_names = tuple(n for n, _ in e.extras)
+        if not e.empty:
+            if names is None:
+                names = e_names
+            elif names != e_names:
+                raise ProtocolError(f"log entries carry different extra streams: {names} vs {e_names}")
+        count = len(e.scalars) // 4
+        out += _ENTRY_HEAD.pack(e.round, e.n_participants, count)
+        out += e.scalars
+        for _, blob in e.extras:
+            if len(blob) != len(e.scalars):
+                raise ProtocolError(f"round {e.round}: extra stream of {len(blob)} bytes, scalars {len(e.scalars)}")
+            out += blob
+    return bytes(out), ",".join(names or ())
+
+
+def _unpack_entries(blob: bytes, names_csv: str) -> tuple[RoundEntry, ...]:
+    names = tuple(n for n in names_csv.split(",") if n)
+    entries = []
+    pos = 0
+    while pos < len(blob):
+        if pos + _ENTRY_HEAD.size > len(blob):
+            raise ProtocolError("truncated log entry header")
+        rnd, n_part, count = _ENTRY_HEAD.unpack_from(blob, pos)
+        pos += _ENTRY_HEAD.size
+        streams = 1 + (len(names) if n_part else 0)
+        end = pos + 4 * count * streams
+        if end > len(blob):
+            raise ProtocolError(f"truncated log entry for round {rnd}")
+        scalars = blob[pos: pos + 4 * count]
+        extras = tuple(
+            (n, blob[pos + 4 * count * (i + 1): pos + 4 * count * (i + 2)]) for i, n in enumerate(names)
+        ) if n_part else ()
+        entries.append(RoundEntry(round=rnd, n_participants=n_part, scalars=scalars, extras=extras))
+        pos = end
+    return tuple(entries)
+
+
+def _pack_extras(extras: tuple[tuple[str, bytes], ...]) -> dict[str, Plain]:
+    return {"extras": ",".join(n for n, _ in extras), **{f"x.{n}": b for n, b in extras}}
+
+
+def encode(msg: Message) -> dict[str, Plain]:
+    """A message as a flat dict of plain values (int, float, str, bytes), header first."""
+    out: dict[str, Plain] = {"zo_fed": msg.version, "kind": msg.kind}
+    for f in fields(msg):
+        if f.name == "version":
+            continue
+        value = getattr(msg, f.name)
+        if f.name == "entries":
+            out["entries"], out["entry_extras"] = _pack_entries(value)
+        elif f.name == "snapshot":
+            if value is not None:
+                out["snapshot_position"] = value.position
+                out["snapshot"] = value.payload
+        elif f.name == "extras":
+            out.update(_pack_extras(value))
+        elif isinstance(value, bool):
+            out[f.name] = int(value)  # Flower's MetricRecord rejects bool; ints travel everywhere
+        else:
+            out[f.name] = value
+    return out
+
+
+def _get(data: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise ProtocolError(f"message has no {key!r} field")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, typ):
+        raise ProtocolError(f"field {key!r} has type {type(value).__name__}, expected {typ}")
+    if isinstance(value, int) and not 0 <= value < 2**64:
+        raise ProtocolError(f"field {key!r} = {value} is outside uint64")
+    return value
+
+
+def decode(data: dict[str, Any]) -> Message:
+    """The message held by an :func:`encode` dict; :class:`ProtocolError` if it is not a valid one."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"a message is a dict, got {type(data).__name__}")
+    version = _get(data, "zo_fed", int)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})")
+    kind = _get(data, "kind", str)
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        name = f.name
+        if name == "version":
+            continue
+        if name == "entries":
+            kwargs[name] = _unpack_entries(_get(data, "entries", bytes), _get(data, "entry_extras", str))
+        elif name == "snapshot":
+            kwargs[name] = (
+                Snapshot(_get(data, "snapshot_position", int), _get(data, "snapshot", bytes)) if "snapshot" in data
+                else None
+            )
+        elif name == "extras":
+            names = [n for n in _get(data, "extras", str).split(",") if n]
+            kwargs[name] = tuple((n, _get(data, f"x.{n}", bytes)) for n in names)
+        elif f.type in ("bool",):
+            kwargs[name] = bool(_get(data, name, int))
+        elif f.type == "float":
+            kwargs[name] = float(_get(data, name, (float, int)))
+        else:
+            typ = {"int": int, "str": str, "bytes": bytes}[str(f.type)]
+            kwargs[name] = _get(data, name, typ)
+    return cls(**kwargs)
+
+
+def payload_bytes(data: dict[str, Any] | Message) -> int:
+    """Bytes an encoded message holds: int/float 8 each, str (UTF-8) and bytes their length, keys excluded."""
+    if isinstance(data, Message):
+        data = encode(data)
+    total = 0
+    for value in data.values():
+        if isinstance(value, (bytes, bytearray)):
+            total += len(value)
+        elif isinstance(value, str):
+            total += len(value.encode())
+        else:
+            total += 8
+    return total

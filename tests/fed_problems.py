@@ -1,0 +1,55 @@
+"""Tiny federated problems shared by the federated tests (a few hundred parameters, CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+import zo_optim
+
+DIM = 16
+
+
+def data(n_clients: int, n_per_client: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-client regression data from one teacher (clients differ in their inputs' scale: mildly non-IID)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(DIM, DIM, generator=g) / DIM**0.5
+    out = []
+    for c in range(n_clients):
+        x = torch.randn(n_per_client, DIM, generator=g) * (1.0 + 0.1 * c)
+        out.append((x, x @ teacher.T))
+    return out
+
+
+def model_fn() -> torch.nn.Module:
+    """A 256-parameter linear model, identically initialised on every call."""
+    torch.manual_seed(1234)
+    return torch.nn.Linear(DIM, DIM, bias=False)
+
+
+def mlp_fn() -> torch.nn.Module:
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(DIM, 8), torch.nn.Tanh(), torch.nn.Linear(8, DIM))
+
+
+def batch_loss(x: torch.Tensor, y: torch.Tensor, batch: int = 8):
+    """loss(model, step): mean squared error on mini-batch ``step`` (cycling), same batch for equal step."""
+    n = x.shape[0] // batch
+
+    def loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+        i = (step % n) * batch
+        return ((model(x[i: i + batch]) - y[i: i + batch]) ** 2).mean()
+
+    return loss
+
+
+def full_loss(model: torch.nn.Module, datasets) -> float:
+    with torch.no_grad():
+        return float(sum(((model(x) - y) ** 2).mean() for x, y in datasets) / len(datasets))
+
+
+def mezo(model: torch.nn.Module, backend: str = "reference", **kw) -> zo_optim.MeZO:
+    return zo_optim.MeZO(model.parameters(), **{"lr": 0.05, "backend": backend, **kw})
+
+
+def hiso(model: torch.nn.Module, backend: str = "reference", **kw) -> zo_optim.HiSo:
+    return zo_optim.HiSo(model.parameters(), **{"lr": 0.05, "backend": backend, **kw})

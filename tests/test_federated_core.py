@@ -1,0 +1,266 @@
+"""Federated protocol core: messages, log, replica exactness, HiSo's K per round, handshake, server validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import zo_optim
+from fed_problems import batch_loss, data, hiso, mezo, mlp_fn, model_fn
+from zo_optim import rng
+from zo_optim.federated import (
+    FederatedWrapper,
+    GapError,
+    Hello,
+    ProtocolError,
+    Replica,
+    Reply,
+    RoundEntry,
+    RoundLog,
+    Server,
+    Snapshot,
+    Task,
+    aggregate,
+    decode,
+    dirichlet_split,
+    encode,
+    pack_scalars,
+    payload_bytes,
+    unpack_scalars,
+)
+
+
+def _task(**kw) -> Task:
+    base = dict(round=3, client_id=7, server_seed=2**64 - 1, algorithm="hiso", rng_version=rng.RNG_VERSION,
+                num_queries=2, local_steps=1, log_start=1)
+    return Task(**{**base, **kw})
+
+
+def test_messages_round_trip_as_plain_data():
+    entries = (RoundEntry(1, 2, pack_scalars([1.5, -2.0]), (("curvature", pack_scalars([0.25, 3.0])),)),
+               RoundEntry(2, 0))
+    msgs = [
+        _task(entries=entries, snapshot=Snapshot(1, b"\x00\x01blob")),
+        _task(compute=False),
+        Reply(round=3, client_id=2**63, status="ok", position=3, algorithm="hizoo", rng_version=rng.RNG_VERSION,
+              n_examples=5, loss=0.5, scalars=pack_scalars([1.0, 2.0]), extras=(("curvature", pack_scalars([3, 4])),)),
+        Hello(client_id=1, algorithm="mezo", rng_version="x", num_queries=1, local_steps=2, config_digest="ab"),
+    ]
+    for m in msgs:
+        enc = encode(m)
+        assert all(isinstance(v, (int, float, str, bytes)) and not isinstance(v, bool) for v in enc.values())
+        assert enc["zo_fed"] == 1 and enc["kind"] == m.kind
+        assert decode(enc) == m
+    assert unpack_scalars(pack_scalars([1.0, -0.5])).tolist() == [1.0, -0.5]
+    assert pack_scalars([1.0]) == b"\x00\x00\x80\x3f"  # little-endian float32
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.update(zo_fed=2), "protocol version 2"),
+    (lambda d: d.pop("round"), "no 'round'"),
+    (lambda d: d.update(round="3"), "type str"),
+    (lambda d: d.update(round=-1), "outside uint64"),
+    (lambda d: d.update(kind="nope"), "unknown message kind"),
+    (lambda d: d.update(entries=b"\x01\x02"), "truncated"),
+])
+def test_decode_refuses_malformed(mutate, match):
+    enc = encode(_task(entries=(RoundEntry(1, 1, pack_scalars([1.0, 2.0])),)))
+    mutate(enc)
+    with pytest.raises(ProtocolError, match=match):
+        decode(enc)
+
+
+def test_payload_bytes_counts_values():
+    r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version=rng.RNG_VERSION,
+              n_examples=1, loss=0.0, scalars=pack_scalars([0.0] * 5))
+    enc = encode(r)
+    fixed = 8 * 6 + len("reply") + len("ok") + len("mezo") + len(rng.RNG_VERSION)  # 6 ints/floats + strings
+    assert payload_bytes(enc) == fixed + 20  # + 4 B per scalar; the empty "extras" list adds 0
+
+
+def test_log_trims_never_past_the_newest_snapshot():
+    log = RoundLog(limit=4)
+    for r in range(10):
+        log.append(RoundEntry(r, 0))
+        log.trim()
+    assert len(log) == 10 and log.start == 0  # no snapshot: nothing can be trimmed
+    log.add_snapshot(Snapshot(7, b"s7"))
+    log.trim()
+    assert (log.start, log.end, len(log)) == (6, 10, 4)
+    snap, tail = log.catch_up(2)
+    assert snap.position == 7 and [e.round for e in tail] == [7, 8, 9]
+    snap, tail = log.catch_up(8)
+    assert snap is None and [e.round for e in tail] == [8, 9]
+    with pytest.raises(ValueError, match="appended at position"):
+        log.append(RoundEntry(3, 0))
+
+
+def test_aggregate_median_trimmed_weighted():
+    x = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [1000.0, -1e5]])
+    w = np.array([1.0, 1.0, 2.0, 0.0])
+    assert aggregate(x, w, "mean").tolist() == [2.25, 22.5]
+    assert aggregate(x, w, "median").tolist() == [2.5, 15.0]
+    assert aggregate(x, w, "trimmed_mean", 0.25).tolist() == [2.5, 15.0]
+    # float64 sum rounded once: 1 + 2**-30 is lost in float32 only at the end
+    y = np.array([[1.0], [2.0**-25]], dtype=np.float32)
+    assert aggregate(y, np.ones(2), "mean")[0] == np.float32((1.0 + 2.0**-25) / 2)
+
+
+def _pair(opt_fn=mezo, tau=1, exact=None, model=mlp_fn):
+    ms = model()
+    server = Server(opt_fn(ms), clients=2, clients_per_round=2, local_steps=tau, server_seed=99)
+    ws = []
+    for c in range(2):
+        m = model()
+        w = FederatedWrapper(opt_fn(m), tau, client_id=c, model=None if exact == "restore" else m, exact=exact)
+        w.welcome(server.handshake(w.hello()))
+        ws.append((w, m))
+    return server, ws
+
+
+@pytest.mark.parametrize("exact", ["transient", "restore"])
+@pytest.mark.parametrize("tau", [1, 3])
+def test_clients_that_computed_equal_a_pure_replay(exact, tau):
+    ds = data(2)
+    server, ws = _pair(lambda m: zo_optim.MeZO(m.parameters(), lr=0.05, momentum=0.9, backend="reference"), tau,
+                       exact)
+    replay = Replica(zo_optim.MeZO(mlp_fn().parameters(), lr=0.05, momentum=0.9, backend="reference"),
+                     local_steps=tau, server_seed=99)
+    for _ in range(4):
+        for c, task in server.open_round().items():
+            w, m = ws[c]
+            assert server.receive(w.handle(task, lambda s, m=m, c=c: batch_loss(*ds[c])(m, s))).accepted
+        server.close_round()
+        replay.apply(server.entry(server.position - 1))
+    for w, _ in ws:
+        w.handle(server.sync_task(w.client_id))
+        assert w.checksum() == server.checksum() == replay.checksum()
+    assert server.optimizer.step_count == 4 * tau
+
+
+def test_inplace_estimate_is_not_exact_so_the_wrapper_must_restore():
+    """Why the wrapper needs transient mode or a copy: a plain in-place estimate moves fp32 weights by ulps."""
+    x, y = data(1)[0]
+    drift = 0
+    for seed in range(20):
+        m = mlp_fn()
+        before = [p.detach().clone() for p in m.parameters()]
+        opt = mezo(m, zo_eps=1e-3)
+        opt.estimate(lambda m=m: ((m(x) - y) ** 2).mean(), seed=seed)
+        opt.take_estimate()
+        drift += sum(int((p != b).sum()) for p, b in zip(m.parameters(), before, strict=True))
+    assert drift > 0
+
+
+def test_hiso_k_frozen_within_a_round_and_updated_once_after_the_weights():
+    beta, lr, eps_h, tau = 0.9, 0.1, 1e-8, 2
+    m = model_fn()
+    opt = hiso(m, lr=lr, beta=beta, hessian_eps=eps_h)
+    rep = Replica(opt, local_steps=tau, server_seed=5)
+    w = m.weight
+    k = opt.state[w]["hessian"] if w in opt.state else None
+    assert k is None
+    theta0 = w.detach().clone()
+    grads = torch.tensor([[0.5], [-0.25]])
+    rep.apply_steps(0, grads, {})
+    # step 1 (K frozen at 1): θ1 = θ0 − lr·g1·z1; step 2 uses the OLD K = 1 too: θ2 = θ1 − lr·g2·z2
+    z1 = _z(5, 0, 1, w)
+    z2 = _z(5, 0, 2, w)
+    theta1 = theta0 - lr * 0.5 * z1
+    assert torch.allclose(w.detach(), theta1 + lr * 0.25 * z2, atol=1e-6)
+    ghat2 = -0.25 * z2
+    k_expected = beta * 1.0 + (1 - beta) * (ghat2 * ghat2 + eps_h)
+    assert torch.allclose(opt.state[w]["hessian"], k_expected, rtol=1e-5)  # only the round's last ĝ, once
+    assert opt.freeze_precond is False
+
+
+def _z(server_seed, r, k, p):
+    """z of local step k of round r for the only tensor of the model, from the reference op (u = z when K = 1)."""
+    probe = torch.zeros_like(p)
+    zo_optim.ops.perturb_([probe], [0], rng.round_seed(server_seed, r, k), 1.0, query=0, backend="reference")
+    return probe
+
+
+def test_hiso_with_k_interval_is_refused():
+    with pytest.raises(ValueError, match="k_interval=1"):
+        Replica(hiso(model_fn(), k_interval=2))
+
+
+def test_handshake_refuses_other_contracts():
+    server, _ = _pair()
+    good = FederatedWrapper(mezo(mlp_fn()), 1, client_id=5).hello()
+    assert server.handshake(good).accepted and 5 in server.clients
+    cases = {
+        "algorithm": FederatedWrapper(hiso(mlp_fn()), 1, client_id=6).hello(),
+        "RNG contract": Hello(**{**good.__dict__, "rng_version": "philox/v0"}),
+        "protocol version": Hello(**{**good.__dict__, "version": 9}),
+        "digest": FederatedWrapper(mezo(mlp_fn(), lr=0.5), 1, client_id=6).hello(),
+        "local_steps": FederatedWrapper(mezo(mlp_fn()), 2, client_id=6).hello(),
+        "num_queries": FederatedWrapper(mezo(mlp_fn(), num_queries=2), 1, client_id=6).hello(),
+    }
+    for what, hello in cases.items():
+        welcome = server.handshake(encode(hello))
+        assert not welcome.accepted and what in welcome.reason, (what, welcome.reason)
+    with pytest.raises(ProtocolError, match="refused"):
+        FederatedWrapper(hiso(mlp_fn()), 1).welcome(welcome)
+
+
+def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
+    server, ws = _pair()
+    w, _ = ws[0]
+    task = server.task_for(0, compute=False)
+    for bad in ({"algorithm": "hiso"}, {"rng_version": "x"}, {"local_steps": 2}, {"version": 3}):
+        with pytest.raises(ProtocolError, match="task refused"):
+            w.handle(Task(**{**task.__dict__, **bad}))
+    # a task whose entries start beyond the client's position: a gap reply, not a crash
+    gap = Task(**{**task.__dict__, "round": 5, "log_start": 3, "entries": (RoundEntry(3, 0), RoundEntry(4, 0))})
+    reply = w.handle(gap, lambda s: 0.0)
+    assert reply.status == "gap" and reply.position == 0
+    with pytest.raises(GapError):
+        w.replica.apply(RoundEntry(2, 0))
+
+
+def test_server_validates_replies():
+    server, ws = _pair()
+    ds = data(2)
+    tasks = server.open_round()
+    w, m = ws[0]
+    good = w.handle(tasks[0], lambda s: batch_loss(*ds[0])(m, s), n_examples=3)
+
+    def bad(**kw):
+        return Reply(**{**good.__dict__, **kw})
+
+    cases = [
+        (bad(version=2), "version"), (bad(rng_version="v0"), "rng_version"), (bad(algorithm="hiso"), "algorithm"),
+        (bad(round=1), "wrong_round"), (bad(client_id=77), "unknown_client"), (bad(status="maybe"), "status"),
+        (bad(scalars=good.scalars[:2]), "shape"), (bad(scalars=pack_scalars([math.nan])), "nonfinite"),
+        (bad(scalars=pack_scalars([math.inf])), "nonfinite"), (bad(loss=math.nan), "nonfinite"),
+        (bad(scalars=pack_scalars([1e7])), "too_large"), (bad(n_examples=0), "n_examples"),
+        (bad(position=0, round=0, extras=(("curvature", b"\0\0\0\0"),)), "shape"),
+    ]
+    for reply, reason in cases:
+        r = server.receive(encode(reply))
+        assert not r.accepted and r.reason.startswith(reason), (reason, r.reason)
+    assert server.receive(encode(good)).accepted
+    assert server.receive(encode(good)).reason == "duplicate"
+    rec = server.close_round()
+    assert rec.participants == (0,) and rec.dropped == (1,)
+    assert server.entry(0).scalars == good.scalars  # one valid reply: its scalars, nothing else
+    assert server.receive(encode(good)).reason.startswith("late")
+    # client 1 owes round 0: not sampled in round 1 (release_after=2)
+    assert 1 not in server.open_round()
+
+
+def test_dirichlet_split_partitions_and_skews():
+    labels = torch.arange(1000) % 10
+    parts = dirichlet_split(labels, 5, 0.1, seed=3)
+    assert sorted(i for p in parts for i in p) == list(range(1000))
+    assert parts == dirichlet_split(labels, 5, 0.1, seed=3)
+    skewed = [np.bincount(labels[p].numpy(), minlength=10).max() / len(p) for p in parts]
+    iid = [np.bincount(labels[p].numpy(), minlength=10).max() / len(p) for p in dirichlet_split(labels, 5, 1e4)]
+    assert np.mean(skewed) > 0.4 > 0.15 > np.mean(iid)
+    with pytest.raises(ValueError, match="Invalid alpha"):
+        dirichlet_split(labels, 5, 0.0)
