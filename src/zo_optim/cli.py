@@ -18,7 +18,8 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)", "", "commands:"]
+    lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)",
+             "       zo-optim --version", "", "commands:"]
     lines += [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
             return int(module.main(args[n_words:]) or 0)
+    if args and args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"zo-optim {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
