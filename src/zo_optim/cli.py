@@ -1,4 +1,4 @@
-"""The ``zo-optim`` command: ``zo-optim demo`` and ``zo-optim bench {kernels,step,convergence}``.
+"""The ``zo-optim`` command: ``zo-optim demo``, ``zo-optim bench {kernels,step,convergence,sass}``, ``--version``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and is
 imported only when used, so ``zo-optim --help`` stays fast.
@@ -14,6 +14,7 @@ COMMANDS = {
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
+    "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
 }
 
 
