@@ -14,6 +14,7 @@ the unmasked fast path runs without large inputs (the interpreter is slow).
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ from zo_optim.ops.triton import _rng, launch  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# "cuda" (compiled kernels) or "cpu" (interpreter): resolved by conftest.py from ZO_OPTIM_TRITON_DEVICE.
+DEVICE = torch.device(os.environ.get("ZO_OPTIM_TRITON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SIZES = [0, 1, 3, 4, 5, 127, 128, 129, 256]  # 128 and 256 fill whole blocks of 128
 SEED = 0xDEADBEEF12345678
 MASK32 = 0xFFFFFFFF
@@ -482,3 +484,20 @@ def test_counter_words_out_of_uint32_range_are_refused_untouched():
         ops.sgd_update_(params, [0], SEED, torch.ones(1, device=DEVICE), lr=0.1, rounding_slot=2**32,
                         backend="triton")
     assert torch.equal(params[0], before)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA only: the kernels compiled for the GPU")
+def test_kernels_are_compiled_not_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from zo_optim.ops.triton import kernels
+
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+    assert isinstance(kernels.perturb_kernel, JITFunction)
+    assert not isinstance(kernels.perturb_kernel, InterpretedFunction)
+    x = torch.randn(1000, device=DEVICE)
+    before = x.clone()
+    ops.perturb_([x], [0], SEED, 1e-3, backend="triton")
+    torch.cuda.synchronize()
+    assert x.is_cuda and not torch.equal(x, before)

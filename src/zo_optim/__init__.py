@@ -4,7 +4,7 @@ from . import ops, rng
 from .optim import HELENE, HiSo, HiZOO, MeZO, NonFiniteLossError, ZOAdam, ZOOptimizer
 from .rng import RNG_VERSION
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "HELENE",

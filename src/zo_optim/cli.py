@@ -1,4 +1,4 @@
-"""The ``zo-optim`` command: ``zo-optim demo`` and ``zo-optim bench {kernels,step,convergence}``.
+"""The ``zo-optim`` command: ``zo-optim demo``, ``zo-optim bench {kernels,step,convergence,sass}``, ``--version``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and is
 imported only when used, so ``zo-optim --help`` stays fast.
@@ -14,11 +14,13 @@ COMMANDS = {
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
+    "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)", "", "commands:"]
+    lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)",
+             "       zo-optim --version", "", "commands:"]
     lines += [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) >= n_words and name in COMMANDS:
             module = importlib.import_module(COMMANDS[name][0])
             return int(module.main(args[n_words:]) or 0)
+    if args and args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"zo-optim {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

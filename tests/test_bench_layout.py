@@ -1,0 +1,51 @@
+"""One home for benchmark code: ``zo_optim.bench`` (the ``zo-optim bench`` CLI). ``benchmarks/``
+holds recorded results, thin runners and the GPU check script only."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zo_optim import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def test_runners_are_thin() -> None:
+    runners = sorted(BENCH.glob("*.py"))
+    assert runners, "expected the thin runners"
+    for path in runners:
+        tree = ast.parse(path.read_text())
+        defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        assert not defs, f"{path.name} defines {[d.name for d in defs]}: benchmark code belongs in zo_optim.bench"
+        imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert any(m and m.startswith("zo_optim.bench.") for m in imports), path.name
+
+
+def test_every_bench_module_with_main_is_a_command() -> None:
+    commands = {module for module, _ in cli.COMMANDS.values()}
+    for path in (ROOT / "src" / "zo_optim" / "bench").glob("*.py"):
+        if "\ndef main(" in path.read_text():
+            assert f"zo_optim.bench.{path.stem}" in commands, path.name
+
+
+def test_readme_describes_the_layout() -> None:
+    text = (BENCH / "README.md").read_text()
+    for needed in ("zo_optim.bench", "results/", "gpu_check.sh", "thin runner"):
+        assert needed in text, needed
+
+
+@pytest.mark.slow
+def test_bench_sass_cost_compiles_offline() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TRITON_INTERPRET": "1"}  # the command clears it
+    res = subprocess.run([sys.executable, "-m", "zo_optim.cli", "bench", "sass", "--cost"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "SASS instructions per thread per counter" in res.stdout
