@@ -63,6 +63,7 @@ import torch
 from .. import ops, rng
 from . import _distributed
 from ._estimate import Accumulator, Probes
+from ._interrupts import SignalGate
 from ._perturbation import InPlacePerturbation, TransientPerturbation
 
 __all__ = ["NonFiniteLossError", "ZOOptimizer"]
@@ -213,6 +214,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         # held while a step is in flight (estimate, step, apply_update, state-dict calls): a second call from
         # the closure or from another thread is refused instead of moving weights under the running step
         self._in_flight = threading.Lock()
+        # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
+        self._gate: SignalGate | None = None
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -321,17 +324,37 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
-        """Refuse ``what`` while another call of this optimizer is in flight (re-entrant or concurrent)."""
-        if not self._in_flight.acquire(blocking=False):
-            raise RuntimeError(
-                f"{type(self).__name__}.{what}() was called while a step of this optimizer is in flight (from "
-                "inside the closure, or from another thread); the optimizer is not re-entrant: call it only "
-                "after estimate()/step() have returned"
-            )
+        """Refuse ``what`` while another call of this optimizer is in flight (re-entrant or concurrent).
+
+        The call runs with signals deferred (see :mod:`._interrupts`): a Ctrl-C that arrives
+        during a pass or its bookkeeping surfaces when the gate next opens (before a closure,
+        around a blocking all-reduce) or when the call returns, never between a write and
+        the record of it. The lock is taken and released inside the gate for the same reason.
+        """
+        with SignalGate() as gate:
+            if not self._in_flight.acquire(blocking=False):
+                raise RuntimeError(
+                    f"{type(self).__name__}.{what}() was called while a step of this optimizer is in flight (from "
+                    "inside the closure, or from another thread); the optimizer is not re-entrant: call it only "
+                    "after estimate()/step() have returned"
+                )
+            try:
+                self._gate = gate
+                yield
+            finally:
+                self._gate = None
+                self._in_flight.release()
+
+    def _ungated(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run user code or a blocking wait with the user's signal handlers live (Ctrl-C interrupts it)."""
+        gate = self._gate
+        if gate is None:
+            return fn(*args)
+        gate.open()  # deferred signals are delivered here, before the call, where the step is consistent
         try:
-            yield
+            return fn(*args)
         finally:
-            self._in_flight.release()
+            gate.close()
 
     @torch.no_grad()
     def estimate(self, closure: Closure, *, seed: int | None = None, weight: Any = None) -> torch.Tensor:
@@ -562,7 +585,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _sync_seed(self) -> None:
         if not self._seed_synced:
-            self.base_seed = _distributed.broadcast_seed(self.base_seed, self._trainable()[0].device)
+            self.base_seed = self._ungated(_distributed.broadcast_seed, self.base_seed, self._trainable()[0].device)
             self._seed_synced = True
 
     def _perturb_params(self, params: list[torch.Tensor] | None, seed: int, query: int, scale: float) -> None:
@@ -605,7 +628,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         differences keep their precision; every other floating dtype becomes float32.
         """
         with torch.no_grad():
-            loss = closure()
+            loss = self._ungated(closure)
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float64, device=device)
@@ -694,7 +717,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             names = sorted(acc.extras)
             device = acc.grads.device
             tail = torch.tensor([acc.weight, 1.0 if nonfinite else 0.0], dtype=torch.float32, device=device)
-            packed = _distributed.sum_across_ranks(torch.cat([acc.grads, *(acc.extras[k] for k in names), tail]))
+            packed = self._ungated(
+                _distributed.sum_across_ranks, torch.cat([acc.grads, *(acc.extras[k] for k in names), tail])
+            )
             q = acc.grads.numel()
             total = packed[-2]
             grads = packed[:q] / total
