@@ -175,3 +175,146 @@ def test_random_interrupts_triton_backend():
     info = next(i for i in OPTIMIZERS if i.name == "HiZOO")
     counts = _run_trials(info, "triton", "inplace", trials=3, budget_s=2.0, warm=1)
     assert counts["interrupted"] > 0
+
+
+# ---------------------------------------------------------------- deterministic windows
+
+
+def _interrupting(info: OptimizerInfo):
+    """The optimizer class with a SIGINT sent from inside its passes (what a Ctrl-C mid-pass does)."""
+
+    class Interrupting(info.cls):  # type: ignore[misc, valid-type]
+        fire_in = ""  # "perturb" (after the first chunk of a perturbation pass) or "update" (after a chunk's update)
+
+        def _perturb_chunk(self, *args, **kwargs):
+            super()._perturb_chunk(*args, **kwargs)
+            if self.fire_in == "perturb":
+                self.fire_in = ""
+                signal.raise_signal(signal.SIGINT)
+
+        def _apply(self, *args, **kwargs):
+            super()._apply(*args, **kwargs)
+            if self.fire_in == "update":
+                self.fire_in = ""
+                signal.raise_signal(signal.SIGINT)
+
+    return Interrupting
+
+
+@ALL
+def test_sigint_inside_a_pass_surfaces_at_a_consistent_point(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, groups = _two_group_model()
+    opt = _interrupting(info)(groups, **info.inputs[0], backend="reference", seed=5)
+    twin, twin_groups = _two_group_model()
+    ref = info.cls(twin_groups, **info.inputs[0], backend="reference", seed=5)
+    before = _weights(model)
+    opt.fire_in = "perturb"
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(loss_closure(model, x, y))
+    # the interrupt waited for the pass and its bookkeeping, then the step restored the weights
+    assert opt.step_count == 0 and opt.pending_seed is None
+    assert _close(_weights(model), before, exact=False)
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before, strict=True):
+            p.copy_(b)
+    opt.fire_in = "update"
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(loss_closure(model, x, y))
+    # the update ran to the end, so the step counts, and it is the uninterrupted step
+    ref.step(loss_closure(twin, x, y))
+    assert opt.step_count == 1
+    assert _close(_weights(model), _weights(twin), exact=True)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@ALL
+@pytest.mark.parametrize("mode", ["inplace", "transient"])
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_exception_from_the_closure_at_each_probe(info: OptimizerInfo, mode: str, error: type[BaseException]):
+    x, y = tiny_data()
+    model, opt = _build(info, "reference", mode)
+    good = loss_closure(model, x, y)
+    opt.step(good)  # the state buffers exist from the first step on
+    for k in range(info.forwards_per_step):
+
+        def closure(calls=[0], k=k):  # noqa: B006 (a per-loop counter)
+            calls[0] += 1
+            if calls[0] == k + 1:
+                raise error("probe")
+            return good()
+
+        before, state = _weights(model), _states(opt)
+        with pytest.raises(error):
+            opt.step(closure)
+        assert opt.step_count == 1 and opt.pending_seed is None, k
+        assert _close(_weights(model), before, exact=mode == "transient"), k
+        assert _close(_states(opt), state, exact=True), k
+    # a failing second micro-batch leaves the first one pending
+    opt.estimate(good)
+    calls = [0]
+
+    def fail_second():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise error("probe")
+        return good()
+
+    with pytest.raises(error):
+        opt.estimate(fail_second)
+    assert opt.pending_seed == opt.current_seed
+    opt.step()
+    assert opt.step_count == 2
+
+
+def test_the_closure_stays_interruptible():
+    model = tiny_model()
+    opt = OPTIMIZERS[0].cls(model.parameters(), lr=1e-2, backend="reference", seed=0)
+    before = _weights(model)
+
+    def slow_closure():
+        deadline = time.perf_counter() + 5.0
+        while time.perf_counter() < deadline:  # a long forward, in Python bytecode
+            pass
+        return model(torch.ones(1, 5)).sum()
+
+    def on_alarm(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        t0 = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(slow_closure)
+        assert time.perf_counter() - t0 < 2.0  # not deferred to the end of the closure
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, old)
+    assert _close(_weights(model), before, exact=False) and opt.step_count == 0
+
+
+def test_gate_defers_replays_once_and_puts_handlers_back():
+    from zo_optim.optim._interrupts import SignalGate
+
+    seen: list[int] = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        with SignalGate():
+            signal.raise_signal(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGUSR1)
+            assert seen == []  # deferred
+        assert seen == [signal.SIGUSR1]  # replayed once, after the critical section
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt), SignalGate():
+            signal.raise_signal(signal.SIGINT)
+            seen.append(-1)  # still runs: the interrupt waits for the end of the section
+        assert seen[-1] == -1
+        # outside the main thread the gate installs nothing (it could not; and no handler runs there)
+        out: list[object] = []
+        worker = threading.Thread(target=lambda: out.append(SignalGate().__enter__()._saved))
+        worker.start()
+        worker.join()
+        assert out == [{}]
+    finally:
+        signal.signal(signal.SIGUSR1, old)
