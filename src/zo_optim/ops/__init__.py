@@ -240,16 +240,24 @@ def adamw_update_(params, tensor_ids, seed, coeffs, *, lr, beta1, beta2, eps, we
 
 
 def precond_sgd_update_(params, tensor_ids, seed, coeffs, *, lr, precond, rule, update_precond, precond_decay,
-                        precond_rate, precond_coeffs=None, hessian_eps=0.0, weight_decay=0.0, restore_scale=0.0,
-                        restore_query=0, distribution="gaussian", rounding="nearest", rounding_slot=0,
-                        backend="auto") -> None:
-    """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
+                        precond_rate, precond_coeffs=None, hessian_eps=0.0, precond_min=0.0, weight_decay=0.0,
+                        restore_scale=0.0, restore_query=0, distribution="gaussian", rounding="nearest",
+                        rounding_slot=0, backend="auto") -> None:
+    """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K).
+
+    The updated preconditioner is clamped to ``[precond_min, float32 max]`` (NaN stays NaN): the
+    floor bounds the directions u = z/√P, the ceiling keeps an overflow finite (inf·0 would be NaN).
+    """
     _checks.check_precond_rule(rule, update_precond, precond_coeffs)
+    precond_min = float(precond_min)
+    if not 0.0 <= precond_min <= _F32_MAX:
+        raise ValueError(f"Invalid precond_min: {precond_min!r} (a finite floor in [0, {_F32_MAX:.4g}])")
     _dispatch(
         "precond_sgd_update_", params, tensor_ids, backend, {"precond": precond},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), rule=rule, update_precond=bool(update_precond),
              precond_decay=float(precond_decay), precond_rate=float(precond_rate), precond_coeffs=precond_coeffs,
-             hessian_eps=float(hessian_eps), weight_decay=float(weight_decay), restore_scale=float(restore_scale),
+             hessian_eps=float(hessian_eps), precond_min=precond_min, weight_decay=float(weight_decay),
+             restore_scale=float(restore_scale),
              restore_query=restore_query, distribution=distribution, rounding=rounding, rounding_slot=rounding_slot),
     )
 

@@ -29,6 +29,7 @@ from .. import rng
 from ._checks import check_precond_rule
 
 Tensors = Sequence[torch.Tensor]
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _z(
@@ -189,6 +190,7 @@ def precond_sgd_update_(
     precond_rate: float,
     precond_coeffs: torch.Tensor | None = None,
     hessian_eps: float = 0.0,
+    precond_min: float = 0.0,
     weight_decay: float = 0.0,
     restore_scale: float = 0.0,
     restore_query: int = 0,
@@ -211,7 +213,8 @@ def precond_sgd_update_(
     * ``rule="hiso"`` (K): :math:`P \leftarrow \text{decay}\,P + \text{rate}\,(\hat g^2 + \epsilon_H)`.
 
     ``precond_decay``/``precond_rate`` are passed separately (not rate = 1 − decay)
-    so a rate of 1e-8 survives float32.
+    so a rate of 1e-8 survives float32. The new P is then clamped to
+    :math:`[\text{precond\_min}, \text{float32 max}]` (NaN propagates, as in ``torch.clamp``).
     """
     check_precond_rule(rule, update_precond, precond_coeffs)
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
@@ -230,7 +233,7 @@ def precond_sgd_update_(
                 new = old * curv
             else:
                 new = g * g + hessian_eps
-            precond[i].copy_(precond_decay * old + precond_rate * new)
+            precond[i].copy_(torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=_F32_MAX))
         _store(p, new_theta, seed, tid, rounding, rounding_slot)
 
 

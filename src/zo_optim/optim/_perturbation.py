@@ -124,11 +124,14 @@ class TransientPerturbation:
         self.passes += 1
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        entry = self._backups.pop(id(module), None)
+        # copy back, then forget the backup: an interrupt in between leaves it for restore() (copying twice is
+        # harmless; forgetting first could lose it). The pre-hook likewise records the backup before perturbing.
+        entry = self._backups.get(id(module))
         if entry is not None:
             with torch.no_grad():
                 for p, b in zip(*entry, strict=True):
                     p.copy_(b)
+            self._backups.pop(id(module), None)
 
     def move_to(self, seed: int, query: int, scale: float) -> None:
         self.seed, self.query, self.scale = seed, query, scale
@@ -136,10 +139,11 @@ class TransientPerturbation:
     def restore(self) -> None:
         self.scale = 0.0
         for mid in list(self._backups):
-            params, backup = self._backups.pop(mid)
+            params, backup = self._backups[mid]
             with torch.no_grad():
                 for p, b in zip(params, backup, strict=True):
                     p.copy_(b)
+            del self._backups[mid]  # after the copy (see _post)
 
     def pending_restore(self) -> tuple[float, int]:
         return 0.0, 0

@@ -63,6 +63,7 @@ import torch
 from .. import ops, rng
 from . import _distributed
 from ._estimate import Accumulator, Probes
+from ._interrupts import SignalGate
 from ._perturbation import InPlacePerturbation, TransientPerturbation
 
 __all__ = ["NonFiniteLossError", "ZOOptimizer"]
@@ -72,6 +73,11 @@ Closure = Callable[[], Any]
 ESTIMATORS = ("central", "forward")
 PERTURBATIONS = ("inplace", "transient")
 NONFINITE = ("skip", "raise")
+# The accepted perturbation scales. Below 1e-18, 2ε² (HiZOO's curvature denominator) nears the float32
+# underflow (1.2e-38) and every derived scalar overflows, so every step would be skipped; above 100, ε·|u|
+# reaches ~600, whose float32 ulp (6e-5) makes the in-place ±ε round trip move the weights by more than a
+# typical update (and 1e30 destroys them). Typical values are 1e-4 .. 1e-1.
+ZO_EPS_RANGE = (1e-18, 100.0)
 ROUNDINGS = ("stochastic", "nearest")
 
 _CLOSURE_HELP = (
@@ -102,6 +108,18 @@ def _check_betas(betas: Any) -> None:
     for i, b in enumerate(betas):
         if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r}")
+
+
+def _as_zo_eps(value: Any) -> float:
+    _check_positive("zo_eps", value)
+    lo, hi = ZO_EPS_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(
+            f"Invalid zo_eps: {value!r} (the perturbation scale must lie in [{lo:g}, {hi:g}]: smaller values underflow "
+            "the float32 scalars so every step is skipped, larger ones make the ±ε round trip destroy the weights; "
+            "typical values are 1e-4 .. 1e-1)"
+        )
+    return float(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -182,7 +200,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         rounding: str = "stochastic",
         module: torch.nn.Module | None = None,
     ) -> None:
-        _check_positive("zo_eps", zo_eps)
+        _as_zo_eps(zo_eps)
         if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries < 1:
             raise ValueError(f"Invalid num_queries: {num_queries!r} (an int >= 1)")
         _check_choice("estimator", estimator, self.estimators)
@@ -213,6 +231,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         # held while a step is in flight (estimate, step, apply_update, state-dict calls): a second call from
         # the closure or from another thread is refused instead of moving weights under the running step
         self._in_flight = threading.Lock()
+        # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
+        self._gate: SignalGate | None = None
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -279,6 +299,15 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ public API
 
     @property
+    def zo_eps(self) -> float:
+        """The perturbation scale ε; validated when set (range ``ZO_EPS_RANGE``), takes effect at the next step."""
+        return self._zo_eps
+
+    @zo_eps.setter
+    def zo_eps(self, value: float) -> None:
+        self._zo_eps = _as_zo_eps(value)
+
+    @property
     def step_count(self) -> int:
         """Steps taken so far (skipped ones included) = the ``t`` of the next seed."""
         return self._t
@@ -321,17 +350,37 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
-        """Refuse ``what`` while another call of this optimizer is in flight (re-entrant or concurrent)."""
-        if not self._in_flight.acquire(blocking=False):
-            raise RuntimeError(
-                f"{type(self).__name__}.{what}() was called while a step of this optimizer is in flight (from "
-                "inside the closure, or from another thread); the optimizer is not re-entrant: call it only "
-                "after estimate()/step() have returned"
-            )
+        """Refuse ``what`` while another call of this optimizer is in flight (re-entrant or concurrent).
+
+        The call runs with signals deferred (see :mod:`._interrupts`): a Ctrl-C that arrives
+        during a pass or its bookkeeping surfaces when the gate next opens (before a closure,
+        around a blocking all-reduce) or when the call returns, never between a write and
+        the record of it. The lock is taken and released inside the gate for the same reason.
+        """
+        with SignalGate() as gate:
+            if not self._in_flight.acquire(blocking=False):
+                raise RuntimeError(
+                    f"{type(self).__name__}.{what}() was called while a step of this optimizer is in flight (from "
+                    "inside the closure, or from another thread); the optimizer is not re-entrant: call it only "
+                    "after estimate()/step() have returned"
+                )
+            try:
+                self._gate = gate
+                yield
+            finally:
+                self._gate = None
+                self._in_flight.release()
+
+    def _ungated(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run user code or a blocking wait with the user's signal handlers live (Ctrl-C interrupts it)."""
+        gate = self._gate
+        if gate is None:
+            return fn(*args)
+        gate.open()  # deferred signals are delivered here, before the call, where the step is consistent
         try:
-            yield
+            return fn(*args)
         finally:
-            self._in_flight.release()
+            gate.close()
 
     @torch.no_grad()
     def estimate(self, closure: Closure, *, seed: int | None = None, weight: Any = None) -> torch.Tensor:
@@ -373,7 +422,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             try:
                 if closure is not None:
                     loss = self._estimate(closure, keep_perturbed=True, seed=seed, weight=weight)
-                self._apply_pending()
+                self._apply_pending(precond_checked=closure is not None)
             except BaseException:
                 self._perturbation.restore()
                 raise
@@ -421,9 +470,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         device = self._trainable()[0].device
         grads = self._as_scalars("projected_grads", projected_grads, device)
         extras = {k: self._as_scalars(k, v, device) for k, v in extra_scalars.items() if v is not None}
+        self._check_scalars(grads, extras)
         self._refresh_layout()
         self._ensure_state()
         self._prepare()
+        self._check_step_inputs()
         self._update(seed, grads, extras, restore=(0.0, 0))
         self._t += 1
 
@@ -562,7 +613,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _sync_seed(self) -> None:
         if not self._seed_synced:
-            self.base_seed = _distributed.broadcast_seed(self.base_seed, self._trainable()[0].device)
+            self.base_seed = self._ungated(_distributed.broadcast_seed, self.base_seed, self._trainable()[0].device)
             self._seed_synced = True
 
     def _perturb_params(self, params: list[torch.Tensor] | None, seed: int, query: int, scale: float) -> None:
@@ -605,7 +656,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         differences keep their precision; every other floating dtype becomes float32.
         """
         with torch.no_grad():
-            loss = closure()
+            loss = self._ungated(closure)
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float64, device=device)
@@ -642,6 +693,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._ensure_state()
         self._check_backends()
         self._prepare()
+        self._check_step_inputs()
         device = self._trainable()[0].device
         pert = self._perturbation
         if self._acc is None:
@@ -683,7 +735,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise
         return probes.loss()
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, precond_checked: bool = False) -> None:
+        # hyper-parameters may have changed since the estimate (a scheduler, a user): checked before the
+        # pending estimate is taken, so a refused step() can be retried once they are fixed
+        self._check_step_inputs(precond=not precond_checked)
         acc, self._acc = self._acc, None
         assert acc is not None and acc.grads is not None
         seed = acc.seed
@@ -694,7 +749,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             names = sorted(acc.extras)
             device = acc.grads.device
             tail = torch.tensor([acc.weight, 1.0 if nonfinite else 0.0], dtype=torch.float32, device=device)
-            packed = _distributed.sum_across_ranks(torch.cat([acc.grads, *(acc.extras[k] for k in names), tail]))
+            packed = self._ungated(
+                _distributed.sum_across_ranks, torch.cat([acc.grads, *(acc.extras[k] for k in names), tail])
+            )
             q = acc.grads.numel()
             total = packed[-2]
             grads = packed[:q] / total
@@ -744,6 +801,49 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self._perturb_chunk(params, ids, seed, restore_query, restore_scale)
                 self._perturbation.mark_restored()
             raise
+
+    def _check_scalars(self, grads: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        """Replayed scalars must be finite (one host sync): a NaN/inf g would be written into every weight."""
+        values = {"projected_grads": grads, **extras}
+        finite = torch.stack([torch.isfinite(v).all() for v in values.values()]).tolist()
+        bad = [name for name, ok in zip(values, finite, strict=True) if not ok]
+        if bad:
+            raise ValueError(
+                f"{type(self).__name__}.apply_update: non-finite {', '.join(bad)} "
+                f"({', '.join(str(values[n].tolist()) for n in bad)}); nothing was applied. A step whose loss was "
+                "non-finite is skipped, not replayed: skip it, or replay it with the scalars of a finite estimate"
+            )
+
+    def _check_step_inputs(self, precond: bool = True) -> None:
+        """What the user may have changed since construction, checked before the first write of a step.
+
+        Every group's hyper-parameters (``_check_group``: an lr set to NaN by hand or by a scheduler
+        would be written into every weight), and the preconditioner of the directions u = z/√P, which
+        must be finite and > 0 (a zero makes u infinite: θ + ε·u − ε·u is then NaN, not θ).
+        """
+        for group in self.param_groups:
+            self._check_group(group)
+        if self.precond_buffer is None or not precond:
+            return
+        bufs = [(i, self.state[p][self.precond_buffer]) for i, p in enumerate(self._trainable())]
+        bufs = [(i, b) for i, b in bufs if b.numel() > 0]
+        if not bufs:
+            return
+        # one read of P and one host sync: min > 0 and max < inf (NaN fails both)
+        bounds = torch.stack([torch.stack(torch.aminmax(b)).to(bufs[0][1].device) for _, b in bufs])
+        ok = (bounds[:, 0] > 0) & (bounds[:, 1] < math.inf)
+        if bool(ok.all()):
+            return
+        j = int((~ok).nonzero()[0, 0])
+        i, buf = bufs[j]
+        bad = int(((buf <= 0) | ~torch.isfinite(buf)).sum())
+        raise ValueError(
+            f"{type(self).__name__}: the preconditioner state {self.precond_buffer!r} of trainable parameter {i} "
+            f"{tuple(buf.shape)} has {bad} value(s) that are zero, negative or non-finite (min "
+            f"{bounds[j, 0].item():g}, max {bounds[j, 1].item():g}); it must be finite and > 0 (the directions "
+            "are z/sqrt of it). Nothing was "
+            f"changed: re-initialise it (opt.state[p][{self.precond_buffer!r}].fill_(1.0)) or load a valid state dict"
+        )
 
     def _as_scalars(self, name: str, value: Any, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1)

@@ -35,7 +35,10 @@ class HiSo(ZOOptimizer):
       per direction, one from the averaged estimate); we use the batch form
       above: one K update from ĝ averaged over the P directions.
     * ε_H (``hessian_eps``, default 1e-8) keeps K > 0 where ĝ = 0 (frozen
-      coordinates, exact zeros); the reference has no such term.
+      coordinates, exact zeros); the reference has no such term. K is also
+      clamped to [``hessian_min``, float32 max] (default floor 1e-10, below ε_H,
+      so it only acts when ``hessian_eps`` < 1e-10: K never reaches 0, where
+      u = z/√K would be infinite and the ±μu round trip would write NaN).
     * z comes from the counter-based contract (device- and rank-independent);
       the reference seeds a ``torch.Generator`` per direction on the device,
       so a CPU/GPU mix diverges.
@@ -64,6 +67,7 @@ class HiSo(ZOOptimizer):
         num_queries: int = 1,
         beta: float = 0.95,
         hessian_eps: float = 1e-8,
+        hessian_min: float = 1e-10,
         k_interval: int = 1,
         weight_decay: float = 0.0,
         estimator: str = "forward",
@@ -71,13 +75,16 @@ class HiSo(ZOOptimizer):
     ) -> None:
         if not isinstance(k_interval, int) or isinstance(k_interval, bool) or k_interval < 1:
             raise ValueError(f"Invalid k_interval: {k_interval!r} (an int >= 1)")
+        if not isinstance(hessian_min, (int, float)) or isinstance(hessian_min, bool) or not 0.0 < hessian_min <= 1.0:
+            raise ValueError(f"Invalid hessian_min: {hessian_min!r} (a floor of K in (0, 1]; K starts at 1)")
         self.k_interval = k_interval
+        self.hessian_min = float(hessian_min)
         self.freeze_precond = False
         defaults = dict(lr=lr, beta=beta, hessian_eps=hessian_eps, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
 
     def _settings(self) -> dict[str, Any]:
-        return {"k_interval": self.k_interval}
+        return {"k_interval": self.k_interval, "hessian_min": self.hessian_min}
 
     def _runtime_state(self) -> dict[str, Any]:
         return {"freeze_precond": bool(self.freeze_precond)}
@@ -101,6 +108,6 @@ class HiSo(ZOOptimizer):
         ops.precond_sgd_update_(
             params, ids, seed, coeffs, lr=group["lr"], precond=[self.state[p]["hessian"] for p in params],
             rule="hiso", update_precond=not self.freeze_precond and step % self.k_interval == 0,
-            precond_decay=beta, precond_rate=1.0 - beta, hessian_eps=group["hessian_eps"],
+            precond_decay=beta, precond_rate=1.0 - beta, hessian_eps=group["hessian_eps"], precond_min=self.hessian_min,
             weight_decay=group["weight_decay"], **op_kwargs,
         )

@@ -47,7 +47,13 @@ class HiZOO(ZOOptimizer):
     * 3 forwards per step (L0, L±); the released code runs a 4th (for logging).
       Passes over the weights: 3 (+εu, −2εu, fused restore + update + Σ update).
 
-    Σ can shrink when h_k z² < 1 (then u grows); no clipping, as in the paper.
+    Σ shrinks where h_k z² < 1 (then u grows): on a flat direction geometrically,
+    by (1 − α) per step. The paper does not bound it; we floor it at ``hessian_min``
+    (default 1e-4, so |u| ≤ 100·|z|): without a floor, α = 0.5 on a flat loss took
+    Σ to 1e-17 in 56 steps and the in-place ±εu round trip, run at |εu| ≈ 3e5, moved
+    the weights by 0.025. With the floor the round trip stays exact to a few ulp of
+    max(|θ|, 100·ε·|z|). Σ is also capped at the float32 maximum (an overflow stays
+    finite instead of turning into inf·0 = NaN at the next update).
 
     Scalars for :meth:`apply_update`: ``projected_grads`` (g_k) and the required
     ``curvature`` (h_k, per query, not divided by q). State: ``hessian`` (Σ, fp32)
@@ -67,13 +73,20 @@ class HiZOO(ZOOptimizer):
         *,
         zo_eps: float = 1e-3,
         hessian_smooth: float = 1e-6,
+        hessian_min: float = 1e-4,
         weight_decay: float = 0.0,
         num_queries: int = 1,
         estimator: str = "central",
         **kwargs: Any,
     ) -> None:
+        if not isinstance(hessian_min, (int, float)) or isinstance(hessian_min, bool) or not 0.0 < hessian_min <= 1.0:
+            raise ValueError(f"Invalid hessian_min: {hessian_min!r} (a floor of Σ in (0, 1]; Σ starts at 1)")
+        self.hessian_min = float(hessian_min)
         defaults = dict(lr=lr, hessian_smooth=hessian_smooth, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"hessian_min": self.hessian_min}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -92,10 +105,20 @@ class HiZOO(ZOOptimizer):
         minus = torch.stack([m.mean() for m in probes.minus])
         return {"curvature": (plus + minus - 2.0 * l0).abs() / (2.0 * probes.zo_eps**2)}
 
+    def _check_scalars(self, grads: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        super()._check_scalars(grads, extras)
+        curvature = extras["curvature"]
+        if bool((curvature < 0).any()):
+            raise ValueError(
+                f"HiZOO.apply_update: negative curvature {curvature.tolist()}; h_k = |L+ + L- - 2 L0| / (2 eps^2) "
+                "is >= 0 (a negative one would shrink Σ towards zero or below); nothing was applied"
+            )
+
     def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         alpha = group["hessian_smooth"]
         ops.precond_sgd_update_(
             params, ids, seed, coeffs, lr=group["lr"], precond=[self.state[p]["hessian"] for p in params],
             rule="hizoo", update_precond=alpha > 0.0, precond_decay=1.0 - alpha, precond_rate=alpha,
-            precond_coeffs=extras["curvature"] / coeffs.numel(), weight_decay=group["weight_decay"], **op_kwargs,
+            precond_coeffs=extras["curvature"] / coeffs.numel(), precond_min=self.hessian_min,
+            weight_decay=group["weight_decay"], **op_kwargs,
         )

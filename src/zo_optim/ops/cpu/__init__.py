@@ -237,6 +237,7 @@ def precond_sgd_update_(
     precond_rate: float,
     precond_coeffs: torch.Tensor | None = None,
     hessian_eps: float = 0.0,
+    precond_min: float = 0.0,
     weight_decay: float = 0.0,
     restore_scale: float = 0.0,
     restore_query: int = 0,
@@ -253,7 +254,8 @@ def precond_sgd_update_(
     _launch(
         _kernels.precond_sgd_kernel, table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0,
         _f32(weight_decay), rule == "hiso", bool(update_precond), _f32(precond_decay), _f32(precond_rate),
-        _scalars(precond_coeffs) if hizoo_update else _EMPTY, _f32(hessian_eps), restore, rscale, rq, sr, slot,
+        _scalars(precond_coeffs) if hizoo_update else _EMPTY, _f32(hessian_eps), _f32(precond_min), restore, rscale,
+        rq, sr, slot,
     )
 
 

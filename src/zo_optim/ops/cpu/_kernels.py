@@ -33,6 +33,7 @@ TABLE_COLUMNS = 6
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
+_F32_MAX = np.float32(np.finfo(np.float32).max)
 _U0 = np.uint64(0)
 _U1 = np.uint64(1)
 
@@ -219,7 +220,7 @@ def adamw_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, decay,
 
 @njit(**JIT)
 def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
-                       decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
+                       decay, rate, curv_coeffs, hessian_eps, floor, restore, restore_scale, restore_query,
                        stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
@@ -241,7 +242,10 @@ def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd,
             d = d + wd * th
         if update:
             new = ge * ge + hessian_eps if hiso else old * curv[lo]
-            precond[lo] = decay * old + rate * new
+            p_new = decay * old + rate * new
+            # clamp to [floor, float32 max]; NaN stays NaN (as torch.clamp)
+            p_new = floor if p_new < floor else p_new
+            precond[lo] = _F32_MAX if p_new > _F32_MAX else p_new
         theta[lo] = th - lr * d
     _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
@@ -249,7 +253,7 @@ def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd,
 
 @njit(parallel=True, **JIT)
 def precond_sgd_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
-                       decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
+                       decay, rate, curv_coeffs, hessian_eps, floor, restore, restore_scale, restore_query,
                        stochastic, slot):
     k0, k1, sl = np.uint64(key0), np.uint64(key1), np.uint64(slot)
     n_blocks = blocks[-1]
@@ -257,7 +261,7 @@ def precond_sgd_kernel(n_chunks, table, blocks, key0, key1, rademacher, coeffs, 
         words, buf = _scratch()
         for b in range(chunk, n_blocks, n_chunks):
             _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, hiso, update,
-                               decay, rate, curv_coeffs, hessian_eps, restore, restore_scale, restore_query,
+                               decay, rate, curv_coeffs, hessian_eps, floor, restore, restore_scale, restore_query,
                                stochastic, sl, words, buf)
 
 

@@ -288,7 +288,7 @@ def adamw_kernel(slot_tab, blk_tab, seed_lo, seed_hi, coeffs, decay, beta1, one_
 
 @triton.jit
 def _precond_body(row, i0, rem, k0, k1, tensor_id, coeffs, precond_coeffs, NUM_Q: tl.constexpr, lr, weight_decay,
-                  precond_decay, precond_rate, hessian_eps, restore_scale, restore_query, rounding_slot,
+                  precond_decay, precond_rate, hessian_eps, precond_min, restore_scale, restore_query, rounding_slot,
                   NCOL: tl.constexpr, DTYPE: tl.constexpr, HAS_WD: tl.constexpr, UPDATE: tl.constexpr,
                   HIZOO: tl.constexpr, HAS_RESTORE: tl.constexpr, RESTORE_IN_Q: tl.constexpr,
                   RADEMACHER: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
@@ -307,13 +307,17 @@ def _precond_body(row, i0, rem, k0, k1, tensor_id, coeffs, precond_coeffs, NUM_Q
             new = old * curv
         else:
             new = g * g + hessian_eps
-        _store(s_ptr, precond_decay * old + precond_rate * new, rem, MASKED, BLOCK)
+        p_new = precond_decay * old + precond_rate * new
+        # clamp to [precond_min, float32 max] with compares, so NaN stays NaN (as torch.clamp; fmaxf would drop it)
+        p_new = tl.where(p_new < precond_min, precond_min, p_new)
+        p_new = tl.where(p_new > 3.4028234663852886e38, 3.4028234663852886e38, p_new)
+        _store(s_ptr, p_new, rem, MASKED, BLOCK)
     _store_param(p_ptr, theta - lr * d, rem, i0, k0, k1, tensor_id, rounding_slot, DTYPE, STOCHASTIC, MASKED, BLOCK)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def precond_kernel(slot_tab, blk_tab, seed_lo, seed_hi, coeffs, precond_coeffs, lr, weight_decay,
-                   precond_decay, precond_rate, hessian_eps, restore_scale, restore_query, rounding_slot,
+                   precond_decay, precond_rate, hessian_eps, precond_min, restore_scale, restore_query, rounding_slot,
                    NCOL: tl.constexpr, DTYPE: tl.constexpr, HAS_WD: tl.constexpr, UPDATE: tl.constexpr,
                    HIZOO: tl.constexpr, HAS_RESTORE: tl.constexpr, RESTORE_IN_Q: tl.constexpr,
                    RADEMACHER: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
@@ -323,12 +327,14 @@ def precond_kernel(slot_tab, blk_tab, seed_lo, seed_hi, coeffs, precond_coeffs, 
     k0, k1 = _seed_words(seed_lo, seed_hi)
     if rem >= BLOCK:
         _precond_body(row, i0, rem, k0, k1, tensor_id, coeffs, precond_coeffs, NUM_Q, lr, weight_decay,
-                      precond_decay, precond_rate, hessian_eps, restore_scale, restore_query, rounding_slot, NCOL,
+                      precond_decay, precond_rate, hessian_eps, precond_min, restore_scale, restore_query,
+                      rounding_slot, NCOL,
                       DTYPE, HAS_WD, UPDATE, HIZOO, HAS_RESTORE, RESTORE_IN_Q, RADEMACHER, STOCHASTIC, ALIGNED,
                       False, BLOCK)
     else:
         _precond_body(row, i0, rem, k0, k1, tensor_id, coeffs, precond_coeffs, NUM_Q, lr, weight_decay,
-                      precond_decay, precond_rate, hessian_eps, restore_scale, restore_query, rounding_slot, NCOL,
+                      precond_decay, precond_rate, hessian_eps, precond_min, restore_scale, restore_query,
+                      rounding_slot, NCOL,
                       DTYPE, HAS_WD, UPDATE, HIZOO, HAS_RESTORE, RESTORE_IN_Q, RADEMACHER, STOCHASTIC, ALIGNED,
                       True, BLOCK)
 

@@ -344,6 +344,7 @@ def precond_sgd_update_(
     precond_rate: float,
     precond_coeffs: torch.Tensor | None = None,
     hessian_eps: float = 0.0,
+    precond_min: float = 0.0,
     weight_decay: float = 0.0,
     restore_scale: float = 0.0,
     restore_query: int = 0,
@@ -361,7 +362,7 @@ def precond_sgd_update_(
         _launch(
             kernels.precond_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs,
             coeffs if precond_coeffs is None else precond_coeffs, float(lr), float(weight_decay),
-            float(precond_decay), float(precond_rate), float(hessian_eps), float(restore_scale),
+            float(precond_decay), float(precond_rate), float(hessian_eps), float(precond_min), float(restore_scale),
             rq, rs,
             HAS_WD=weight_decay != 0.0, UPDATE=bool(update_precond), HIZOO=hizoo,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
