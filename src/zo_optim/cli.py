@@ -15,6 +15,7 @@ COMMANDS = {
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
     "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
+    "bench finetune": ("zo_optim.bench.finetune", "MiniLM tweet fine-tune through the HF Trainer: accuracy, memory"),
 }
 
 

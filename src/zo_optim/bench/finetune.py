@@ -1,0 +1,243 @@
+"""``zo-optim bench finetune``: a real fine-tune through ``transformers.Trainer`` (issue 11 item 7).
+
+The packaged all-MiniLM-L6-v2 (22.7M parameters) on the packaged tweet sentiment task, LoRA (peft)
+and full-parameter, every zo-optim optimizer (at its default lr and, with ``--lr-grid``, a small grid)
+through :class:`~zo_optim.integrations.hf.ZOTrainer`, and first-order AdamW with backprop on the same
+Trainer as the reference. Each (config, seed) runs in a fresh process, so peak-memory high-water marks
+never mix: process RSS high-water mark on CPU, the CUDA allocator's peak on GPU. Each worker also
+records its peak right after one inference-only forward of a training batch (before any training
+step), the "inference" baseline of the same process.
+
+Output (``--out``): ``finetune.csv`` (long format, :mod:`zo_optim.bench.report`), ``finetune.png``
+(held-out accuracy vs forwards and vs wall-clock, mean over seeds), ``env.json``; the terminal shows
+mean ± std over seeds. Forwards count forward passes of the model; a backprop step counts as
+1 forward + 2 (its backward).
+
+The default size finishes in seconds-to-a-minute (CI); ``--full`` is the recorded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import report
+
+OPTIMIZERS = ("mezo", "zoadam", "hizoo", "helene", "hiso")
+MODES = ("lora", "full")
+# default lr per mode for the ZO optimizers, and for the AdamW reference
+ZO_LR = {"lora": 1e-3, "full": 1e-5}
+ADAMW_LR = {"lora": 1e-3, "full": 5e-5}
+LR_GRID = (0.3, 3.0)  # multipliers of the default with --lr-grid
+
+
+def _peak_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One (mode, optimizer, lr, seed) run in this process; returns its curve and peaks."""
+    from .. import assets
+
+    assets.set_offline()
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from ..integrations.hf import ZOTrainer, ZOTrainingArguments
+
+    torch.set_num_threads(cfg["threads"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = assets.load_minilm_tokenizer()
+    model = AutoModelForSequenceClassification.from_pretrained(str(assets.minilm_path()), num_labels=2,
+                                                               local_files_only=True)
+    if cfg["mode"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                                 target_modules=["query", "value"]))
+    split = assets.load_tweet_sentiment(n_train=cfg["train_examples"], n_eval=cfg["eval_examples"], seed=0)
+
+    def rows(texts, labels):
+        enc = tok(list(texts), truncation=True, max_length=cfg["max_len"])
+        return [{"input_ids": i, "attention_mask": m, "labels": y}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels, strict=True)]
+
+    train, held_out = rows(split.train_texts, split.train_labels), rows(split.eval_texts, split.eval_labels)
+    collate = DataCollatorWithPadding(tok)
+    model.to(device).eval()
+    with torch.no_grad():  # the inference baseline: this process's peak after one forward, before training
+        model(**{k: v.to(device) for k, v in collate(train[: cfg["batch_size"]]).items()})
+    inference_peak = _peak_mib(device)
+
+    import numpy as np
+
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    forwards = {"n": 0, "on": False}
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + forwards["on"]))
+    curve: list[tuple[int, float, float]] = []
+
+    class Track(TrainerCallback):
+        train_s = 0.0
+        t0 = 0.0
+
+        def on_step_begin(self, *a, **k):
+            forwards["on"], self.t0 = True, time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            forwards["on"] = False
+            self.train_s += time.perf_counter() - self.t0
+
+        def on_evaluate(self, args, state, control, metrics=None, **k):
+            curve.append((forwards["n"], self.train_s, float(metrics["eval_accuracy"])))
+
+    common = dict(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch_size"],
+                  per_device_eval_batch_size=64, learning_rate=cfg["lr"], lr_scheduler_type="constant",
+                  eval_strategy="steps", eval_steps=cfg["eval_every"], logging_strategy="no", save_strategy="no",
+                  report_to=[], use_cpu=device == "cpu", disable_tqdm=True, seed=cfg["seed"])
+    kw = dict(model=model, train_dataset=train, eval_dataset=held_out, data_collator=collate,
+              compute_metrics=accuracy, callbacks=[Track()])
+    if cfg["optimizer"] == "adamw":
+        trainer = Trainer(args=TrainingArguments(**common, optim="adamw_torch", weight_decay=0.0), **kw)
+        per_step = 3  # forward + backward (≈ 2 forwards)
+    else:
+        trainer = ZOTrainer(args=ZOTrainingArguments(**common, zo_optimizer=cfg["optimizer"], zo_eps=1e-3,
+                                                     zo_loss_weighting="tokens"), **kw)
+        per_step = None
+    t = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t
+    if per_step is not None:  # backprop: count the backward as 2 forwards
+        curve = [(n * per_step, s, a) for n, s, a in curve]
+    return {"curve": curve, "inference_peak_mib": inference_peak, "train_peak_mib": _peak_mib(device),
+            "wall_s": wall, "device": device}
+
+
+def _configs(modes, optimizers, lr_grid: bool) -> list[tuple[str, str, float]]:
+    out = []
+    for mode in modes:
+        for name in optimizers:
+            lrs = [ZO_LR[mode]] + ([ZO_LR[mode] * m for m in LR_GRID] if lr_grid else [])
+            out += [(mode, name, lr) for lr in lrs]
+        out.append((mode, "adamw", ADAMW_LR[mode]))
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zo-optim bench finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p.add_argument("--lr-grid", action="store_true", help=f"also lr × {LR_GRID}")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps // 4")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-examples", type=int, default=64)
+    p.add_argument("--eval-examples", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--full", action="store_true",
+                   help="the real size: 3 seeds, 300 steps, 1000 train / 500 held out")
+    p.add_argument("--out", type=Path, default=Path("bench-finetune"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.worker:
+        print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.full:
+        a.seeds, a.steps, a.train_examples, a.eval_examples = 3, 300, 1000, 500
+    eval_every = a.eval_every or max(1, a.steps // 4)
+    env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "finetune", *argv])
+    rows: list[report.Row] = []
+    table = []
+    curves: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    for mode, name, lr in _configs(a.modes, a.optimizers, a.lr_grid):
+        label = f"{mode}/{name}/lr={lr:g}"
+        results = []
+        for seed in range(a.seeds):
+            cfg = dict(mode=mode, optimizer=name, lr=lr, seed=seed, steps=a.steps, eval_every=eval_every,
+                       batch_size=a.batch_size, train_examples=a.train_examples, eval_examples=a.eval_examples,
+                       max_len=a.max_len, threads=a.threads, out=str(a.out / "runs" / f"{mode}-{name}-{lr:g}-{seed}"))
+            proc = subprocess.run([sys.executable, "-m", "zo_optim.bench.finetune", "--worker", json.dumps(cfg)],
+                                  capture_output=True, text=True, env=dict(os.environ, **_offline()))
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZO_RESULT ")]
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"bench finetune worker {label} seed {seed} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(line[-1][len("ZO_RESULT "):]))
+        for r in results:
+            for n, s, acc in r["curve"]:
+                rows.append(report.Row(label, mode, "held_out_accuracy", "fraction", n, acc))
+                rows.append(report.Row(label, mode, "train_seconds", "s", n, s))
+        acc = _mean_std([r["curve"][-1][2] for r in results])
+        inf = _mean_std([r["inference_peak_mib"] for r in results])
+        peak = _mean_std([r["train_peak_mib"] for r in results])
+        wall = _mean_std([r["wall_s"] for r in results])
+        fwd = results[0]["curve"][-1][0]
+        for metric, unit, (m, _) in (("final_accuracy", "fraction", acc), ("peak_memory", "MiB", peak),
+                                     ("inference_peak_memory", "MiB", inf), ("wall_clock", "s", wall)):
+            rows.append(report.Row(label, mode, metric, unit, fwd, m))
+        table.append([mode, name, lr, f"{acc[0]:.3f} ± {acc[1]:.3f}", fwd, f"{wall[0]:.0f} ± {wall[1]:.0f}",
+                      f"{peak[0]:.0f}", f"{inf[0]:.0f}", peak[0] / inf[0]])
+        k = len(results[0]["curve"])
+        curves[label] = ([results[0]["curve"][i][0] for i in range(k)],
+                         [sum(r["curve"][i][1] for r in results) / len(results) for i in range(k)],
+                         [sum(r["curve"][i][2] for r in results) / len(results) for i in range(k)])
+    a.out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(a.out / "finetune.csv", rows, env)
+    report.write_environment(a.out / "env.json", env, **{k: (str(v) if isinstance(v, Path) else v)
+                                                          for k, v in vars(a).items() if k != "worker"})
+    # peak vs the AdamW run of the same mode
+    adamw = {t[0]: float(t[6]) for t in table if t[1] == "adamw"}
+    headers = ["mode", "optimizer", "lr", "accuracy", "forwards", "wall s", "peak MiB", "inference MiB",
+               "peak/inference", "peak/AdamW"]
+    table = [[*t, float(t[6]) / adamw[t[0]] if t[0] in adamw else float("nan")] for t in table]
+    print(report.format_table(headers, table, digits=3,
+                              title=f"bench finetune ({a.seeds} seeds, {a.steps} steps, batch {a.batch_size}; "
+                                    f"{env.device})"))
+    try:
+        report.plot_lines(a.out / "finetune_forwards.png", {k: (v[0], v[2]) for k, v in curves.items()},
+                          title="held-out accuracy vs forwards", xlabel="forward passes", ylabel="accuracy")
+        report.plot_lines(a.out / "finetune_wallclock.png", {k: (v[1], v[2]) for k, v in curves.items()},
+                          title="held-out accuracy vs training seconds", xlabel="seconds", ylabel="accuracy")
+    except ImportError:
+        print("(matplotlib not installed: no PNG)")
+    return 0
+
+
+def _offline() -> dict[str, str]:
+    from .. import assets
+
+    return assets.offline_env()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""``ZOTrainerMixin``: a ``transformers.Trainer`` that steps a zo-optim optimizer with forwards only.
+
+How one optimizer step runs through the stock training loop (verified on transformers 5.24 /
+accelerate 1.15):
+
+* ``training_step`` (once per micro-batch) prepares the inputs and calls
+  ``opt.estimate(closure, weight=w)``: the closure computes ``compute_loss`` under ``no_grad`` and
+  ``compute_loss_context_manager()`` (autocast). No backward runs, no gradient is stored.
+* The Trainer's own ``optimizer.step()`` (accelerate's wrapper → our ``step()`` without closure)
+  then applies the accumulated estimate, so gradient accumulation, lr schedulers, evaluation,
+  checkpoints and ``resume_from_checkpoint`` keep their usual meaning.
+
+Loss weighting: the Trainer's ``num_items_in_batch`` is never passed to the loss (it is the token
+count of the whole accumulated batch, multiplied by the world size under
+``average_tokens_across_devices``): each micro-batch's loss is its own mean. ``"mean"`` gives every
+micro-batch weight 1 (a mean of means); ``"tokens"`` weighs it by its label count (``labels != -100``,
+shifted like the causal-LM loss), and the optimizer forms Σ w·g / Σ w across micro-batches and
+ranks — exactly the token mean of one big batch.
+
+Dropout: ``"off"`` runs the probes in eval mode and restores every module's ``training`` flag;
+``"shared"`` keeps train mode and seeds torch's RNG (forked, so the global stream is untouched)
+from the step seed and the micro-batch index before each probe, so both probes — and all ranks —
+see the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ... import rng
+from ...optim import ZOOptimizer
+from ._args import force_no_clipping, resolve_optimizer, zo_settings
+
+__all__ = ["ZOTrainer", "ZOTrainerMixin", "label_count", "unwrap_zo_optimizer"]
+
+logger = logging.getLogger(__name__)
+
+_SEED_SALT = 0x7A6F_2D68_665F_7365  # "zo-hf_se": keeps the optimizer's stream apart from other uses of args.seed
+
+
+def unwrap_zo_optimizer(optimizer: Any) -> ZOOptimizer:
+    """The zo-optim optimizer inside accelerate's (or any) ``.optimizer`` wrappers, else TypeError."""
+    opt = optimizer
+    for _ in range(8):  # AcceleratedOptimizer, and wrappers of wrappers
+        if isinstance(opt, ZOOptimizer):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            break
+    raise TypeError(
+        f"ZOTrainer needs a zo-optim optimizer (zo_optim.MeZO, ZOAdam, HiZOO, HELENE, HiSo), got "
+        f"{type(optimizer).__name__}: a first-order optimizer needs the backward pass that ZOTrainer skips. "
+        "Use transformers.Trainer for it, or pass zo_optimizer=... / optimizers=(zo_optim.MeZO(...), None)"
+    )
+
+
+def label_count(inputs: dict[str, Any], shift: bool) -> int:
+    """Labels the loss of this micro-batch averages over: ``labels != -100`` (``labels[..., 1:]`` when ``shift``).
+
+    A collator's ``shift_labels`` (padding-free collators) is counted as given.
+    """
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    elif "labels" in inputs:
+        labels = inputs["labels"][..., 1:] if shift else inputs["labels"]
+    else:
+        raise ValueError(
+            "zo_loss_weighting='tokens' needs 'labels' in the batch (to count them); "
+            "use zo_loss_weighting='mean' for a model that computes its loss without labels"
+        )
+    if not torch.is_tensor(labels):
+        labels = torch.as_tensor(labels)
+    return int(labels.ne(-100).sum())
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every sub-module in eval mode; each one's own ``training`` flag restored afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _refuse_fp16(args: Any) -> None:
+    if args is None or getattr(args, "fp16", False):
+        raise ValueError(
+            "ZOTrainer cannot train with fp16=True: the fp16 GradScaler unscales and checks gradients that a "
+            "zeroth-order step never computes. Use bf16=True (with zo_perturbation='transient' when the weights "
+            "themselves are bf16: perturbations then never round the stored weights), or full precision"
+        )
+
+
+class ZOTrainerMixin:
+    """Mix into ``transformers.Trainer`` (or a subclass, e.g. TRL's ``SFTTrainer``) *before* it.
+
+    The optimizer comes from, in this order: ``optimizers=(opt, None)``;
+    ``optimizer_cls_and_kwargs=(cls, kwargs)`` (a ZO class; ``lr`` defaults to
+    ``args.learning_rate``); the ``zo_*`` arguments (:class:`ZOTrainingArguments`; defaults when
+    the arguments are a plain ``TrainingArguments``). Anything else is refused.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if train_args is not None:  # before the Trainer builds its accelerator (and GradScaler)
+            _refuse_fp16(train_args)
+            force_no_clipping(train_args)
+        super().__init__(*args, **kwargs)
+        trainer: Any = self
+        self.zo_settings = zo_settings(trainer.args)
+        _refuse_fp16(trainer.args)
+        force_no_clipping(trainer.args)
+        if trainer.optimizer is not None:
+            unwrap_zo_optimizer(trainer.optimizer)  # refuse a first-order optimizer now, not at step 1
+        if trainer.optimizer_cls_and_kwargs is not None:
+            cls = trainer.optimizer_cls_and_kwargs[0]
+            if not (isinstance(cls, type) and issubclass(cls, ZOOptimizer)):
+                unwrap_zo_optimizer(cls)  # raises the same TypeError
+        if getattr(trainer.accelerator, "scaler", None) is not None:
+            _refuse_fp16(None)
+        self._zo_micro = 0
+        self._zo_shift: bool | None = None
+        self._zo_probing = False  # True while the forwards of one estimate run (compute_loss may ask)
+        self._zo_probe_index = -1
+
+    # ------------------------------------------------------------------ optimizer
+
+    @property
+    def zo_optimizer(self) -> ZOOptimizer:
+        """The zo-optim optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``)."""
+        return unwrap_zo_optimizer(self.optimizer)  # type: ignore[attr-defined]
+
+    def _zo_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The Trainer's decay / no-decay split, as (name, tensor) pairs so names reach the optimizer."""
+        trainer: Any = self
+        decay = set(trainer.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": trainer.args.weight_decay},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def _zo_default_seed(self) -> int:
+        # the Trainer seeds Python's random with args.seed, so the optimizer's seed=None would not be random
+        # anyway; derive it explicitly so the run is a function of args.seed
+        return rng.splitmix64((int(self.args.seed) ^ _SEED_SALT) % 2**64)  # type: ignore[attr-defined]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        trainer: Any = self
+        opt_model = trainer.model if model is None else model
+        if trainer.optimizer is None:
+            s = self.zo_settings
+            if trainer.optimizer_cls_and_kwargs is not None:
+                cls, user_kwargs = trainer.optimizer_cls_and_kwargs
+                kwargs: dict[str, Any] = {"lr": trainer.args.learning_rate, "seed": self._zo_default_seed(),
+                                          **dict(user_kwargs)}
+            else:
+                cls = resolve_optimizer(s["zo_optimizer"])
+                kwargs = {"lr": trainer.args.learning_rate, "zo_eps": s["zo_eps"], "num_queries": s["zo_num_queries"],
+                          "seed": self._zo_default_seed(), **s["zo_optimizer_kwargs"]}
+                if s["zo_perturbation"] == "transient":
+                    kwargs["module"] = opt_model
+            trainer.optimizer = cls(self._zo_param_groups(opt_model), **kwargs)
+        unwrap_zo_optimizer(trainer.optimizer)
+        return trainer.optimizer
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def _zo_loss_shifts_labels(self) -> bool:
+        """Whether the model's loss shifts labels (causal LM): then position 0 of each row predicts nothing.
+
+        The Trainer's own ``_loss_shifts_labels`` looks at ``model.loss_type``, which is None for a model built
+        from a config (transformers 5.24: a GPT-2 from ``GPT2Config`` was miscounted), so the model's
+        ``loss_function`` and the causal-LM class table are asked too.
+        """
+        if self._zo_shift is None:
+            trainer: Any = self
+            shift = bool(getattr(trainer, "_loss_shifts_labels", False))
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if hasattr(model, "get_base_model"):  # PEFT
+                model = model.get_base_model()
+            if not shift and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+                try:
+                    from transformers.loss.loss_utils import ForCausalLMLoss
+
+                    shift = getattr(model, "loss_function", None) is ForCausalLMLoss
+                except ImportError:  # transformers < 4.46
+                    pass
+                if not shift:
+                    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+                    shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            self._zo_shift = shift
+        return self._zo_shift
+
+    def _zo_weight(self, inputs: dict[str, Any]) -> float | None:
+        if self.zo_settings["zo_loss_weighting"] == "mean":
+            return None
+        n = label_count(inputs, shift=self._zo_loss_shifts_labels())
+        if n <= 0:
+            raise ValueError(
+                "a micro-batch has no labels to learn from (every label is -100), so zo_loss_weighting='tokens' gives "
+                "it weight 0; drop such examples from the dataset"
+            )
+        return float(n)
+
+    def _zo_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """One probe: the micro-batch's own mean loss (never scaled by the Trainer's ``num_items_in_batch``)."""
+        trainer: Any = self
+        self._zo_probe_index += 1  # which forward of this micro-batch is running (subclasses read it)
+        with self.compute_loss_context_manager():  # type: ignore[attr-defined]
+            loss = trainer.compute_loss(model, inputs, num_items_in_batch=None)
+        if trainer.args.n_gpu > 1 and loss.dim() > 0:
+            loss = loss.mean()  # torch.nn.DataParallel returns one loss per device
+        return loss
+
+    def _zo_closure(self, model: nn.Module, inputs: dict[str, Any], opt: ZOOptimizer) -> Callable[[], torch.Tensor]:
+        if self.zo_settings["zo_dropout"] == "off":
+            return lambda: self._zo_loss(model, inputs)
+        # "shared": the same masks in every probe of this micro-batch (and on every rank), independent masks for
+        # different micro-batches and steps; forked so the Trainer's own RNG stream does not move
+        mask_seed = rng.splitmix64(opt.current_seed ^ self._zo_micro)
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+
+        def closure() -> torch.Tensor:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(mask_seed)
+                return self._zo_loss(model, inputs)
+
+        return closure
+
+    def _zo_probes(self, run: Callable[[], torch.Tensor], model: nn.Module) -> torch.Tensor:
+        """Run ``run`` (the estimate); with dropout "off", in eval mode with ``training`` flags restored after."""
+        if self.zo_settings["zo_dropout"] == "off":
+            with _eval_mode(model):
+                return run()
+        return run()
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """One micro-batch: ``opt.estimate(closure, weight=...)``; the Trainer's ``optimizer.step()`` applies it.
+
+        ``num_items_in_batch`` is not used (see the module docstring). Returns the loss estimate divided by the
+        number of micro-batches of this step, which is how the Trainer sums it into the logged ``loss``.
+        """
+        trainer: Any = self
+        model.train()
+        opt = self.zo_optimizer
+        if opt.pending_seed is None:
+            self._zo_micro = 0
+        inputs = trainer._prepare_inputs(inputs)
+        weight = self._zo_weight(inputs)
+        closure = self._zo_closure(model, inputs, opt)
+        self._zo_probe_index, self._zo_probing = -1, True
+        try:
+            loss = self._zo_probes(lambda: opt.estimate(closure, weight=weight), model)
+        finally:
+            self._zo_probing = False
+        self._zo_micro += 1
+        steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+        steps = steps or trainer.args.gradient_accumulation_steps
+        return (loss.detach().float() / steps).to(trainer.args.device)
+
+    # ------------------------------------------------------------------ logging
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
+        # no gradients exist: log no grad_norm at all rather than the 0.0 of empty .grad fields
+        return None
+
+    def _clip_grad_norm(self, model: nn.Module) -> None:
+        return None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):  # a training log
+            logs.pop("grad_norm", None)
+            try:
+                opt = self.zo_optimizer
+            except TypeError:
+                opt = None
+            if opt is not None:
+                if opt.last_projected_grads is not None:
+                    logs["zo/projected_grad"] = float(opt.last_projected_grads.float().mean())
+                logs["zo/skipped_steps"] = float(opt.skipped_steps)
+                logs["zo/step"] = float(opt.step_count)
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class ZOTrainer(ZOTrainerMixin, Trainer):
+    """``transformers.Trainer`` with a zeroth-order optimizer: forward passes only (see :class:`ZOTrainerMixin`)."""

@@ -1,0 +1,57 @@
+"""Run by tests/test_hf_exactness.py under ``python -m torch.distributed.run --nproc_per_node 2`` (gloo, CPU).
+
+Trains a tiny GPT-2 with ZOTrainer (per-device batch 2, token weighting) and saves, per rank, the final
+weights and the projected gradient of every step to ``<out>/rank<r>.pt``. Also runnable without torchrun
+(one process, ``--batch 4``): the same global batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch
+from transformers import TrainerCallback
+
+import hf_tiny as T
+from zo_optim.integrations.hf import ZOTrainer
+
+
+class SequentialZOTrainer(ZOTrainer):
+    """Batches in dataset order, so one process with batch 4 sees what two ranks with batch 2 see together."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+class RecordG(TrainerCallback):
+    def __init__(self):
+        self.trainer = None
+        self.grads = []
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.grads.append(self.trainer.zo_optimizer.last_projected_grads.clone())
+
+
+def run(out: str, batch: int, steps: int = 3) -> dict:
+    rec = RecordG()
+    args = T.zo_args(out, per_device_train_batch_size=batch, max_steps=steps, zo_loss_weighting="tokens",
+                     zo_eps=1e-2, zo_optimizer_kwargs={"backend": "reference"},
+                     ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None)
+    trainer = SequentialZOTrainer(model=T.tiny_gpt2(), args=args, train_dataset=T.causal_lm_rows(24, seed=3),
+                                  callbacks=[rec])
+    rec.trainer = trainer
+    trainer.train()
+    return {"weights": T.weights(trainer.model), "grads": torch.stack(rec.grads), "world": args.world_size}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--batch", type=int, default=2)
+    a = p.parse_args()
+    result = run(a.out, a.batch)
+    torch.save(result, os.path.join(a.out, f"rank{int(os.environ.get('RANK', 0))}.pt"))

@@ -1,0 +1,27 @@
+"""``zo-optim bench finetune`` at its CI size (issue 11 item 7): real Trainer runs in fresh processes."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from zo_optim import cli
+from zo_optim.bench import report
+
+
+@pytest.mark.slow
+def test_bench_finetune_ci_size(tmp_path, capsys):
+    assert cli.main(["bench", "finetune", "--modes", "lora", "--optimizers", "mezo", "--steps", "2",
+                     "--train-examples", "16", "--eval-examples", "16", "--out", str(tmp_path)]) == 0
+    rows = report.read_csv(tmp_path / "finetune.csv")
+    names = {r["name"] for r in rows}
+    assert names == {"lora/mezo/lr=0.001", "lora/adamw/lr=0.001"}
+    metrics = {(r["name"], r["metric"]): r["value"] for r in rows}
+    for name in names:
+        assert 0.0 <= metrics[(name, "final_accuracy")] <= 1.0
+        # every worker's peak is at least its own inference peak (high-water marks of one fresh process)
+        assert metrics[(name, "peak_memory")] >= metrics[(name, "inference_peak_memory")] > 50
+    assert (tmp_path / "env.json").is_file() and (tmp_path / "finetune_forwards.png").is_file()
+    assert "peak/AdamW" in capsys.readouterr().out

@@ -1,0 +1,43 @@
+"""The examples/ scripts run offline on CPU in their --smoke mode (issue 11 item 6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(cmd: list[str], tmp_path: Path) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run([*cmd, "--smoke", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out accuracy:" in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_hf_trainer_minilm_smoke(tmp_path):
+    _run([sys.executable, str(EXAMPLES / "hf_trainer_minilm.py")], tmp_path)
+
+
+@pytest.mark.slow
+def test_hf_peft_lora_smoke(tmp_path):
+    pytest.importorskip("peft")
+    out = _run([sys.executable, str(EXAMPLES / "hf_peft_lora.py")], tmp_path)
+    assert "LoRA" in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_ddp_smoke(tmp_path):
+    out = _run(["bash", str(EXAMPLES / "torchrun_ddp.sh")], tmp_path)
+    assert out.count("held-out accuracy:") == 1  # printed by rank 0 only

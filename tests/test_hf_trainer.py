@@ -1,0 +1,199 @@
+"""ZOTrainer through a real transformers.Trainer on tiny random-init models (CPU, offline).
+
+Covers issue 11 items 1, 2 and 4: training_step / create_optimizer / logging, the ZOTrainingArguments,
+optimizers=(opt, None) and optimizer_cls_and_kwargs, refusals, fp16, dropout "off" / "shared".
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+import hf_tiny as T
+import zo_optim
+from zo_optim.integrations.hf import ZOTrainer, ZOTrainingArguments, label_count
+
+REF = {"backend": "reference"}  # no numba JIT warm-up in every test process
+
+
+def _train(model, tmp_path, data=None, callbacks=None, **kw):
+    kw.setdefault("zo_optimizer_kwargs", REF)
+    trainer = ZOTrainer(model=model, args=T.zo_args(tmp_path, **kw), train_dataset=data or T.causal_lm_rows(16),
+                        callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_trains_forward_only_and_logs_honestly(tmp_path, caplog):
+    model = T.tiny_gpt2()
+    before = T.weights(model)
+    with caplog.at_level(logging.WARNING):
+        trainer = _train(model, tmp_path, max_steps=3, max_grad_norm=1.0)
+    assert "max_grad_norm=1.0 is ignored" in caplog.text
+    assert trainer.args.max_grad_norm == 0
+    opt = trainer.zo_optimizer
+    assert isinstance(opt, zo_optim.MeZO) and opt is not trainer.optimizer  # accelerate wraps it
+    assert opt.step_count == 3
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
+    assert any(not torch.equal(before[k], v) for k, v in T.weights(model).items())
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 3
+    assert all("grad_norm" not in h for h in trainer.state.log_history)
+    assert [h["zo/step"] for h in train_logs] == [1.0, 2.0, 3.0]
+    assert all(h["zo/skipped_steps"] == 0.0 for h in train_logs)
+    assert train_logs[-1]["zo/projected_grad"] == pytest.approx(float(opt.last_projected_grads.mean()))
+
+
+def test_create_optimizer_uses_the_trainer_settings(tmp_path):
+    model = T.tiny_bert()
+    args = T.zo_args(tmp_path, learning_rate=3e-4, weight_decay=0.1, zo_optimizer="zoadam", zo_eps=2e-3,
+                     zo_num_queries=2, zo_optimizer_kwargs={**REF, "betas": (0.8, 0.9)})
+    trainer = ZOTrainer(model=model, args=args, train_dataset=T.classification_rows(8))
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, zo_optim.ZOAdam)
+    assert (opt.zo_eps, opt.num_queries) == (2e-3, 2)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.8, 0.9) for g in opt.param_groups)
+    # the Trainer's own split: biases and LayerNorm weights do not decay; names reach the optimizer
+    assert any(n.endswith("bias") for n in no_decay["param_names"])
+    assert any("LayerNorm" in n for n in no_decay["param_names"])
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decay["param_names"])
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+    # the seed is a function of args.seed (not of Python's random state)
+    same = ZOTrainer(model=T.tiny_bert(), args=T.zo_args(tmp_path, zo_optimizer_kwargs=REF)).create_optimizer()
+    other = ZOTrainer(model=T.tiny_bert(), args=T.zo_args(tmp_path, seed=1, zo_optimizer_kwargs=REF))
+    assert same.base_seed == opt.base_seed != other.create_optimizer().base_seed
+
+
+def test_transient_perturbation_attaches_the_model(tmp_path):
+    model = T.tiny_opt()
+    trainer = _train(model, tmp_path, max_steps=2, zo_perturbation="transient")
+    assert trainer.zo_optimizer.perturbation == "transient"
+    ref = _train(T.tiny_opt(), tmp_path / "b", max_steps=2)
+    # transient and in-place perturbations measure the same losses up to rounding
+    assert torch.allclose(trainer.zo_optimizer.last_projected_grads, ref.zo_optimizer.last_projected_grads,
+                          rtol=1e-3, atol=1e-3)
+
+
+def test_optimizers_tuple_and_cls_and_kwargs_match_the_named_optimizer(tmp_path):
+    named = _train(T.tiny_gpt2(), tmp_path / "a", max_steps=2, learning_rate=2e-3)
+    seed = named.zo_optimizer.base_seed
+
+    model = T.tiny_gpt2()
+    opt = zo_optim.MeZO(model.parameters(), lr=2e-3, zo_eps=1e-3, seed=seed, backend="reference")
+    tup = ZOTrainer(model=model, args=T.zo_args(tmp_path / "b", max_steps=2, learning_rate=2e-3),
+                    train_dataset=T.causal_lm_rows(16), optimizers=(opt, None))
+    tup.train()
+    assert tup.zo_optimizer is opt and opt.step_count == 2
+    # one group in its own parameter order (no decay split): other tensor ids, so other directions
+    assert not torch.equal(opt.last_projected_grads, named.zo_optimizer.last_projected_grads)
+
+    # optimizer_cls_and_kwargs: lr comes from args.learning_rate (it was silently ignored before)
+    model_c = T.tiny_gpt2()
+    cls_kw = ZOTrainer(model=model_c, args=T.zo_args(tmp_path / "c", max_steps=2, learning_rate=2e-3),
+                       train_dataset=T.causal_lm_rows(16),
+                       optimizer_cls_and_kwargs=(zo_optim.MeZO, {"zo_eps": 1e-3, "backend": "reference"}))
+    cls_kw.train()
+    assert all(g["initial_lr"] == 2e-3 for g in cls_kw.zo_optimizer.param_groups)  # the scheduler's base lr
+    assert cls_kw.zo_optimizer.base_seed == seed  # and the seed from args.seed, as for the named optimizer
+    for k, v in T.weights(named.model).items():
+        assert torch.equal(v, cls_kw.model.state_dict()[k]), k
+
+
+def test_first_order_optimizers_are_refused(tmp_path):
+    model = T.tiny_gpt2()
+    args = T.zo_args(tmp_path)
+    with pytest.raises(TypeError, match=r"needs a zo-optim optimizer.*AdamW"):
+        ZOTrainer(model=model, args=args, optimizers=(torch.optim.AdamW(model.parameters()), None))
+    with pytest.raises(TypeError, match="needs a zo-optim optimizer"):
+        ZOTrainer(model=model, args=args, optimizer_cls_and_kwargs=(torch.optim.AdamW, {}))
+    with pytest.raises(ValueError, match="Invalid zo_optimizer: 'adamw'"):
+        T.zo_args(tmp_path, zo_optimizer="adamw")
+    with pytest.raises(ValueError, match="Invalid zo_loss_weighting"):
+        T.zo_args(tmp_path, zo_loss_weighting="sum")
+    with pytest.raises(ValueError, match="Invalid zo_dropout"):
+        T.zo_args(tmp_path, zo_dropout="on")
+    with pytest.raises(ValueError, match="Invalid zo_eps"):
+        T.zo_args(tmp_path, zo_eps=0.0)
+
+
+def test_plain_training_arguments_get_the_defaults(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, max_grad_norm=1.0,
+                             per_device_train_batch_size=4, disable_tqdm=True, save_strategy="no")
+    trainer = ZOTrainer(model=T.tiny_gpt2(), args=args, train_dataset=T.causal_lm_rows(8))
+    assert args.max_grad_norm == 0
+    trainer.train()
+    assert isinstance(trainer.zo_optimizer, zo_optim.MeZO) and trainer.zo_optimizer.step_count == 1
+
+
+def test_fp16_is_refused_with_a_bf16_recommendation(tmp_path):
+    args = T.zo_args(tmp_path, fp16=True)
+    with pytest.raises(ValueError, match=r"fp16=True.*bf16=True.*transient"):
+        ZOTrainer(model=T.tiny_gpt2(), args=args, train_dataset=T.causal_lm_rows(8))
+
+
+def test_command_line_parsing(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ZOTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--zo_optimizer", "hizoo", "--zo_eps", "0.01", "--zo_loss_weighting",
+         "tokens", "--zo_optimizer_kwargs", '{"hessian_smooth": 1e-6}', "--use_cpu", "True"])
+    assert (args.zo_optimizer, args.zo_eps, args.zo_loss_weighting) == ("hizoo", 0.01, "tokens")
+    assert args.zo_optimizer_kwargs == {"hessian_smooth": 1e-6}
+    assert "zo_optimizer" in args.to_json_string()
+
+
+class _TrainingFlags(TrainerCallback):
+    def __init__(self):
+        self.flags = []
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.flags.append((model.training, all(m.training for m in model.modules())))
+
+
+def test_dropout_off_probes_in_eval_mode_and_restores_training(tmp_path):
+    flags = _TrainingFlags()
+    data = T.classification_rows(8)
+    with_dropout = _train(T.tiny_bert(dropout=0.3), tmp_path / "a", data=data, max_steps=2, callbacks=[flags])
+    no_dropout = _train(T.tiny_bert(dropout=0.0), tmp_path / "b", data=data, max_steps=2)
+    # the probes saw no dropout: the same projected gradients as the dropout-free twin, bit for bit
+    assert torch.equal(with_dropout.zo_optimizer.last_projected_grads, no_dropout.zo_optimizer.last_projected_grads)
+    assert flags.flags == [(True, True), (True, True)]  # every module back in train mode after the probes
+
+
+def test_dropout_shared_gives_every_probe_the_same_masks(tmp_path):
+    model = T.tiny_bert(dropout=0.3)
+    trainer = ZOTrainer(model=model, args=T.zo_args(tmp_path, zo_dropout="shared", zo_optimizer_kwargs=REF),
+                        train_dataset=T.classification_rows(8))
+    opt = trainer.create_optimizer()
+    batch = torch.utils.data.default_collate([T.classification_rows(4)[i] for i in range(4)])
+    model.train()
+    closure = trainer._zo_closure(model, batch, opt)
+    rng_before = torch.get_rng_state()
+    first, second = closure(), closure()
+    assert torch.equal(first, second)  # same masks at the same weights
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global stream did not move
+    plain = [trainer.compute_loss(model, batch) for _ in range(2)]
+    assert not torch.equal(plain[0], plain[1])  # dropout is active: unshared masks differ
+    trainer._zo_micro = 1  # another micro-batch of the step gets other masks
+    assert not torch.equal(trainer._zo_closure(model, batch, opt)(), first)
+    trainer.train()  # and the whole loop runs with shared masks
+    assert opt.step_count == 3
+
+
+def test_label_count_shifts_for_causal_lm():
+    labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, -100]])
+    assert label_count({"labels": labels}, shift=False) == 5
+    assert label_count({"labels": labels}, shift=True) == 3  # position 0 predicts nothing
+    assert label_count({"labels": labels, "shift_labels": labels}, shift=True) == 5
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        label_count({"input_ids": labels}, shift=True)
