@@ -16,8 +16,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 from zo_optim import assets, cli, demo
 
+# --no-memory-probe: the one-step probes start two interpreters each run; test_memory_probe_line runs them once.
 TINY = ["--steps", "4", "--batch-size", "4", "--train-examples", "8", "--eval-examples", "8", "--max-len", "24",
-        "--no-progress"]
+        "--no-progress", "--no-memory-probe"]
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +77,40 @@ def test_smoke_other_train_modes(tmp_path, mode, k, n_params):
     summary = _run(tmp_path, "--train", mode, "--k", str(k), "--steps", "2", "--lr", "1e-6")
     assert summary["trainable_params"] == n_params
     assert summary["train"] == mode
+
+
+def test_smoke_lora_through_zotrainer(tmp_path, capsys):
+    pytest.importorskip("peft")
+    summary = _run(tmp_path, "--train", "lora", "--steps", "2")
+    # rank-8 LoRA on query and value of 6 layers (6 * 2 * 2 * 384 * 8) + the 2-class head (384 * 2 + 2)
+    assert summary["trainable_params"] == 6 * 2 * 2 * 384 * 8 + 770
+    assert summary["train"] == "lora" and summary["lr"] == demo.DEFAULT_LR["mezo"]["lora"]
+    assert summary["eval_examples"] == 8 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert "MeZO (lora, ZOTrainer)" not in capsys.readouterr().out  # --no-progress: no bar
+
+
+def test_memory_probe_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a for a in TINY if a != "--no-memory-probe"]
+    assert demo.main([*argv, "--steps", "1", "--out", str(out)]) == 0
+    peaks = json.loads((out / "summary.json").read_text())["one_step_peak_mb"]
+    assert set(peaks) == {"zo", "backprop"} and all(v["peak_rss_mb"] > 0 for v in peaks.values())
+    text = capsys.readouterr().out
+    assert "one step on a batch of 4 (head, fresh process each, process RSS high-water mark): MeZO" in text
+    assert "vs backprop + AdamW" in text
+
+
+def test_probe_reports_its_own_peak_not_its_parents():
+    """Linux keeps ru_maxrss across fork+exec; the probe must not inherit a bigger parent's peak."""
+    from zo_optim import step_memory
+
+    ballast = b"\x01" * (600 * 2**20)  # written pages are resident (calloc'd zeros would not be)
+    parent = step_memory.peak_rss_mb()
+    code = "from zo_optim.step_memory import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 timeout=120).stdout)
+    del ballast
+    assert child < parent - 300, (child, parent)
 
 
 def test_training_changes_only_trainable_params_and_cache_is_exact():

@@ -1,4 +1,4 @@
-"""The ``zo-optim`` command: ``zo-optim demo``, ``zo-optim bench {kernels,step,convergence,sass}``, ``--version``.
+"""The ``zo-optim`` command: ``demo``, ``federated``, ``bench <name>`` (see :data:`COMMANDS`), ``--version``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and is
 imported only when used, so ``zo-optim --help`` stays fast.
@@ -11,11 +11,13 @@ import sys
 
 COMMANDS = {
     "demo": ("zo_optim.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
+    "federated": ("zo_optim.federated_cli", "federated fine-tune of the MiniLM head exchanging only scalars"),
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
     "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
     "bench finetune": ("zo_optim.bench.finetune", "MiniLM tweet fine-tune through the HF Trainer: accuracy, memory"),
+    "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),
 }
 
 

@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from . import assets, ops
 
 OPTIMIZERS = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
-TRAIN_MODES = ("head", "last-k", "all")
+TRAIN_MODES = ("head", "last-k", "all", "lora")
 
 # Default learning rate per (optimizer, train mode). "head": the best held-out loss of a sweep
-# (2000 steps, batch 32, 3 seeds; docs/demo.md). "last-k" / "all": one short run each, not tuned.
+# (2000 steps, batch 32, 3 seeds; docs/demo.md). "last-k" / "all" / "lora": one short run each, not tuned.
 DEFAULT_LR: dict[str, dict[str, float]] = {
-    "mezo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4},
-    "zoadam": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4},
-    "hizoo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4},
-    "helene": {"head": 1e-3, "last-k": 3e-4, "all": 1e-5},
-    "hiso": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4},
+    "mezo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4, "lora": 1e-3},
+    "zoadam": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4, "lora": 1e-3},
+    "hizoo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4, "lora": 1e-3},
+    "helene": {"head": 1e-3, "last-k": 3e-4, "all": 1e-5, "lora": 1e-4},
+    "hiso": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4, "lora": 1e-3},
 }
 
 
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zo-eps", type=_positive_float, default=1e-3, help="perturbation scale ε")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="examples per step")
     p.add_argument("--train", choices=TRAIN_MODES, default="head",
-                   help="what trains: the linear head, the last --k encoder layers + head, or every parameter")
+                   help="what trains: the linear head, the last --k encoder layers + head, every parameter, "
+                        "or LoRA adapters (peft) through ZOTrainer")
     p.add_argument("--k", type=_positive_int, default=1, help="encoder layers trained with --train last-k")
     p.add_argument("--train-examples", type=_positive_int, default=2000,
                    help="size of the (class-balanced) training pool; batches are drawn from it epoch by epoch")
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the head init, batch order and perturbations")
     p.add_argument("--out", type=Path, default=Path("zo-optim-demo"), help="directory for the plot and the summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-memory-probe", action="store_true",
+                   help="skip measuring one ZO step and one backprop step in fresh processes (saves ~10 s)")
     return p
 
 
@@ -270,6 +273,67 @@ def train_loop(model: assets.SentenceClassifier, opt: torch.optim.Optimizer, tra
     return losses
 
 
+def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: torch.device,
+                  progress: bool) -> dict[str, Any]:
+    """The cached-prefix modes (head, last-k, all): frozen layers run once per example, ZO steps on the rest."""
+    data = assets.load_tweet_sentiment(n_train=args.train_examples, n_eval=args.eval_examples, seed=0)
+    tokenizer = assets.load_minilm_tokenizer()
+    model = assets.load_minilm_classifier(num_labels=len(assets.LABELS), seed=args.seed)
+    start = select_trainable(model, args.train, args.k)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+
+    t0 = time.perf_counter()
+    train = _encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, args.max_len, device,
+                           "encoding training tweets", progress)
+    held_out = _encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, args.max_len, device,
+                              "encoding held-out tweets", progress)
+    encode_s = time.perf_counter() - t0
+
+    acc_before, loss_before = evaluate(model, held_out, start, device)
+    print(f"held-out accuracy before: {acc_before:.1%} ({len(held_out)} tweets, loss {loss_before:.3f})")
+
+    opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
+    t0 = time.perf_counter()
+    losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
+                        desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", progress=progress)
+    train_s = time.perf_counter() - t0
+
+    acc_after, loss_after = evaluate(model, held_out, start, device)
+
+    return {"acc_before": acc_before, "loss_before": loss_before, "acc_after": acc_after, "loss_after": loss_after,
+            "losses": losses, "n_trainable": n_trainable, "train_s": train_s, "encode_s": encode_s,
+            "train_examples": len(train), "eval_examples": len(held_out)}
+
+
+def _one_step_peaks(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]] | None:
+    """Peak memory of one ZO step and of one backprop step on a batch like the run's, each in a fresh process.
+
+    Skipped (None) with ``--no-memory-probe``: it costs two extra interpreter starts and model loads.
+    """
+    if args.no_memory_probe:
+        return None
+    from .step_memory import measure_in_fresh_process
+
+    common = {"batch_size": args.batch_size, "max_len": args.max_len, "k": args.k, "device": str(device),
+              "seed": args.seed}
+    return {
+        "zo": measure_in_fresh_process("zo", args.train, optimizer=args.optimizer, **common),
+        "backprop": measure_in_fresh_process("backprop", args.train, **common),
+    }
+
+
+def _step_peaks_line(peaks: dict[str, dict[str, float]] | None, args: argparse.Namespace) -> str:
+    if peaks is None:
+        return "one-step peak memory: not measured (--no-memory-probe)"
+    key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in peaks["zo"] else "peak_rss_mb"
+    what = "CUDA allocated" if key.startswith("peak_cuda") else "process RSS high-water mark"
+    zo, bp = peaks["zo"][key], peaks["backprop"][key]
+    return (f"one step on a batch of {args.batch_size} ({args.train}, fresh process each, {what}): "
+            f"{OPTIMIZERS[args.optimizer]} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)")
+
+
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
@@ -322,33 +386,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer][args.train]
     t_start = time.perf_counter()
 
-    data = assets.load_tweet_sentiment(n_train=args.train_examples, n_eval=args.eval_examples, seed=0)
-    tokenizer = assets.load_minilm_tokenizer()
-    model = assets.load_minilm_classifier(num_labels=len(assets.LABELS), seed=args.seed)
-    start = select_trainable(model, args.train, args.k)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
+    if args.train == "lora":  # the Hugging Face path: peft adapters, the stock Trainer loop, ZOTrainer
+        from . import demo_lora
 
-    t0 = time.perf_counter()
-    train = _encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, args.max_len, device,
-                           "encoding training tweets", progress)
-    held_out = _encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, args.max_len, device,
-                              "encoding held-out tweets", progress)
-    encode_s = time.perf_counter() - t0
-
-    acc_before, loss_before = evaluate(model, held_out, start, device)
-    print(f"held-out accuracy before: {acc_before:.1%} ({len(held_out)} tweets, loss {loss_before:.3f})")
-
-    opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
-    t0 = time.perf_counter()
-    losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
-                        desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", progress=progress)
-    train_s = time.perf_counter() - t0
-
-    acc_after, loss_after = evaluate(model, held_out, start, device)
+        r = demo_lora.train(args, lr, device, progress)
+    else:
+        r = _train_cached(args, opt_cls, lr, device, progress)
+    acc_before, loss_before, acc_after, loss_after = r["acc_before"], r["loss_before"], r["acc_after"], r["loss_after"]
+    losses, n_trainable, train_s, encode_s = r["losses"], r["n_trainable"], r["train_s"], r["encode_s"]
     total_s = time.perf_counter() - t_start
     print(f"held-out accuracy after:  {acc_after:.1%} (loss {loss_after:.3f})")
+    step_peaks = _one_step_peaks(args, device)
 
     args.out.mkdir(parents=True, exist_ok=True)
     png, csv_path, json_path = args.out / "loss_curve.png", args.out / "losses.csv", args.out / "summary.json"
@@ -371,8 +419,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "backend": args.backend,
         "device": str(device),
-        "train_examples": len(train),
-        "eval_examples": len(held_out),
+        "train_examples": r["train_examples"],
+        "eval_examples": r["eval_examples"],
         "max_len": args.max_len,
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
@@ -384,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encode_s": encode_s,
         "total_s": total_s,
         **_peak_memory_mb(device),
+        "one_step_peak_mb": step_peaks,
         "torch_threads": torch_threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "files": {"loss_curve": str(png), "losses": str(csv_path), "summary": str(json_path)},
@@ -394,7 +443,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\n{OPTIMIZERS[args.optimizer]} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "
         f"in {train_s:.1f} s ({summary['steps_per_s']:.1f} steps/s); whole run {total_s:.1f} s on {device}.\n"
-        f"held-out accuracy {acc_before:.1%} -> {acc_after:.1%}; peak memory: {mem}.\n"
+        f"held-out accuracy {acc_before:.1%} -> {acc_after:.1%}; peak memory of this run: {mem}.\n"
+        f"{_step_peaks_line(step_peaks, args)}\n"
         f"loss curve: {png}\nlosses:     {csv_path}\nsummary:    {json_path}"
     )
     return summary

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,7 +43,9 @@ def _peak_mib(device: str) -> float:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from ..step_memory import peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak across fork + exec
+
+    return peak_rss_mb()
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def simulate(
     log_limit: int | None = None,
     snapshot_every: int | None = None,
     progress: bool = False,
+    on_round: Callable[[RoundRecord, torch.nn.Module], None] | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds in process.
 
@@ -86,6 +87,8 @@ def simulate(
         aggregation: ``"mean"``, ``"median"`` or ``"trimmed_mean"``.
         log_limit, snapshot_every: see :class:`Server`.
         progress: print a line every ~10% of the rounds.
+        on_round: ``on_round(record, server_model)`` after each round is applied on the server
+            (progress bars, evaluation curves); it must not change the model.
     """
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"Invalid rounds: {rounds!r} (an int >= 0)")
@@ -119,6 +122,8 @@ def simulate(
                 continue
             run(c, task)
         rec = server.close_round()
+        if on_round is not None:
+            on_round(rec, server_model)
         if progress and (r % every == 0 or r == rounds - 1):
             loss = f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "  n/a  "
             print(f"round {r:5d}  loss {loss}  participants {len(rec.participants)}/{len(rec.sampled)}  "

@@ -1,0 +1,107 @@
+"""``zo-optim federated`` end to end on a tiny budget, and the packaged tweet task it runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+from zo_optim import assets, cli, federated_cli
+from zo_optim.federated import simulate
+from zo_optim.federated.tweets import TweetTask, load_task, weights_checksum
+
+TINY = ["--rounds", "3", "--clients", "3", "--clients-per-round", "2", "--batch-size", "8", "--train-examples", "48",
+        "--eval-examples", "16", "--max-len", "24", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_process_settings(monkeypatch):
+    for key in assets.offline_env():
+        monkeypatch.delenv(key, raising=False)
+
+
+def _random_task(clients: int = 4, seed: int = 0) -> TweetTask:
+    gen = torch.Generator().manual_seed(123)
+    x, y = torch.randn(160, 12, generator=gen), torch.randint(0, 2, (160,), generator=gen)
+    return TweetTask(x, y, x[:40], y[:40], [], {}, 8, 0).resplit(clients=clients, alpha=0.5, seed=seed)
+
+
+def test_cli_prints_accuracy_bytes_and_checksum_and_writes_files(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["federated", *TINY, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    checksum = re.search(r"^checksum: ([0-9a-f]{64})$", text, re.M)
+    assert checksum and checksum.group(1) == summary["checksum"]
+    assert "held-out accuracy before" in text and "payload per reply: 99 B up (5 float32 scalars" in text
+    assert summary["rounds"] == 3 and summary["optimizer"] == "HiSo" and summary["trainable_params"] == 770
+    assert summary["participations"] == 6 and summary["bytes_up_per_reply"] == 99
+    assert sum(summary["client_examples"]) == 48 and min(summary["client_examples"]) >= 2
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "rounds.csv").read_text().splitlines()
+    assert rows[0].startswith("round,participants") and len(rows) == 4
+
+
+def test_same_settings_same_checksum_other_seed_other_checksum(tmp_path):
+    a = federated_cli.run(federated_cli.build_parser().parse_args([*TINY, "--out", str(tmp_path / "a")]))
+    b = federated_cli.run(federated_cli.build_parser().parse_args([*TINY, "--out", str(tmp_path / "b")]))
+    c = federated_cli.run(federated_cli.build_parser().parse_args([*TINY, "--seed", "1", "--out", str(tmp_path / "c")]))
+    assert a["checksum"] == b["checksum"] != c["checksum"]
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--clients", "2", "--clients-per-round", "3"], "--clients-per-round: 3 .more than --clients 2"),
+    (["--train-examples", "10"], "fewer than --clients 3 x --batch-size 8"),
+    (["--dropout", "1.5"], "Invalid --dropout"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, match):
+    assert federated_cli.main([*TINY, *argv, "--out", str(tmp_path)]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_task_batches_are_a_fixed_function_of_client_and_step():
+    t1, t2 = _random_task(), _random_task()
+    for c in range(4):
+        for step in (0, 1, 7, 30):
+            assert torch.equal(t1.batch_index(c, step), t2.batch_index(c, step))
+            assert set(t1.batch_index(c, step).tolist()) <= set(t1.parts[c])
+    # one epoch of a client visits each of its examples at most once
+    c, n = 0, len(t1.parts[0]) // 8
+    seen = torch.cat([t1.batch_index(c, s) for s in range(n)])
+    assert len(set(seen.tolist())) == len(seen)
+
+
+def test_task_survives_save_and_load(tmp_path):
+    task = _random_task()
+    task.save(tmp_path / "task.pt")
+    back = load_task(tmp_path / "task.pt")
+    assert back.parts == task.parts and torch.equal(back.train_x, task.train_x)
+    assert weights_checksum(back.model_fn()) == weights_checksum(task.model_fn())
+    assert torch.equal(back.batch_index(2, 5), task.batch_index(2, 5))
+
+
+def test_simulated_run_trains_the_head_and_replicas_agree():
+    import zo_optim
+
+    task = _random_task()
+    before = task.evaluate(task.model_fn())[1]
+    res = simulate(task.model_fn, lambda m: zo_optim.HiSo(m.parameters(), lr=0.05, num_queries=5, seed=0),
+                   [task.client_loss(c) for c in range(4)], rounds=60, clients_per_round=2)
+    assert res.replicas_identical()
+    assert all(weights_checksum(m) == weights_checksum(res.server) for m in res.clients)
+    assert task.evaluate(res.server)[1] < before
+
+
+def test_on_round_sees_every_round_with_the_server_model():
+    import zo_optim
+
+    task, seen = _random_task(), []
+    res = simulate(task.model_fn, lambda m: zo_optim.MeZO(m.parameters(), lr=0.01, seed=0),
+                   [task.client_loss(c) for c in range(4)], rounds=5, clients_per_round=2,
+                   on_round=lambda rec, model: seen.append((rec.round, weights_checksum(model))))
+    assert [r for r, _ in seen] == [0, 1, 2, 3, 4]
+    assert seen[-1][1] == weights_checksum(res.server)
