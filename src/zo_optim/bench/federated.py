@@ -34,7 +34,7 @@ import torch
 from . import report
 
 METHODS = ("hiso", "decomfl")
-FULL = {"rounds": 600, "seeds": 3, "lrs": [3e-3, 1e-2, 3e-2], "eval_every": 10}
+FULL = {"rounds": 600, "seeds": 3, "lrs": [3e-3, 1e-2, 3e-2, 1e-1], "eval_every": 10}
 
 
 def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round: int, local_steps: int,
@@ -62,7 +62,10 @@ def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round
                    clients_per_round=clients_per_round, local_steps=local_steps, seed=seed, on_round=on_round)
     wall = time.perf_counter() - t0
     replies = sum(len(r.participants) for r in res.history)
-    return {"curve": curve, "wall_s": wall, "identical": res.replicas_identical(),
+    opt = res.coordinator.optimizer
+    k = torch.cat([opt.state[p]["hessian"].flatten() for p in res.server.parameters() if "hessian" in opt.state[p]])
+    return {"curve": curve, "k_min": float(k.min()), "k_max": float(k.max()), "wall_s": wall,
+            "identical": res.replicas_identical(),
             "bytes_up_per_reply": sum(r.bytes_up for r in res.history) / max(replies, 1),
             "bytes_down_per_task": sum(r.bytes_down for r in res.history) / max(replies, 1),
             "n_params": sum(p.numel() for p in res.server.parameters())}
