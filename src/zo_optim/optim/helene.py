@@ -89,6 +89,7 @@ class HELENE(ZOOptimizer):
     algorithm = "helene"
     extra_scalars: ClassVar[dict[str, bool]] = {"sq_grad_sum": False}
     summed_extras: ClassVar[frozenset[str]] = frozenset({"sq_grad_sum"})
+    buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"hessian": (0.0, False)}
 
     def __init__(
         self,
@@ -143,6 +144,14 @@ class HELENE(ZOOptimizer):
         _check_positive("epsilon value", group["eps"], allow_zero=True)
         if group["clip_lambda"] is not None:
             _check_positive("clip_lambda", group["clip_lambda"], allow_zero=True)
+        elif self._clip_fn is None:
+            # a group holds None only when clip_lambda is a callable (kept off the state dict): a state dict
+            # saved by such an optimizer names no λ, so it needs the callable again
+            raise ValueError(
+                "Invalid clip_lambda: None (the state dict was saved by a HELENE whose clip_lambda is a callable, "
+                "which is not saved); construct HELENE with that callable, clip_lambda=fn(name, param), and "
+                "model.named_parameters() before loading it, or set group['clip_lambda'] to a float"
+            )
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"exp_avg": 0.0, "hessian": 0.0}

@@ -1,0 +1,280 @@
+"""Safety holes of issue 7 (items 5 and 7): atomic, validated state-dict loads and smaller refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import zo_optim
+from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+
+ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+NAN, INF = float("nan"), float("inf")
+
+
+def richest(info: OptimizerInfo) -> int:
+    """The constructor input with the most state (MeZO: the one with momentum)."""
+    return max(range(len(info.inputs)), key=lambda i: (info.bytes_per_param[i], i))
+
+
+def make(info: OptimizerInfo, params, i: int | None = None, **extra):
+    i = richest(info) if i is None else i
+    return info.cls(params, **{**info.inputs[i], "backend": "reference", "seed": 5, **extra})
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def clone_sd(obj):
+    """A deep copy of a state dict whose tensors are clones (state_dict() returns the live buffers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_sd(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_sd(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def assert_same(a, b, where="sd") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (where, a, b)
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def state_tensors(opt) -> list[torch.Tensor]:
+    return [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+# ---------------------------------------------------------------- item 5: atomic, validated load_state_dict
+
+
+def _set(path, value):
+    def corrupt(sd):
+        d = sd
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+    return corrupt
+
+
+def _delete(path):
+    def corrupt(sd):
+        d = sd
+        for k in path[:-1]:
+            d = d[k]
+        del d[path[-1]]
+    return corrupt
+
+
+def _each_buffer(fn):
+    """Apply ``fn(name, tensor) -> tensor`` to the first state entry's buffers."""
+    def corrupt(sd):
+        key = next(iter(sd["state"]))
+        for name in list(sd["state"][key]):
+            sd["state"][key][name] = fn(name, sd["state"][key][name])
+    return corrupt
+
+
+def _poke(value, names=None):
+    def fn(name, t):
+        if names is None or name in names:
+            t = t.clone()
+            t.view(-1)[0] = value
+        return t
+    return fn
+
+
+def corruptions(info: OptimizerInfo, opt) -> dict[str, tuple]:
+    """name -> (corrupt(sd), exception, regex)."""
+    group_keys = set(opt.defaults)
+    out = {
+        "no zo section": (_delete(("zo",)), ValueError, "not a zo-optim state dict"),
+        "zo not a dict": (_set(("zo",), [1, 2]), ValueError, "not a zo-optim state dict"),
+        "missing step": (_delete(("zo", "step")), ValueError, r"zo\['step'\] is missing"),
+        "missing base_seed": (_delete(("zo", "base_seed")), ValueError, r"zo\['base_seed'\] is missing"),
+        "missing skipped_steps": (_delete(("zo", "skipped_steps")), ValueError, "skipped_steps'. is missing"),
+        "negative step": (_set(("zo", "step"), -1), ValueError, r"zo\['step'\] = -1"),
+        "float step": (_set(("zo", "step"), 2.5), ValueError, r"zo\['step'\] = 2.5"),
+        "str step": (_set(("zo", "step"), "2"), ValueError, r"zo\['step'\]"),
+        "bool step": (_set(("zo", "step"), True), ValueError, r"zo\['step'\]"),
+        "negative seed": (_set(("zo", "base_seed"), -1), ValueError, r"zo\['base_seed'\] = -1"),
+        "huge seed": (_set(("zo", "base_seed"), 2**64), ValueError, r"zo\['base_seed'\]"),
+        "str seed": (_set(("zo", "base_seed"), "5"), ValueError, r"zo\['base_seed'\]"),
+        "skipped > step": (_set(("zo", "skipped_steps"), 99), ValueError, r"skipped_steps'\] = 99"),
+        "negative skipped": (_set(("zo", "skipped_steps"), -1), ValueError, "skipped_steps"),
+        "runtime not a dict": (_set(("zo", "runtime"), [1]), ValueError, "runtime"),
+        "unknown runtime": (_set(("zo", "runtime"), {"nonsense": 1}), ValueError, "unknown entries"),
+        "groups not a list": (_set(("param_groups",), {"a": 1}), ValueError, "list of dicts"),
+        "extra group": (lambda sd: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])),
+                        ValueError, "parameter groups"),
+        "short group": (lambda sd: sd["param_groups"][0]["params"].pop(), ValueError, "has 3 parameters"),
+        "duplicate id": (lambda sd: sd["param_groups"][0]["params"].__setitem__(1, 0), ValueError, "twice"),
+        "lr NaN": (_set(("param_groups", 0, "lr"), NAN), ValueError, "Invalid learning rate"),
+        "lr negative": (_set(("param_groups", 0, "lr"), -1.0), ValueError, "Invalid learning rate"),
+        "lr str": (_set(("param_groups", 0, "lr"), "0.1"), ValueError, "Invalid learning rate"),
+        "lr missing": (_delete(("param_groups", 0, "lr")), ValueError, r"lacks the hyper-parameters \['lr'\]"),
+        "weight_decay inf": (_set(("param_groups", 0, "weight_decay"), INF), ValueError, "Invalid weight_decay"),
+        "bad param_names": (_set(("param_groups", 0, "param_names"), ["a"]), ValueError, "param_names"),
+        "state not a dict": (_set(("state",), [1]), ValueError, "'state' must be a dict"),
+        "state of no param": (lambda sd: sd["state"].__setitem__(99, {}), ValueError, "belongs to no parameter"),
+        "entry not a dict": (lambda sd: sd["state"].__setitem__(0, 3.0), ValueError, "not a dict"),
+        "unknown buffer": (lambda sd: sd["state"][0].__setitem__("bogus", torch.zeros(7, 5)), ValueError,
+                           "not a buffer"),
+        "buffer not a tensor": (_each_buffer(lambda n, t: t.tolist()), ValueError, "must be a floating tensor"),
+        "int buffer": (_each_buffer(lambda n, t: t.long()), ValueError, "torch.int64 tensor"),
+        "complex buffer": (_each_buffer(lambda n, t: t.to(torch.complex64)), ValueError, "complex64"),
+        "wrong shape": (_each_buffer(lambda n, t: t.reshape(-1)), ValueError, r"has shape \(35,\)"),
+        "transposed": (_each_buffer(lambda n, t: t.t().contiguous()), ValueError, r"has shape \(5, 7\)"),
+        "NaN buffer": (_each_buffer(_poke(NAN)), ValueError, "non-finite"),
+        "inf buffer": (_each_buffer(_poke(INF)), ValueError, "non-finite"),
+        "float64 overflow": (_each_buffer(lambda n, t: _poke(1e300)(n, t.double())), ValueError, "non-finite"),
+    }
+    if info.cls is zo_optim.HiSo:
+        out["freeze_precond str"] = (_set(("zo", "runtime", "freeze_precond"), "yes"), ValueError, "a bool")
+    for name, lo, ok in [("hessian", 0.0, info.cls.precond_buffer == "hessian"),
+                         ("exp_avg_sq", -1e-30, info.cls is zo_optim.ZOAdam),
+                         ("hessian", -1e-30, info.cls is zo_optim.HELENE)]:
+        if ok:
+            out[f"{name} = {lo}"] = (_each_buffer(_poke(lo, {name})), ValueError, "outside its range")
+            out[f"{name} = -1"] = (_each_buffer(_poke(-1.0, {name})), ValueError, "outside its range")
+    # the constructor's own refusals, as a saved group's hyper-parameters
+    for err in info.errors:
+        (key, value), = err.kwargs.items()
+        if key in group_keys and key not in ("lr", "weight_decay") and not callable(value):
+            out[f"group {key}={value!r}"] = (_set(("param_groups", 0, key), value), err.error, err.match)
+    return out
+
+
+@ALL
+def test_refused_load_leaves_the_optimizer_exactly_as_it_was(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, twin_model = tiny_model(), tiny_model()
+    opt, twin = make(info, model.parameters()), make(info, twin_model.parameters())
+    for o, m in ((opt, model), (twin, twin_model)):
+        for _ in range(2):
+            o.step(loss_closure(m, x, y))
+    good = clone_sd(opt.state_dict())
+    assert good["zo"]["step"] == 2
+    cases = corruptions(info, opt)
+    assert len(cases) >= 35
+    for name, (corrupt, exc, match) in cases.items():
+        sd = clone_sd(good)
+        corrupt(sd)
+        with pytest.raises(exc, match=match):
+            opt.load_state_dict(sd)
+        assert_same(clone_sd(opt.state_dict()), good, name)
+        assert opt.step_count == 2 and opt.base_seed == twin.base_seed, name
+    # still the same optimizer: it steps bit for bit like the untouched twin
+    for o, m in ((opt, model), (twin, twin_model)):
+        for _ in range(2):
+            o.step(loss_closure(m, x, y))
+    assert_bitwise(weights(model), weights(twin_model))
+    assert_bitwise(state_tensors(opt), state_tensors(twin))
+    # and the uncorrupted state dict still loads
+    opt.load_state_dict(good)
+    assert opt.step_count == 2
+
+
+@ALL
+def test_load_state_dict_of_a_list_is_a_type_error(info: OptimizerInfo):
+    opt = make(info, tiny_model().parameters())
+    sd = opt.state_dict()
+    for bad in ([sd], list(sd.items()), None, "state.pt"):
+        with pytest.raises(TypeError, match="takes the dict returned by state_dict"):
+            opt.load_state_dict(bad)
+
+
+@ALL
+def test_loaded_buffers_are_fp32_copies(info: OptimizerInfo):
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model.parameters())
+    opt.step(loss_closure(model, x, y))
+    sd = clone_sd(opt.state_dict())
+    for entry in sd["state"].values():
+        for k in entry:
+            entry[k] = entry[k].double()  # a float64 buffer is accepted and stored as fp32
+    opt2 = make(info, tiny_model().parameters())
+    opt2.load_state_dict(sd)
+    for entry in opt2.state.values():
+        for v in entry.values():
+            assert v.dtype == torch.float32
+    assert_bitwise(state_tensors(opt), state_tensors(opt2))
+
+
+def test_helene_callable_clip_lambda_state_dicts():
+    """A group saved from a callable clip_lambda holds None: it loads only into a HELENE with a callable."""
+    x, y = tiny_data()
+    model = tiny_model()
+
+    def lam(name, p):
+        return 2.0 if name.endswith("weight") else 1.0
+
+    opt = zo_optim.HELENE(model.named_parameters(), lr=1e-3, clip_lambda=lam, backend="reference", seed=1)
+    opt.step(loss_closure(model, x, y))
+    sd = clone_sd(opt.state_dict())
+    assert sd["param_groups"][0]["clip_lambda"] is None
+    model_b = copy.deepcopy(model)
+    # into a float-configured HELENE: refused, nothing changed
+    plain = zo_optim.HELENE(model_b.parameters(), lr=1e-3, backend="reference", seed=1)
+    before = clone_sd(plain.state_dict())
+    with pytest.raises(ValueError, match="clip_lambda is a callable"):
+        plain.load_state_dict(sd)
+    assert_same(clone_sd(plain.state_dict()), before)
+    # into one constructed with the callable: resumes bit for bit
+    resumed = zo_optim.HELENE(model_b.named_parameters(), lr=1e-3, clip_lambda=lam, backend="reference", seed=9)
+    resumed.load_state_dict(sd)
+    for o, m in ((opt, model), (resumed, model_b)):
+        o.step(loss_closure(m, x, y))
+    assert_bitwise(weights(model), weights(model_b))
+    # a float saved into a callable-configured HELENE: the loaded hyper-parameter wins (as for lr)
+    float_sd = clone_sd(plain.state_dict())
+    resumed.load_state_dict(float_sd)
+    assert resumed.param_groups[0]["clip_lambda"] == 1.0
+    assert resumed.clip_values(resumed.param_groups[0], list(model_b.parameters())) == [1.0] * 4
+
+
+@ALL
+def test_a_load_that_fails_late_is_rolled_back(info: OptimizerInfo):
+    """Even a failure after validation (here a user's load post-hook) leaves the optimizer as it was."""
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model.parameters())
+    opt.step(loss_closure(model, x, y))
+    before = clone_sd(opt.state_dict())
+    other = make(info, tiny_model(seed=3).parameters(), seed=77)
+    for m in (tiny_model(seed=3),):
+        for _ in range(3):
+            other.step(loss_closure(m, x, y))
+    sd = clone_sd(other.state_dict())
+
+    def boom(_opt):
+        raise RuntimeError("post-hook failed")
+
+    handle = opt.register_load_state_dict_post_hook(boom)
+    with pytest.raises(RuntimeError, match="post-hook failed"):
+        opt.load_state_dict(sd)
+    handle.remove()
+    assert_same(clone_sd(opt.state_dict()), before)
+    assert opt.step_count == 1 and opt.base_seed == 5
