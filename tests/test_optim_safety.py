@@ -278,3 +278,240 @@ def test_a_load_that_fails_late_is_rolled_back(info: OptimizerInfo):
     handle.remove()
     assert_same(clone_sd(opt.state_dict()), before)
     assert opt.step_count == 1 and opt.base_seed == 5
+
+
+# ---------------------------------------------------------------- item 7: requires_grad changed mid-step
+
+
+@ALL
+def test_freezing_between_estimate_and_step_is_refused(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, twin_model = tiny_model(), tiny_model()
+    opt, twin = make(info, model.parameters()), make(info, twin_model.parameters())
+    bias = model[0].bias
+    opt.estimate(loss_closure(model, x, y))
+    after_estimate = weights(model)
+    bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"requires_grad changed .*frozen since: parameters \[1\]"):
+        opt.step()
+    assert_bitwise(weights(model), after_estimate)  # nothing written, the frozen bias included
+    assert opt.step_count == 0 and opt.pending_seed is not None
+    with pytest.raises(RuntimeError, match="requires_grad changed"):  # nor accumulated
+        opt.estimate(lambda: pytest.fail("no forward may run"))
+    assert_bitwise(weights(model), after_estimate)
+    bias.requires_grad_(True)  # put back: the pending estimate applies as if nothing happened
+    opt.step()
+    twin.step(loss_closure(twin_model, x, y))
+    assert_bitwise(weights(model), weights(twin_model))
+    assert_bitwise(state_tensors(opt), state_tensors(twin))
+    # unfreezing between two micro-batches is refused the same way
+    bias.requires_grad_(False)
+    opt.estimate(loss_closure(model, x, y))
+    bias.requires_grad_(True)
+    before = weights(model)
+    with pytest.raises(RuntimeError, match=r"unfrozen or added since: parameters \[1\]"):
+        opt.estimate(loss_closure(model, x, y))
+    with pytest.raises(RuntimeError, match="requires_grad changed"):
+        opt.step()
+    assert_bitwise(weights(model), before)
+    opt.take_estimate()  # dropped: the optimizer works again
+    opt.step(loss_closure(model, x, y))
+    assert opt.step_count == 2
+
+
+@ALL
+@pytest.mark.parametrize("mode", ["inplace", "transient"])
+def test_freezing_inside_the_closure_is_refused_and_weights_restored(info: OptimizerInfo, mode: str):
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model.parameters(), **({"module": model} if mode == "transient" else {}))
+    before = weights(model)
+    inner = loss_closure(model, x, y)
+
+    def closure():
+        model[2].weight.requires_grad_(False)
+        return inner()
+
+    with pytest.raises(RuntimeError, match=r"frozen since: parameters \[2\]"):
+        opt.step(closure)
+    for a, b in zip(weights(model), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # restored (bit-exact in transient mode)
+        if mode == "transient":
+            assert torch.equal(a, b)
+    assert opt.step_count == 0
+
+
+@ALL
+def test_all_params_frozen_after_construction_is_a_clear_error(info: OptimizerInfo):
+    model = tiny_model()
+    opt = make(info, model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    q = opt.num_queries
+    for call in (lambda: opt.step(loss_closure(model, *tiny_data())), lambda: opt.estimate(lambda: 1.0),
+                 lambda: opt.apply_update(1, [0.1] * q, **{k: [0.1] * q for k, r in info.cls.extra_scalars.items()
+                                                            if r})):
+        with pytest.raises(ValueError, match=r"no trainable parameters.*frozen after construction"):
+            call()
+
+
+# ---------------------------------------------------------------- item 7: small holes
+
+
+def test_helene_dim_mode_with_a_zero_element_parameter():
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+    opt = zo_optim.HELENE([empty, w], lr=1e-2, lambda_mode="dim", hessian_interval=1, backend="reference", seed=0)
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum() + empty.sum())
+    assert opt.step_count == 3 and opt.skipped_steps == 0
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), torch.linspace(-1.0, 1.0, 6))
+    assert opt.clip_values(opt.param_groups[0], [empty, w]) == [1.0, 1.0 / 6**0.5]
+
+
+@ALL
+def test_tensor_lr_works_like_a_float_lr(info: OptimizerInfo):
+    x, y = tiny_data()
+    runs = []
+    for lr in (0.01, torch.tensor(0.01)):
+        model = tiny_model()
+        opt = make(info, model.parameters(), lr=lr)
+        for _ in range(2):
+            opt.step(loss_closure(model, x, y))
+        runs.append((weights(model), opt))
+    assert_bitwise(runs[0][0], runs[1][0])
+    opt = runs[1][1]
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)  # a Tensor lr in a saved group is valid too
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        make(info, tiny_model().parameters(), lr=torch.tensor([0.1, 0.2]))
+    opt.param_groups[0]["lr"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.step(loss_closure(tiny_model(), x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_integer_or_complex_loss_names_its_dtype(dtype):
+    model = tiny_model()
+    opt = zo_optim.MeZO(model.parameters(), lr=1e-2, backend="reference", seed=0)
+    before = weights(model)
+    with pytest.raises(TypeError, match=f"got a {dtype} tensor"):
+        opt.step(lambda: torch.ones((), dtype=dtype))
+    for a, b in zip(weights(model), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="of dtype int64"):
+        opt.step(lambda: np.int64(3))
+
+
+def test_numpy_float32_loss_is_accepted_like_float64():
+    np = pytest.importorskip("numpy")
+    x, y = tiny_data()
+    out = {}
+    for kind in ("np32", "torch32", "np64", "py"):
+        model = tiny_model()
+        opt = zo_optim.MeZO(model.parameters(), lr=1e-2, backend="reference", seed=0)
+        inner = loss_closure(model, x, y)
+        conv = {"np32": lambda v: np.float32(v.item()), "torch32": lambda v: v, "np64": lambda v: np.float64(v.item()),
+                "py": lambda v: float(v.item())}[kind]
+        for _ in range(3):
+            opt.step(lambda conv=conv, inner=inner: conv(inner()))
+        out[kind] = weights(model)
+    assert_bitwise(out["np32"], out["torch32"])  # a float32 loss, differenced in float32
+    assert_bitwise(out["np64"], out["py"])  # a double, differenced in float64
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ops_refuse_bad_seeds(backend):
+    if backend not in zo_optim.ops.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} unavailable")
+    np = pytest.importorskip("numpy")
+    t = torch.zeros(5)
+    for bad in ("7", 1.5, None, True, torch.tensor(7), [7]):
+        with pytest.raises(TypeError, match="Invalid seed"):
+            zo_optim.ops.perturb_([t], [0], bad, 0.1, backend=backend)
+        with pytest.raises(TypeError, match="Invalid seed"):
+            zo_optim.ops.sgd_update_([t], [0], bad, torch.ones(1), lr=0.1, backend=backend)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="Invalid seed"):
+            zo_optim.ops.perturb_([t], [0], bad, 0.1, backend=backend)
+    assert torch.equal(t, torch.zeros(5))
+    a, b = torch.zeros(5), torch.zeros(5)
+    zo_optim.ops.perturb_([a], [0], np.uint64(7), 0.1, backend=backend)
+    zo_optim.ops.perturb_([b], [0], 7, 0.1, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, torch.zeros(5))
+
+
+def _shared_memory_params():
+    base = torch.zeros(6, 4)
+    w = torch.nn.Parameter(torch.ones(3))
+    return {
+        "stride-0 expand": [torch.nn.Parameter(torch.ones(1).expand(4))],
+        "same tensor twice": [w, w],
+        "overlapping views": [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[2:])],
+        "as_strided overlap": [torch.nn.Parameter(torch.zeros(8).as_strided((3, 3), (2, 1)))],
+    }
+
+
+@ALL
+def test_parameters_sharing_memory_are_refused(info: OptimizerInfo):
+    for params in _shared_memory_params().values():
+        with pytest.raises(ValueError, match="share memory"):
+            make(info, params)
+    # added later: refused and not kept
+    model = tiny_model()
+    opt = make(info, model.parameters())
+    with pytest.raises(ValueError, match=r"params\[0\] .* and params\[4\] .* share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(model[0].weight.detach().view(-1)[:3])]})
+    assert len(opt.param_groups) == 1
+    # views of one tensor that share no element are fine
+    base = torch.zeros(6, 4)
+    halves = [torch.nn.Parameter(base[:, :2]), torch.nn.Parameter(base[:, 2:])]
+    opt = make(info, halves)
+    opt.step(lambda: (halves[0] - 1).square().sum() + halves[1].square().sum())
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ops_refuse_shared_memory_and_inference_tensors_before_writing(backend):
+    if backend not in zo_optim.ops.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} unavailable")
+    first = torch.zeros(4)
+    base = torch.zeros(6, 4)
+    for params in ([first, torch.ones(1).expand(5)], [first, base[:4], base[2:]], [first, base, base]):
+        with pytest.raises(ValueError, match="share memory"):
+            zo_optim.ops.perturb_(params, list(range(len(params))), 3, 0.1, backend=backend)
+    assert torch.equal(first, torch.zeros(4)) and torch.equal(base, torch.zeros(6, 4))
+    with torch.inference_mode():
+        inf = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        zo_optim.ops.perturb_([first, inf], [0, 1], 3, 0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        zo_optim.ops.sgd_update_([first], [0], 3, torch.ones(1), lr=0.1, momentum=0.9, momentum_buffers=[inf],
+                                 backend=backend)
+    assert torch.equal(first, torch.zeros(4)) and torch.equal(inf, torch.zeros(4))
+    with torch.inference_mode():  # inside inference mode torch allows it, and so do the ops
+        zo_optim.ops.perturb_([inf], [0], 3, 0.1, backend=backend)
+    assert not torch.equal(inf, torch.zeros(4))
+
+
+@ALL
+def test_copy_and_pickle_are_refused_with_the_state_dict_fix(info: OptimizerInfo):
+    import io
+    import pickle
+
+    model = tiny_model()
+    opt = make(info, model.parameters())
+    opt.step(loss_closure(model, *tiny_data()))
+    for call in (copy.deepcopy, copy.copy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"cannot be .*opt2.load_state_dict"):
+            call(opt)
+    opt.step(loss_closure(model, *tiny_data()))  # the original is untouched
+    assert opt.step_count == 2
+    # a model attached in transient mode can still be deep-copied: the copy's hooks perturb nothing
+    make(info, model.parameters(), module=model)
+    twin = copy.deepcopy(model)
+    before = weights(twin)
+    opt2 = make(info, twin.parameters(), module=twin)
+    opt2.step(loss_closure(twin, *tiny_data()))
+    assert opt2.step_count == 1 and not all(torch.equal(a, b) for a, b in zip(before, weights(twin), strict=True))

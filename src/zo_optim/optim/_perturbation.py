@@ -91,6 +91,12 @@ class TransientPerturbation:
         self._handles: list[Any] = []
         self.attached = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> TransientPerturbation:
+        # copy.deepcopy(model) copies the model's hooks, which are bound methods of this object: the copy's
+        # hooks stay this object (inert there: none of the copy's parameters is optimised, so none is
+        # perturbed) instead of dragging a copy of the optimizer, which cannot be copied, along
+        return self
+
     def attach(self, modules: Iterable[torch.nn.Module]) -> None:
         for mod in modules:
             if not any(p is not None for p in mod._parameters.values()):

@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import ops, rng
+from ..ops import _checks as ops_checks
 from . import _distributed
 from ._estimate import Accumulator, Probes
 from ._interrupts import SignalGate
@@ -252,11 +253,37 @@ class ZOOptimizer(torch.optim.Optimizer):
         if module is not None:
             self.attach(module)
 
+    # ------------------------------------------------------------------ copies
+
+    def _refuse_copy(self, how: str) -> TypeError:
+        name = type(self).__name__
+        return TypeError(
+            f"{name} cannot be {how}: a copy would lose the zeroth-order state (seed, step counter, lock, hooks) "
+            f"and would not share the model's parameters. Use the state dict instead: "
+            f"torch.save(opt.state_dict(), path), then opt2 = {name}(model2.parameters(), ...) and "
+            "opt2.load_state_dict(torch.load(path, weights_only=True)) (resumes bit for bit)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise self._refuse_copy("pickled (pickle.dumps, torch.save(opt))")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled or copied (pickle.dumps, torch.save(opt), copy.copy)")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise self._refuse_copy("deep-copied (copy.deepcopy)")
+
     # ------------------------------------------------------------------ hooks for subclasses
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one param group's hyper-parameters (ValueError in torch style)."""
-        _check_positive("learning rate", group["lr"], allow_zero=True)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            # torch.optim accepts a Tensor lr (for capturable/compiled steps); ours is read as a host float
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"Invalid learning rate: {lr!r} (a Tensor lr must hold one floating value)")
+            lr = float(lr)
+        _check_positive("learning rate", lr, allow_zero=True)
         _check_positive("weight_decay value", group.get("weight_decay", 0.0), allow_zero=True)
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
@@ -466,6 +493,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._acc is not None:
             raise RuntimeError("an estimate is pending; apply it with step() or drop it with take_estimate() first")
         seed = _as_seed(seed)
+        self._require_trainable()
         unknown = set(extra_scalars) - set(self.extra_scalars)
         missing = {k for k, req in self.extra_scalars.items() if req and k not in extra_scalars}
         if unknown or missing:
@@ -733,9 +761,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             try:
                 self._check_group(self.param_groups[-1])
+                self._check_memory()
             except BaseException:
                 self.param_groups.pop()  # a refused group is not kept
                 raise
+
+    def _check_memory(self) -> None:
+        """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views."""
+        params = self._all_params()
+        try:
+            for i, p in enumerate(params):
+                ops_checks.check_self_overlap(f"params[{i}]", p)
+            ops_checks.check_no_overlap(params, "params")
+        except ValueError as e:
+            raise ValueError(
+                f"{type(self).__name__}: {e} (params[i] = position in the optimizer's parameter list); "
+                "nothing was written"
+            ) from None
 
     # ------------------------------------------------------------------ internals
 
@@ -744,6 +786,36 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
+
+    def _require_trainable(self) -> None:
+        if not self._trainable():
+            raise ValueError(
+                f"{type(self).__name__}: no trainable parameters: every parameter of this optimizer has "
+                "requires_grad=False (frozen after construction); unfreeze some (p.requires_grad_(True)) "
+                "before estimate()/step()/apply_update()"
+            )
+
+    def _layout(self) -> tuple[int, ...]:
+        """Which parameters are trainable, as positions in the optimizer's parameter list."""
+        return tuple(i for i, p in enumerate(self._all_params()) if p.requires_grad)
+
+    def _check_layout(self, layout: tuple[int, ...], what: str) -> None:
+        """A pending estimate applies only to the parameters it perturbed (requires_grad unchanged since)."""
+        now = self._layout()
+        if now == layout:
+            return
+        frozen = sorted(set(layout) - set(now))
+        unfrozen = sorted(set(now) - set(layout))
+        changes = "; ".join(
+            text for text in (f"frozen since: parameters {frozen}" if frozen else "",
+                              f"unfrozen or added since: parameters {unfrozen}" if unfrozen else "") if text
+        )
+        raise RuntimeError(
+            f"{type(self).__name__}.{what}(): requires_grad changed since the pending estimate was measured "
+            f"({changes}; positions in the optimizer's parameter list): its directions cover other parameters, so "
+            "it can neither be applied nor accumulated. Nothing was applied (the weights are restored). Put "
+            "requires_grad back and retry, or drop the estimate with opt.take_estimate() and estimate again"
+        )
 
     def _chunks(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
         """(group, params, tensor_ids) per group and device, trainable params only."""
@@ -815,13 +887,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         with torch.no_grad():
             loss = self._ungated(closure)
+        if type(loss).__module__ == "numpy" and getattr(loss, "dtype", None) is not None and loss.dtype.kind == "f":
+            loss = torch.as_tensor(loss)  # a NumPy floating scalar/array keeps its dtype, like a tensor
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float64, device=device)
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+            got = (
+                f"a {loss.dtype} tensor" if isinstance(loss, torch.Tensor)
+                else f"a {type(loss).__name__} of dtype {loss.dtype}" if hasattr(loss, "dtype")
+                else f"a {type(loss).__name__}"
+            )
             raise TypeError(
                 "the closure must return the loss as a float tensor (scalar or [B] per-example), "
-                f"got {type(loss).__name__}"
+                f"got {got}; return e.g. loss.float() (an integer or complex loss has no usable difference)"
             )
         if loss.dim() > 1:
             raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; return a scalar or [B] vector")
@@ -840,6 +919,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._perturbation is self._transient and not self._transient.attached:
             raise RuntimeError("perturbation='transient' needs the model: call opt.attach(model) or pass module=model")
         w = 1.0 if weight is None else _as_weight(weight)
+        self._require_trainable()
+        layout = self._layout()  # the parameters this estimate perturbs (a closure may change requires_grad)
+        if self._acc is not None:
+            self._check_layout(self._acc.layout, "estimate")
         self._sync_seed()
         seed = self.current_seed if seed is None else _as_seed(seed)
         if self._acc is not None and seed != self._acc.seed:
@@ -887,6 +970,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             if self._acc is None:
                 self._acc = Accumulator(seed, self.summed_extras)
+                self._acc.layout = layout
             self._acc.add(grads, extras, nonfinite=not finite, weight=w)
         except BaseException:
             pert.restore()
@@ -896,6 +980,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _apply_pending(self, precond_checked: bool = False) -> None:
         # hyper-parameters may have changed since the estimate (a scheduler, a user): checked before the
         # pending estimate is taken, so a refused step() can be retried once they are fixed
+        assert self._acc is not None
+        self._check_layout(self._acc.layout, "step")
         self._check_step_inputs(precond=not precond_checked)
         acc, self._acc = self._acc, None
         assert acc is not None and acc.grads is not None

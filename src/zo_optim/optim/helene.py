@@ -180,7 +180,8 @@ class HELENE(ZOOptimizer):
                         raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {value} (a finite float >= 0)")
                     self._clip_cache[id(p)] = value
                 lam = self._clip_cache[id(p)]
-            out.append(lam / math.sqrt(p.numel()) if self.lambda_mode == "dim" else float(lam))
+            # a zero-element tensor has no update to clip: its λ is unused (kept finite)
+            out.append(lam / math.sqrt(max(p.numel(), 1)) if self.lambda_mode == "dim" else float(lam))
         return out
 
     def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
