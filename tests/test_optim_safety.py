@@ -515,3 +515,80 @@ def test_copy_and_pickle_are_refused_with_the_state_dict_fix(info: OptimizerInfo
     opt2 = make(info, twin.parameters(), module=twin)
     opt2.step(loss_closure(twin, *tiny_data()))
     assert opt2.step_count == 1 and not all(torch.equal(a, b) for a, b in zip(before, weights(twin), strict=True))
+
+
+# ---------------------------------------------------------------- item 7: transient mode's blind spot
+
+
+class _Tied(torch.nn.Module):
+    """A tied output layer: the embedding's weight is read outside the embedding's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.mid(self.emb(ids)), self.emb.weight)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = torch.nn.MultiheadAttention(4, 2)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.att(x, x, x)[0])
+
+
+@ALL
+@pytest.mark.parametrize("case", ["tied", "mha", "regulariser"])
+def test_transient_refuses_parameters_read_outside_their_module(info: OptimizerInfo, case: str):
+    ids_ = torch.tensor([1, 2, 3, 7])
+    x = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(1))
+    if case == "tied":
+        model, loss, bad = _Tied(), lambda m: m(ids_).square().mean(), r"emb\.weight \(read by linear\)"
+    elif case == "mha":
+        model, loss, bad = _Attention(), lambda m: m(x).square().mean(), r"att\.out_proj\.weight"
+    else:
+        model = tiny_model()
+        inputs, y = tiny_data()
+        inner = loss_closure(model, inputs, y)
+        loss, bad = (lambda m: inner() + 1e-3 * m[2].weight.square().sum()), r"2\.weight \(read by"
+    opt = make(info, model.parameters(), module=model)
+    before = weights(model)
+    with pytest.raises(ValueError, match=bad + ".*perturbation='inplace'"):
+        opt.step(lambda: loss(model))
+    assert_bitwise(weights(model), before)
+    assert opt.step_count == 0 and opt.pending_seed is None
+    with pytest.raises(ValueError, match=bad):  # refused again until fixed: it is not a one-off warning
+        opt.estimate(lambda: loss(model))
+    opt.detach()  # the fix: in-place perturbation sees every use
+    opt.step(lambda: loss(model))
+    assert opt.step_count == 1
+    opt.attach(model, check_uses=False)  # or an explicit opt-out
+    opt.step(lambda: loss(model))
+    assert opt.step_count == 2
+
+
+@ALL
+def test_transient_check_passes_for_a_model_that_uses_its_params_inside_their_modules(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, twin = tiny_model(), tiny_model()
+    opt = make(info, model.parameters(), module=model)
+    ref = make(info, twin.parameters(), module=twin)
+    ref._transient.checked = True  # the same run without the watch: the check changes no number
+    for _ in range(2):
+        opt.step(loss_closure(model, x, y))
+        ref.step(loss_closure(twin, x, y))
+    assert opt._transient.checked
+    assert_bitwise(weights(model), weights(twin))
+    opt.attach(model)  # a new attach checks again
+    assert not opt._transient.checked
+    opt.step(loss_closure(model, x, y))
+    assert opt._transient.checked

@@ -115,25 +115,35 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
 
 def check_no_overlap(tensors: Sequence[torch.Tensor], what: str) -> None:
     """Refuse tensors that share memory (the same tensor twice, overlapping views): writes would mix."""
-    spans = sorted(
-        ((*_span(t), i) for i, t in enumerate(tensors) if t.layout == torch.strided and t.numel() > 0),
-        key=lambda s: s[0],
-    )
-    active: list[tuple[int, int, int]] = []
-    for start, end, i in spans:
-        active = [a for a in active if a[1] > start]
-        for _, _, j in active:
+    spans = []
+    for i, t in enumerate(tensors):
+        # meta/fake tensors have no memory to share (their data_ptr is 0 or unavailable)
+        if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
+            continue
+        try:
+            start, end = _span(t)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if start != 0:
+            spans.append((str(t.device), start, end, i))
+    spans.sort()
+    active: list[tuple[str, int, int, int]] = []
+    for dev, start, end, i in spans:
+        active = [a for a in active if a[0] == dev and a[2] > start]
+        for _, _, _, j in active:
             a, b = tensors[j], tensors[i]
             same_kind = a.dtype == b.dtype and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
             # byte ranges overlap: views of one storage may still interleave without sharing an element
             exact = same_kind and max(a.numel(), b.numel()) <= _EXACT_OVERLAP_LIMIT
             if not exact or bool(torch.isin(_offsets(b), _offsets(a)).any()):
+                j, i = sorted((i, j))
+                a, b = tensors[j], tensors[i]
                 raise ValueError(
                     f"{what}[{j}] ({describe(a)}) and {what}[{i}] ({describe(b)}) share memory (the same tensor "
                     "twice, or overlapping views of one tensor): an in-place update would write it twice or mix "
                     "their directions; pass each tensor once, or give each its own memory (t.clone())"
                 )
-        active.append((start, end, i))
+        active.append((dev, start, end, i))
 
 
 def check_state(name: str, state: Sequence[torch.Tensor] | None, params: Sequence[torch.Tensor]) -> None:

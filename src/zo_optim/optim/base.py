@@ -241,6 +241,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._in_flight = threading.Lock()
         # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
         self._gate: SignalGate | None = None
+        self._transient_names: dict[int, str] = {}
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -355,10 +356,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     def perturbation(self) -> str:
         return self._perturbation.mode
 
-    def attach(self, module: torch.nn.Module) -> None:
+    def attach(self, module: torch.nn.Module, *, check_uses: bool = True) -> None:
         """Switch to ``perturbation="transient"``: perturb ``module``'s sub-modules one at a time from hooks.
 
-        Every optimised parameter must be registered on a module inside ``module``.
+        Every optimised parameter must be registered on a module inside ``module``, and must be
+        read only inside the forward of a module that registers it (there it is perturbed): with
+        ``check_uses=True`` the first estimate after this call watches the forwards' torch calls
+        and raises ``ValueError`` (weights untouched, no estimate recorded) when one reads an
+        optimised parameter elsewhere, e.g. ``nn.MultiheadAttention``'s ``out_proj.weight`` or a
+        tied ``F.linear(h, emb.weight)``, whose share of the estimate would silently be zero.
+        ``check_uses=False`` skips the check (a hook that only logs a parameter's values).
         """
         owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
         missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
@@ -369,7 +376,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         if self._transient.attached:
             self._transient.detach()
+        self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
         self._transient.attach(module.modules())
+        self._transient.checked = not check_uses
         self._perturbation = self._transient
 
     def detach(self) -> None:
@@ -942,15 +951,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps = self.zo_eps
         probes = Probes(self.estimator, eps)
         distributed = _distributed.world_size() > 1
+        # the first estimate after attach(): every optimised parameter the forwards read must be perturbed there
+        watch = pert is self._transient and not self._transient.checked
         try:
-            if self.needs_center_loss or self.estimator == "forward":
-                probes.center = self._call_closure(closure, device, probes)
-            for k in range(self.num_queries):
-                pert.move_to(seed, k, eps)
-                probes.plus.append(self._call_closure(closure, device, probes))
-                if self.estimator == "central":
-                    pert.move_to(seed, k, -eps)
-                    probes.minus.append(self._call_closure(closure, device, probes))
+            with self._transient.watch(set(self._tensor_ids)) if watch else contextlib.nullcontext():
+                if self.needs_center_loss or self.estimator == "forward":
+                    probes.center = self._call_closure(closure, device, probes)
+                for k in range(self.num_queries):
+                    pert.move_to(seed, k, eps)
+                    probes.plus.append(self._call_closure(closure, device, probes))
+                    if self.estimator == "central":
+                        pert.move_to(seed, k, -eps)
+                        probes.minus.append(self._call_closure(closure, device, probes))
+            if watch:
+                self._check_transient_uses()
             # the scalars are formed in the losses' dtype, then kept (and sent) as float32
             grads = probes.projected_grads().float()
             extras = {k: v.float() for k, v in self._extras_from_probes(probes).items()}
@@ -976,6 +990,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             pert.restore()
             raise
         return probes.loss()
+
+    def _check_transient_uses(self) -> None:
+        uses = self._transient.unperturbed_uses
+        if not uses:
+            self._transient.checked = True
+            return
+        names = self._transient_names
+        where = [f"{names.get(pid, '?')} (read by {func})" for pid, func in uses.items()]
+        raise ValueError(
+            f"{type(self).__name__}: perturbation='transient' perturbs a parameter only inside the forward of the "
+            f"module that registers it, but the forwards read {len(where)} optimised parameter(s) outside it: "
+            f"{', '.join(where[:5])}{', ...' if len(where) > 5 else ''}. Their share of the gradient estimate would "
+            "silently be zero (e.g. nn.MultiheadAttention reads out_proj.weight in its own forward; a tied output "
+            "layer F.linear(h, emb.weight); a regulariser in the closure). Nothing was changed (weights restored, "
+            "no estimate recorded). Fix: use perturbation='inplace' (opt.detach()), freeze those parameters, or "
+            "call the module that owns them (self.out_proj(h)) instead of reading its weight"
+        )
 
     def _apply_pending(self, precond_checked: bool = False) -> None:
         # hyper-parameters may have changed since the estimate (a scheduler, a user): checked before the

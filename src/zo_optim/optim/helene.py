@@ -43,7 +43,9 @@ class HELENE(ZOOptimizer):
     ``anneal_T``, ``hessian_interval`` and ``lambda_mode`` are constructor settings (one
     per optimizer, recorded in ``state_dict()["zo"]["settings"]`` for information, not
     loaded back): pass the same values when resuming; a callable ``clip_lambda`` is not
-    saved either.
+    saved either (the groups hold ``None``): such a state dict loads only into a HELENE
+    constructed with a callable (a ``ValueError`` otherwise), while a float ``clip_lambda``
+    saved into one with a callable wins, as a saved ``lr`` does.
 
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
