@@ -546,8 +546,19 @@ class _Attention(torch.nn.Module):
         return self.head(self.att(x, x, x)[0])
 
 
+class _Transposed(torch.nn.Module):
+    """A weight read through a value property (.T) outside its module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) @ self.a.weight.T
+
+
 @ALL
-@pytest.mark.parametrize("case", ["tied", "mha", "regulariser"])
+@pytest.mark.parametrize("case", ["tied", "mha", "regulariser", "property"])
 def test_transient_refuses_parameters_read_outside_their_module(info: OptimizerInfo, case: str):
     ids_ = torch.tensor([1, 2, 3, 7])
     x = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(1))
@@ -555,6 +566,8 @@ def test_transient_refuses_parameters_read_outside_their_module(info: OptimizerI
         model, loss, bad = _Tied(), lambda m: m(ids_).square().mean(), r"emb\.weight \(read by linear\)"
     elif case == "mha":
         model, loss, bad = _Attention(), lambda m: m(x).square().mean(), r"att\.out_proj\.weight"
+    elif case == "property":
+        model, loss, bad = _Transposed(), lambda m: m(torch.ones(2, 3)).square().mean(), r"a\.weight \(read by \.T\)"
     else:
         model = tiny_model()
         inputs, y = tiny_data()

@@ -100,6 +100,13 @@ def _reads_values(func: Any) -> bool:
     return name not in _METADATA_CALLS
 
 
+def _call_name(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
+    return name
+
+
 class _UseWatch(TorchFunctionMode):
     """Records optimised parameters passed to a torch call while they are not perturbed (outside their owner)."""
 
@@ -119,7 +126,7 @@ class _UseWatch(TorchFunctionMode):
         ):
             for a in tree_leaves((args, kwargs)):
                 if isinstance(a, torch.Tensor) and id(a) in self.watched and id(a) not in o._active:
-                    o.unperturbed_uses.setdefault(id(a), getattr(func, "__name__", repr(func)))
+                    o.unperturbed_uses.setdefault(id(a), _call_name(func))
         return out
 
 
