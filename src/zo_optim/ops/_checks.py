@@ -80,8 +80,8 @@ def check_writable(what: str, t: torch.Tensor) -> None:
 
 def check_self_overlap(what: str, t: torch.Tensor) -> None:
     """Refuse a tensor whose elements share memory (stride 0 of an expand(), overlapping as_strided)."""
-    if t.layout != torch.strided or t.numel() <= 1:
-        return
+    if t.layout != torch.strided or t.numel() <= 1 or t.is_contiguous():
+        return  # (a contiguous tensor never overlaps itself)
     if any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride(), strict=True)):
         overlap = True
     else:
@@ -100,8 +100,10 @@ def check_self_overlap(what: str, t: torch.Tensor) -> None:
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, last byte + 1) of the memory a strided tensor addresses."""
-    extent = sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride(), strict=True))
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    extent = sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride(), strict=True))
     return start, start + (extent + 1) * t.element_size()
 
 
@@ -118,16 +120,16 @@ def check_no_overlap(tensors: Sequence[torch.Tensor], what: str) -> None:
     spans = []
     for i, t in enumerate(tensors):
         # meta/fake tensors have no memory to share (their data_ptr is 0 or unavailable)
-        if t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
+        if t.layout != torch.strided or t.numel() == 0 or t.is_meta:
             continue
         try:
             start, end = _span(t)
         except (RuntimeError, NotImplementedError):
             continue
         if start != 0:
-            spans.append((str(t.device), start, end, i))
+            spans.append((t.get_device(), start, end, i))  # (a device index; -1 on the CPU)
     spans.sort()
-    active: list[tuple[str, int, int, int]] = []
+    active: list[tuple[int, int, int, int]] = []
     for dev, start, end, i in spans:
         active = [a for a in active if a[0] == dev and a[2] > start]
         for _, _, _, j in active:
