@@ -263,11 +263,11 @@ def test_a_load_that_fails_late_is_rolled_back(info: OptimizerInfo):
     opt = make(info, model.parameters())
     opt.step(loss_closure(model, x, y))
     before = clone_sd(opt.state_dict())
-    other = make(info, tiny_model(seed=3).parameters(), seed=77)
-    for m in (tiny_model(seed=3),):
-        for _ in range(3):
-            other.step(loss_closure(m, x, y))
-    sd = clone_sd(other.state_dict())
+    other_model = tiny_model(seed=3)
+    other = make(info, other_model.parameters(), seed=77)
+    for _ in range(3):
+        other.step(loss_closure(other_model, x, y))
+    sd = clone_sd(other.state_dict())  # valid: it passes every check, and the post-hook fails after
 
     def boom(_opt):
         raise RuntimeError("post-hook failed")
