@@ -199,8 +199,9 @@ def test_hizoo_sigma_floor_keeps_the_round_trip_exact_on_a_flat_loss():
         opt.step(lambda: torch.zeros((), dtype=torch.float64) + 1.0)  # flat: h = 0 and g = 0
     sigma = opt.state[w]["hessian"]
     assert float(sigma.min()) == pytest.approx(opt.hessian_min)
-    # lr = 0: only the round trips move the weights; |εu| <= 1e-3 * 100 * |z|, a few ulp of that per step
-    assert float((w.detach() - start).abs().max()) < 1e-5
+    # lr = 0: only the round trips move the weights; |εu| <= 1e-3 * 100 * |z|, a few ulp of that per step.
+    # Measured: 8 float32 ulp of 1.0 after 80 steps (unbounded: 5e8 ulp, the weights moved by 63)
+    assert float((w.detach() - start).abs().max()) <= 16 * torch.finfo(torch.float32).eps
 
 
 def test_hessian_min_is_validated():

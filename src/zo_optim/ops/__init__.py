@@ -125,6 +125,7 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
 @torch.no_grad()
 def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
     device = _checks.check_params(params, tensor_ids)
+    kwargs["seed"] = _checks.check_seed(kwargs["seed"])
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
     _checks.check_choice("rounding", kwargs.get("rounding", "nearest"), _checks.ROUNDINGS)
     # Counter words are checked here, not where the backends first use them: a bad one

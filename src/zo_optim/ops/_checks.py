@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,8 @@ from .. import rng
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DISTRIBUTIONS = ("gaussian", "rademacher")
 ROUNDINGS = ("nearest", "stochastic")
+# tensors sharing memory are told apart element by element up to this size; larger ambiguous layouts are refused
+_EXACT_OVERLAP_LIMIT = 2**24
 
 
 def describe(t: torch.Tensor) -> str:
@@ -46,7 +49,103 @@ def check_params(params: Sequence[torch.Tensor], tensor_ids: Sequence[int]) -> t
         if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= rng.MASK32:
             raise ValueError(f"Invalid tensor_id for params[{i}]: {tid!r} (an int in [0, 2**32))")
         rng.check_numel(p.numel(), f"params[{i}] ({describe(p)})")
+        check_writable(f"params[{i}]", p)
+    check_no_overlap(params, "params")
     return device
+
+
+def check_seed(seed: object) -> int:
+    """A uint64 seed (a Python or NumPy integer): TypeError for another type, ValueError out of range."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"Invalid seed: {seed!r} (a {type(seed).__name__}); the seed is an int in [0, 2**64), "
+            "e.g. zo_optim.rng.step_seed(base_seed, t) (convert a tensor or string with int(...))"
+        )
+    value = int(seed)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"Invalid seed: {value} (an int in [0, 2**64))")
+    return value
+
+
+def check_writable(what: str, t: torch.Tensor) -> None:
+    """A tensor an op writes in place: no inference tensor outside inference mode, no self-overlap."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} ({describe(t)}) is an inference tensor (created under torch.inference_mode()) and is updated "
+            "in place outside inference mode, which torch forbids; clone it outside inference mode first "
+            "(t = t.clone()) or run the op inside torch.inference_mode()"
+        )
+    check_self_overlap(what, t)
+
+
+def check_self_overlap(what: str, t: torch.Tensor) -> None:
+    """Refuse a tensor whose elements share memory (stride 0 of an expand(), overlapping as_strided)."""
+    if t.layout != torch.strided or t.numel() <= 1 or t.is_contiguous():
+        return  # (a contiguous tensor never overlaps itself)
+    if any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride(), strict=True)):
+        overlap = True
+    else:
+        # 0: no overlap, 1: overlap, 2: too hard for torch's stride test -> count the distinct offsets
+        verdict = getattr(torch, "_debug_has_internal_overlap", lambda _: 2)(t)
+        overlap = verdict == 1 or (verdict == 2 and (
+            t.numel() > _EXACT_OVERLAP_LIMIT or torch.unique(_offsets(t)).numel() != t.numel()
+        ))
+    if overlap:
+        raise ValueError(
+            f"{what} ({describe(t)}, strides {t.stride()}) has elements that share memory (a stride-0 expand() or "
+            "an overlapping as_strided view): an in-place update would write them several times; pass a real "
+            "tensor (t.contiguous() or t.clone())"
+        )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory a strided tensor addresses."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    extent = sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (extent + 1) * t.element_size()
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage element offsets a tensor addresses (only for tensors whose memory spans overlap)."""
+    off = torch.tensor(t.storage_offset(), dtype=torch.int64)
+    for sz, st in zip(t.shape, t.stride(), strict=True):
+        off = off.unsqueeze(-1) + torch.arange(sz, dtype=torch.int64) * st
+    return off.reshape(-1)
+
+
+def check_no_overlap(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Refuse tensors that share memory (the same tensor twice, overlapping views): writes would mix."""
+    spans = []
+    for i, t in enumerate(tensors):
+        # meta/fake tensors have no memory to share (their data_ptr is 0 or unavailable)
+        if t.layout != torch.strided or t.numel() == 0 or t.is_meta:
+            continue
+        try:
+            start, end = _span(t)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if start != 0:
+            spans.append((t.get_device(), start, end, i))  # (a device index; -1 on the CPU)
+    spans.sort()
+    active: list[tuple[int, int, int, int]] = []
+    for dev, start, end, i in spans:
+        active = [a for a in active if a[0] == dev and a[2] > start]
+        for _, _, _, j in active:
+            a, b = tensors[j], tensors[i]
+            same_kind = a.dtype == b.dtype and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            # byte ranges overlap: views of one storage may still interleave without sharing an element
+            exact = same_kind and max(a.numel(), b.numel()) <= _EXACT_OVERLAP_LIMIT
+            if not exact or bool(torch.isin(_offsets(b), _offsets(a)).any()):
+                j, i = sorted((i, j))
+                a, b = tensors[j], tensors[i]
+                raise ValueError(
+                    f"{what}[{j}] ({describe(a)}) and {what}[{i}] ({describe(b)}) share memory (the same tensor "
+                    "twice, or overlapping views of one tensor): an in-place update would write it twice or mix "
+                    "their directions; pass each tensor once, or give each its own memory (t.clone())"
+                )
+        active.append((dev, start, end, i))
 
 
 def check_state(name: str, state: Sequence[torch.Tensor] | None, params: Sequence[torch.Tensor]) -> None:
@@ -61,6 +160,8 @@ def check_state(name: str, state: Sequence[torch.Tensor] | None, params: Sequenc
                 f"{name}[{i}] ({describe(s)}) must be float32 with the shape and device of "
                 f"params[{i}] ({describe(p)})"
             )
+        if s.is_inference() and not torch.is_inference_mode_enabled():
+            check_writable(f"{name}[{i}]", s)
 
 
 def check_scalars(name: str, t: torch.Tensor | None, device: torch.device, length: int | None = None) -> int:

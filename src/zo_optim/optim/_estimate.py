@@ -82,6 +82,8 @@ class Accumulator:
         self.grads: torch.Tensor | None = None  # Σ w·g
         self.extras: dict[str, torch.Tensor] = {}  # Σ w·x (Σ x for summed extras)
         self.nonfinite = False
+        # positions of the trainable parameters when the first estimate was measured
+        self.layout: tuple[int, ...] = ()
 
     def add(self, grads: torch.Tensor, extras: dict[str, torch.Tensor], nonfinite: bool, weight: float = 1.0) -> None:
         if self.count and set(extras) != set(self.extras):

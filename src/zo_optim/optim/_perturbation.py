@@ -22,15 +22,23 @@ Two modes, chosen with ``perturbation=`` on every optimizer:
     storage (tied weights, compiled graphs, cached views) keeps working.
     Limitation: a parameter must be used inside the forward of a module that
     owns it (registered it); a module that returns a view of its own parameter
-    hands the restored values to its caller.
+    hands the restored values to its caller. A parameter read elsewhere
+    (``nn.MultiheadAttention`` reads ``out_proj.weight`` in its own forward; a
+    tied output layer ``F.linear(h, emb.weight)``; a regulariser in the
+    closure) would be seen unperturbed, so its share of the estimate would
+    silently be zero: the first estimate after :meth:`attach` watches every
+    torch call of the forwards (a ``TorchFunctionMode``) and refuses such a use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 # perturb(params, seed, query, scale): θ ← θ + scale·u_query for those params (the optimizer knows ids/preconditioner).
 PerturbFn = Callable[[list[torch.Tensor] | None, int, int, float], None]
@@ -75,6 +83,53 @@ class InPlacePerturbation:
         self.scale = 0.0
 
 
+# calls that read only a tensor's metadata, never its values: not a use of the values
+_METADATA_CALLS = frozenset({
+    "numel", "nelement", "dim", "ndimension", "size", "stride", "storage_offset", "is_contiguous", "data_ptr",
+    "element_size", "is_floating_point", "is_complex", "is_inference", "get_device", "untyped_storage",
+    "__len__", "__hash__", "__repr__", "__format__", "__str__", "requires_grad_", "type", "is_shared", "is_pinned",
+})
+# properties whose value is a view of the values (every other property, .dtype/.shape/.data/..., is metadata)
+_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+def _reads_values(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _VALUE_PROPERTIES
+    return name not in _METADATA_CALLS
+
+
+def _call_name(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
+    return name
+
+
+class _UseWatch(TorchFunctionMode):
+    """Records optimised parameters passed to a torch call while they are not perturbed (outside their owner)."""
+
+    def __init__(self, owner: TransientPerturbation, watched: set[int]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.watched = watched
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        o = self.owner
+        out = func(*args, **kwargs)
+        # only a call whose result is a tensor can carry the values into the loss (torch.equal(w, ref) in a
+        # debugging hook returns a bool and is not a use)
+        if not o._in_hook and o.scale != 0.0 and _reads_values(func) and any(
+            isinstance(r, torch.Tensor) for r in tree_leaves(out)
+        ):
+            for a in tree_leaves((args, kwargs)):
+                if isinstance(a, torch.Tensor) and id(a) in self.watched and id(a) not in o._active:
+                    o.unperturbed_uses.setdefault(id(a), _call_name(func))
+        return out
+
+
 class TransientPerturbation:
     """Perturb one module at a time from forward hooks; the stored weights are never perturbed."""
 
@@ -90,6 +145,18 @@ class TransientPerturbation:
         self._backups: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._handles: list[Any] = []
         self.attached = False
+        # ids of the parameters perturbed right now (inside their owner's forward)
+        self._active: set[int] = set()
+        self._in_hook = False
+        # whether the forwards of an estimate were watched for uses of unperturbed parameters since attach()
+        self.checked = False
+        self.unperturbed_uses: dict[int, str] = {}  # id(param) -> the torch call that read it unperturbed
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TransientPerturbation:
+        # copy.deepcopy(model) copies the model's hooks, which are bound methods of this object: the copy's
+        # hooks stay this object (inert there: none of the copy's parameters is optimised, so none is
+        # perturbed) instead of dragging a copy of the optimizer, which cannot be copied, along
+        return self
 
     def attach(self, modules: Iterable[torch.nn.Module]) -> None:
         for mod in modules:
@@ -98,6 +165,14 @@ class TransientPerturbation:
             self._handles.append(mod.register_forward_pre_hook(self._pre))
             self._handles.append(mod.register_forward_hook(self._post, always_call=True))
         self.attached = True
+        self.checked = False
+
+    @contextlib.contextmanager
+    def watch(self, watched: set[int]) -> Iterator[None]:
+        """Record (in ``unperturbed_uses``) the watched parameters a torch call reads while they are unperturbed."""
+        self.unperturbed_uses = {}
+        with _UseWatch(self, watched):
+            yield
 
     def detach(self) -> None:
         self.restore()
@@ -117,10 +192,15 @@ class TransientPerturbation:
         ]
         if not params:
             return
-        with torch.no_grad():
-            backup = [p.detach().clone() for p in params]
-            self._backups[id(module)] = (params, backup)
-            self._perturb(params, self.seed, self.query, self.scale)
+        self._in_hook = True
+        try:
+            with torch.no_grad():
+                backup = [p.detach().clone() for p in params]
+                self._backups[id(module)] = (params, backup)
+                self._perturb(params, self.seed, self.query, self.scale)
+                self._active.update(map(id, params))
+        finally:
+            self._in_hook = False
         self.passes += 1
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -128,10 +208,15 @@ class TransientPerturbation:
         # harmless; forgetting first could lose it). The pre-hook likewise records the backup before perturbing.
         entry = self._backups.get(id(module))
         if entry is not None:
-            with torch.no_grad():
-                for p, b in zip(*entry, strict=True):
-                    p.copy_(b)
-            self._backups.pop(id(module), None)
+            self._in_hook = True
+            try:
+                with torch.no_grad():
+                    for p, b in zip(*entry, strict=True):
+                        p.copy_(b)
+                self._backups.pop(id(module), None)
+                self._active.difference_update(map(id, entry[0]))
+            finally:
+                self._in_hook = False
 
     def move_to(self, seed: int, query: int, scale: float) -> None:
         self.seed, self.query, self.scale = seed, query, scale
@@ -144,6 +229,7 @@ class TransientPerturbation:
                 for p, b in zip(params, backup, strict=True):
                     p.copy_(b)
             del self._backups[mid]  # after the copy (see _post)
+            self._active.difference_update(map(id, params))
 
     def pending_restore(self) -> tuple[float, int]:
         return 0.0, 0

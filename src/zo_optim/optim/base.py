@@ -55,12 +55,13 @@ import math
 import numbers
 import random
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from .. import ops, rng
+from ..ops import _checks as ops_checks
 from . import _distributed
 from ._estimate import Accumulator, Probes
 from ._interrupts import SignalGate
@@ -136,6 +137,10 @@ def _as_seed(value: Any) -> int:
     raise ValueError(f"Invalid seed: {value!r} (an int in [0, 2**64))")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_weight(value: Any) -> float:
     """A micro-batch weight: a positive finite number (a one-element tensor is read on the host)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
@@ -182,6 +187,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     extra_scalars: ClassVar[dict[str, bool]] = {}
     #: extra scalars that are sums over examples: summed (not averaged) across micro-batches and ranks
     summed_extras: ClassVar[frozenset[str]] = frozenset()
+    #: lower bounds of per-parameter buffers checked on load: name -> (bound, strict); the preconditioner
+    #: buffer is always checked > 0 (the directions are z/sqrt of it); every buffer must be finite
+    buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {}
 
     def __init__(
         self,
@@ -233,6 +241,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._in_flight = threading.Lock()
         # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
         self._gate: SignalGate | None = None
+        self._transient_names: dict[int, str] = {}
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -245,11 +254,37 @@ class ZOOptimizer(torch.optim.Optimizer):
         if module is not None:
             self.attach(module)
 
+    # ------------------------------------------------------------------ copies
+
+    def _refuse_copy(self, how: str) -> TypeError:
+        name = type(self).__name__
+        return TypeError(
+            f"{name} cannot be {how}: a copy would lose the zeroth-order state (seed, step counter, lock, hooks) "
+            f"and would not share the model's parameters. Use the state dict instead: "
+            f"torch.save(opt.state_dict(), path), then opt2 = {name}(model2.parameters(), ...) and "
+            "opt2.load_state_dict(torch.load(path, weights_only=True)) (resumes bit for bit)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise self._refuse_copy("pickled (pickle.dumps, torch.save(opt))")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled or copied (pickle.dumps, torch.save(opt), copy.copy)")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise self._refuse_copy("deep-copied (copy.deepcopy)")
+
     # ------------------------------------------------------------------ hooks for subclasses
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one param group's hyper-parameters (ValueError in torch style)."""
-        _check_positive("learning rate", group["lr"], allow_zero=True)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            # torch.optim accepts a Tensor lr (for capturable/compiled steps); ours is read as a host float
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"Invalid learning rate: {lr!r} (a Tensor lr must hold one floating value)")
+            lr = float(lr)
+        _check_positive("learning rate", lr, allow_zero=True)
         _check_positive("weight_decay value", group.get("weight_decay", 0.0), allow_zero=True)
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
@@ -321,10 +356,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     def perturbation(self) -> str:
         return self._perturbation.mode
 
-    def attach(self, module: torch.nn.Module) -> None:
+    def attach(self, module: torch.nn.Module, *, check_uses: bool = True) -> None:
         """Switch to ``perturbation="transient"``: perturb ``module``'s sub-modules one at a time from hooks.
 
-        Every optimised parameter must be registered on a module inside ``module``.
+        Every optimised parameter must be registered on a module inside ``module``, and must be
+        read only inside the forward of a module that registers it (there it is perturbed): with
+        ``check_uses=True`` the first estimate after this call watches the forwards' torch calls
+        and raises ``ValueError`` (weights untouched, no estimate recorded) when one reads an
+        optimised parameter elsewhere, e.g. ``nn.MultiheadAttention``'s ``out_proj.weight`` or a
+        tied ``F.linear(h, emb.weight)``, whose share of the estimate would silently be zero.
+        ``check_uses=False`` skips the check (a hook that only logs a parameter's values).
         """
         owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
         missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
@@ -335,7 +376,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         if self._transient.attached:
             self._transient.detach()
+        self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
         self._transient.attach(module.modules())
+        self._transient.checked = not check_uses
         self._perturbation = self._transient
 
     def detach(self) -> None:
@@ -459,6 +502,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._acc is not None:
             raise RuntimeError("an estimate is pending; apply it with step() or drop it with take_estimate() first")
         seed = _as_seed(seed)
+        self._require_trainable()
         unknown = set(extra_scalars) - set(self.extra_scalars)
         missing = {k for k, req in self.extra_scalars.items() if req and k not in extra_scalars}
         if unknown or missing:
@@ -520,12 +564,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` of the same optimizer class.
+
+        Atomic: everything is validated before anything changes (the ``zo`` section, the
+        param groups and their hyper-parameters, every state tensor, the runtime flags), so a
+        refused state dict (``TypeError``/``ValueError``) leaves the optimizer exactly as it was.
+        """
         with self._exclusive("load_state_dict"):
             self._load_state_dict(state_dict)
 
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}.load_state_dict() takes the dict returned by state_dict(), got a "
+                f"{type(state_dict).__name__}; load it with opt.load_state_dict(torch.load(path, weights_only=True))"
+            )
         zo = state_dict.get("zo")
-        if not isinstance(zo, dict):
+        if not isinstance(zo, Mapping):
             raise ValueError(
                 "not a zo-optim state dict (no 'zo' entry); "
                 f"load a state dict saved by {type(self).__name__}.state_dict()"
@@ -542,21 +597,161 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         if self._acc is not None:
             raise RuntimeError("an estimate is pending; apply it with step() before loading a state dict")
-        saved = state_dict["state"]
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        params = self._all_params()
-        for idx, entry in saved.items():
-            p = params[int(idx)]
-            # torch casts floating state to the param dtype on load; ZO buffers are always fp32.
-            self.state[p] = {
-                k: (v.detach().to(device=p.device, dtype=torch.float32).clone() if torch.is_tensor(v) else v)
-                for k, v in entry.items()
-            }
-        self.base_seed = int(zo["base_seed"])
-        self._t = int(zo["step"])
-        self.skipped_steps = int(zo["skipped_steps"])
-        self._load_runtime_state(zo.get("runtime", {}))
-        self._seed_synced = True
+        # ---- validate everything; nothing below changes the optimizer until every check has passed
+        base_seed, t, skipped = self._checked_counters(zo)
+        runtime = zo.get("runtime", {})
+        if not isinstance(runtime, Mapping):
+            raise ValueError(f"Invalid state dict: zo['runtime'] is a {type(runtime).__name__}, not a dict")
+        self._check_runtime_state(runtime)
+        groups = self._checked_groups(state_dict)
+        state = self._checked_state(state_dict, groups)
+        # ---- apply (torch's own load for the groups; rolled back if anything still fails)
+        old = {k: self.__dict__[k] for k in ("state", "param_groups")}
+        old_attrs = (self.base_seed, self._t, self.skipped_steps, self._seed_synced, self._runtime_state())
+        try:
+            super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            for p, entry in state.items():
+                self.state[p] = entry
+            self.base_seed, self._t, self.skipped_steps = base_seed, t, skipped
+            self._load_runtime_state(runtime)
+            self._seed_synced = True
+        except BaseException:
+            self.__dict__.update(old)
+            self.base_seed, self._t, self.skipped_steps, self._seed_synced = old_attrs[:4]
+            self._load_runtime_state(old_attrs[4])
+            raise
+
+    def _checked_counters(self, zo: Mapping[str, Any]) -> tuple[int, int, int]:
+        """base_seed, step and skipped_steps of a state dict's ``zo`` section, validated."""
+        for key in ("base_seed", "step", "skipped_steps"):
+            if key not in zo:
+                raise ValueError(
+                    f"Invalid state dict: zo[{key!r}] is missing; load a complete state dict saved by "
+                    f"{type(self).__name__}.state_dict()"
+                )
+        try:
+            base_seed = _as_seed(zo["base_seed"])
+        except ValueError:
+            raise ValueError(
+                f"Invalid state dict: zo['base_seed'] = {zo['base_seed']!r} (an int in [0, 2**64))"
+            ) from None
+        t, skipped = zo["step"], zo["skipped_steps"]
+        if not _is_int(t) or not 0 <= t < 2**64:
+            raise ValueError(f"Invalid state dict: zo['step'] = {t!r} (the step counter, an int >= 0)")
+        if not _is_int(skipped) or not 0 <= skipped <= t:
+            raise ValueError(
+                f"Invalid state dict: zo['skipped_steps'] = {skipped!r} (an int in [0, step = {t}])"
+            )
+        return base_seed, int(t), int(skipped)
+
+    def _checked_groups(self, state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The param groups as a load would make them (saved hyper-parameters, current params), validated."""
+        saved = state_dict.get("param_groups")
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(g, Mapping) for g in saved):
+            raise ValueError("Invalid state dict: 'param_groups' must be a list of dicts (as saved by state_dict())")
+        if len(saved) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state dict: it has {len(saved)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}; construct the optimizer with the same groups that saved it"
+            )
+        out = []
+        for i, (own, sg) in enumerate(zip(self.param_groups, saved, strict=True)):
+            ids = sg.get("params")
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(j) for j in ids):
+                raise ValueError(f"Invalid state dict: param_groups[{i}]['params'] must be a list of int ids")
+            if len(ids) != len(own["params"]):
+                raise ValueError(
+                    f"Invalid state dict: param_groups[{i}] has {len(ids)} parameters, this optimizer's group {i} "
+                    f"has {len(own['params'])}; construct the optimizer with the same parameters that saved it"
+                )
+            missing = [k for k in own if k not in ("params", "param_names") and k not in sg]
+            if missing:
+                raise ValueError(f"Invalid state dict: param_groups[{i}] lacks the hyper-parameters {missing}")
+            names = sg.get("param_names")
+            if names is not None and (
+                not isinstance(names, (list, tuple))
+                or len(names) != len(ids)
+                or not all(isinstance(n, str) for n in names)
+            ):
+                raise ValueError(f"Invalid state dict: param_groups[{i}]['param_names'] must list one str per param")
+            group = {**sg, "params": own["params"]}
+            if names is None and "param_names" in own:
+                group["param_names"] = own["param_names"]
+            try:
+                self._check_group(group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"Invalid state dict: param_groups[{i}]: {e}") from None
+            out.append(group)
+        all_ids = [j for sg in saved for j in sg["params"]]
+        if len(set(all_ids)) != len(all_ids):
+            raise ValueError("Invalid state dict: a parameter id appears twice in 'param_groups'")
+        return out
+
+    def _checked_state(
+        self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]]
+    ) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """The per-parameter state a load would install (fp32 copies on the params' devices), validated."""
+        saved = state_dict.get("state")
+        if not isinstance(saved, Mapping):
+            raise ValueError("Invalid state dict: 'state' must be a dict (param id -> buffers)")
+        id_map: dict[Any, tuple[int, torch.Tensor, dict[str, Any]]] = {}
+        pos = 0
+        for sg, group in zip(state_dict["param_groups"], groups, strict=True):
+            for j, p in zip(sg["params"], group["params"], strict=True):
+                id_map[j] = (pos, p, group)
+                pos += 1
+        out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for key, entry in saved.items():
+            if key not in id_map:
+                raise ValueError(f"Invalid state dict: state[{key!r}] belongs to no parameter of 'param_groups'")
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"Invalid state dict: state[{key!r}] is a {type(entry).__name__}, not a dict")
+            i, p, group = id_map[key]
+            known = set(self._buffers(group))
+            new: dict[str, torch.Tensor] = {}
+            for name, v in entry.items():
+                where = f"state[{key!r}][{name!r}] (parameter {i}, shape {tuple(p.shape)})"
+                if name not in known:
+                    raise ValueError(
+                        f"Invalid state dict: {where} is not a buffer of {type(self).__name__} with this group's "
+                        f"settings (expected {sorted(known)})"
+                    )
+                if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                    got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+                    raise ValueError(f"Invalid state dict: {where} is {got}; it must be a floating tensor")
+                if v.layout != torch.strided or tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"Invalid state dict: {where} has shape {tuple(v.shape)}; it must have its parameter's shape"
+                    )
+                # torch casts floating state to the param dtype on load; ZO buffers are always fp32
+                v = v.detach().to(device=p.device, dtype=torch.float32).clone()
+                self._check_state_buffer(where, name, v)
+                new[name] = v
+            out[p] = new
+        return out
+
+    def _check_state_buffer(self, where: str, name: str, value: torch.Tensor) -> None:
+        """A loaded buffer must be finite and in its valid range (``buffer_ranges``; the preconditioner > 0)."""
+        if value.numel() == 0:
+            return
+        lo, strict = (0.0, True) if name == self.precond_buffer else self.buffer_ranges.get(name, (-math.inf, True))
+        lo_v, hi_v = (float(x) for x in torch.aminmax(value))
+        finite = bool(torch.isfinite(value).all())
+        if not finite or lo_v < lo or (strict and lo_v == lo):
+            need = "finite" if lo == -math.inf else f"finite and {'>' if strict else '>='} {lo:g}"
+            raise ValueError(
+                f"Invalid state dict: {where} has values outside its range (min {lo_v:g}, max {hi_v:g}"
+                f"{'' if finite else ', non-finite values'}); it must be {need}"
+            )
+
+    def _check_runtime_state(self, runtime: Mapping[str, Any]) -> None:
+        """Validate a state dict's ``zo["runtime"]`` before it is loaded (ValueError)."""
+        unknown = set(runtime) - set(self._runtime_state())
+        if unknown:
+            raise ValueError(
+                f"Invalid state dict: zo['runtime'] has unknown entries {sorted(unknown)} for {type(self).__name__} "
+                f"(known: {sorted(self._runtime_state())})"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # (name, tensor) pairs become "params" + "param_names" here rather than in torch, whose
@@ -575,9 +770,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             try:
                 self._check_group(self.param_groups[-1])
+                self._check_memory()
             except BaseException:
                 self.param_groups.pop()  # a refused group is not kept
                 raise
+
+    def _check_memory(self) -> None:
+        """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views."""
+        params = self._all_params()
+        try:
+            for i, p in enumerate(params):
+                ops_checks.check_self_overlap(f"params[{i}]", p)
+            ops_checks.check_no_overlap(params, "params")
+        except ValueError as e:
+            raise ValueError(
+                f"{type(self).__name__}: {e} (params[i] = position in the optimizer's parameter list); "
+                "nothing was written"
+            ) from None
 
     # ------------------------------------------------------------------ internals
 
@@ -586,6 +795,36 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
+
+    def _require_trainable(self) -> None:
+        if not self._trainable():
+            raise ValueError(
+                f"{type(self).__name__}: no trainable parameters: every parameter of this optimizer has "
+                "requires_grad=False (frozen after construction); unfreeze some (p.requires_grad_(True)) "
+                "before estimate()/step()/apply_update()"
+            )
+
+    def _layout(self) -> tuple[int, ...]:
+        """Which parameters are trainable, as positions in the optimizer's parameter list."""
+        return tuple(i for i, p in enumerate(self._all_params()) if p.requires_grad)
+
+    def _check_layout(self, layout: tuple[int, ...], what: str) -> None:
+        """A pending estimate applies only to the parameters it perturbed (requires_grad unchanged since)."""
+        now = self._layout()
+        if now == layout:
+            return
+        frozen = sorted(set(layout) - set(now))
+        unfrozen = sorted(set(now) - set(layout))
+        changes = "; ".join(
+            text for text in (f"frozen since: parameters {frozen}" if frozen else "",
+                              f"unfrozen or added since: parameters {unfrozen}" if unfrozen else "") if text
+        )
+        raise RuntimeError(
+            f"{type(self).__name__}.{what}(): requires_grad changed since the pending estimate was measured "
+            f"({changes}; positions in the optimizer's parameter list): its directions cover other parameters, so "
+            "it can neither be applied nor accumulated. Nothing was applied (the weights are restored). Put "
+            "requires_grad back and retry, or drop the estimate with opt.take_estimate() and estimate again"
+        )
 
     def _chunks(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
         """(group, params, tensor_ids) per group and device, trainable params only."""
@@ -657,13 +896,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         with torch.no_grad():
             loss = self._ungated(closure)
+        if type(loss).__module__ == "numpy" and getattr(loss, "dtype", None) is not None and loss.dtype.kind == "f":
+            loss = torch.as_tensor(loss)  # a NumPy floating scalar/array keeps its dtype, like a tensor
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float64, device=device)
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+            got = (
+                f"a {loss.dtype} tensor" if isinstance(loss, torch.Tensor)
+                else f"a {type(loss).__name__} of dtype {loss.dtype}" if hasattr(loss, "dtype")
+                else f"a {type(loss).__name__}"
+            )
             raise TypeError(
                 "the closure must return the loss as a float tensor (scalar or [B] per-example), "
-                f"got {type(loss).__name__}"
+                f"got {got}; return e.g. loss.float() (an integer or complex loss has no usable difference)"
             )
         if loss.dim() > 1:
             raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; return a scalar or [B] vector")
@@ -682,6 +928,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._perturbation is self._transient and not self._transient.attached:
             raise RuntimeError("perturbation='transient' needs the model: call opt.attach(model) or pass module=model")
         w = 1.0 if weight is None else _as_weight(weight)
+        self._require_trainable()
+        layout = self._layout()  # the parameters this estimate perturbs (a closure may change requires_grad)
+        if self._acc is not None:
+            self._check_layout(self._acc.layout, "estimate")
         self._sync_seed()
         seed = self.current_seed if seed is None else _as_seed(seed)
         if self._acc is not None and seed != self._acc.seed:
@@ -701,15 +951,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         eps = self.zo_eps
         probes = Probes(self.estimator, eps)
         distributed = _distributed.world_size() > 1
+        # the first estimate after attach(): every optimised parameter the forwards read must be perturbed there
+        watch = pert is self._transient and not self._transient.checked
         try:
-            if self.needs_center_loss or self.estimator == "forward":
-                probes.center = self._call_closure(closure, device, probes)
-            for k in range(self.num_queries):
-                pert.move_to(seed, k, eps)
-                probes.plus.append(self._call_closure(closure, device, probes))
-                if self.estimator == "central":
-                    pert.move_to(seed, k, -eps)
-                    probes.minus.append(self._call_closure(closure, device, probes))
+            with self._transient.watch(set(self._tensor_ids)) if watch else contextlib.nullcontext():
+                if self.needs_center_loss or self.estimator == "forward":
+                    probes.center = self._call_closure(closure, device, probes)
+                for k in range(self.num_queries):
+                    pert.move_to(seed, k, eps)
+                    probes.plus.append(self._call_closure(closure, device, probes))
+                    if self.estimator == "central":
+                        pert.move_to(seed, k, -eps)
+                        probes.minus.append(self._call_closure(closure, device, probes))
+            if watch:
+                self._check_transient_uses()
             # the scalars are formed in the losses' dtype, then kept (and sent) as float32
             grads = probes.projected_grads().float()
             extras = {k: v.float() for k, v in self._extras_from_probes(probes).items()}
@@ -729,15 +984,35 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             if self._acc is None:
                 self._acc = Accumulator(seed, self.summed_extras)
+                self._acc.layout = layout
             self._acc.add(grads, extras, nonfinite=not finite, weight=w)
         except BaseException:
             pert.restore()
             raise
         return probes.loss()
 
+    def _check_transient_uses(self) -> None:
+        uses = self._transient.unperturbed_uses
+        if not uses:
+            self._transient.checked = True
+            return
+        names = self._transient_names
+        where = [f"{names.get(pid, '?')} (read by {func})" for pid, func in uses.items()]
+        raise ValueError(
+            f"{type(self).__name__}: perturbation='transient' perturbs a parameter only inside the forward of the "
+            f"module that registers it, but the forwards read {len(where)} optimised parameter(s) outside it: "
+            f"{', '.join(where[:5])}{', ...' if len(where) > 5 else ''}. Their share of the gradient estimate would "
+            "silently be zero (e.g. nn.MultiheadAttention reads out_proj.weight in its own forward; a tied output "
+            "layer F.linear(h, emb.weight); a regulariser in the closure). Nothing was changed (weights restored, "
+            "no estimate recorded). Fix: use perturbation='inplace' (opt.detach()), freeze those parameters, or "
+            "call the module that owns them (self.out_proj(h)) instead of reading its weight"
+        )
+
     def _apply_pending(self, precond_checked: bool = False) -> None:
         # hyper-parameters may have changed since the estimate (a scheduler, a user): checked before the
         # pending estimate is taken, so a refused step() can be retried once they are fixed
+        assert self._acc is not None
+        self._check_layout(self._acc.layout, "step")
         self._check_step_inputs(precond=not precond_checked)
         acc, self._acc = self._acc, None
         assert acc is not None and acc.grads is not None

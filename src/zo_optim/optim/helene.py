@@ -43,7 +43,9 @@ class HELENE(ZOOptimizer):
     ``anneal_T``, ``hessian_interval`` and ``lambda_mode`` are constructor settings (one
     per optimizer, recorded in ``state_dict()["zo"]["settings"]`` for information, not
     loaded back): pass the same values when resuming; a callable ``clip_lambda`` is not
-    saved either.
+    saved either (the groups hold ``None``): such a state dict loads only into a HELENE
+    constructed with a callable (a ``ValueError`` otherwise), while a float ``clip_lambda``
+    saved into one with a callable wins, as a saved ``lr`` does.
 
     A-GNB (the asymptotic Gauss-Newton-Bartlett estimate): when the closure returns
     a ``[B]`` vector of per-example losses, g_{k,b} = (L⁺_b − L⁻_b)/2ε are free
@@ -89,6 +91,7 @@ class HELENE(ZOOptimizer):
     algorithm = "helene"
     extra_scalars: ClassVar[dict[str, bool]] = {"sq_grad_sum": False}
     summed_extras: ClassVar[frozenset[str]] = frozenset({"sq_grad_sum"})
+    buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"hessian": (0.0, False)}
 
     def __init__(
         self,
@@ -143,6 +146,14 @@ class HELENE(ZOOptimizer):
         _check_positive("epsilon value", group["eps"], allow_zero=True)
         if group["clip_lambda"] is not None:
             _check_positive("clip_lambda", group["clip_lambda"], allow_zero=True)
+        elif self._clip_fn is None:
+            # a group holds None only when clip_lambda is a callable (kept off the state dict): a state dict
+            # saved by such an optimizer names no λ, so it needs the callable again
+            raise ValueError(
+                "Invalid clip_lambda: None (the state dict was saved by a HELENE whose clip_lambda is a callable, "
+                "which is not saved); construct HELENE with that callable, clip_lambda=fn(name, param), and "
+                "model.named_parameters() before loading it, or set group['clip_lambda'] to a float"
+            )
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"exp_avg": 0.0, "hessian": 0.0}
@@ -171,7 +182,8 @@ class HELENE(ZOOptimizer):
                         raise ValueError(f"Invalid clip_lambda for {names[id(p)]!r}: {value} (a finite float >= 0)")
                     self._clip_cache[id(p)] = value
                 lam = self._clip_cache[id(p)]
-            out.append(lam / math.sqrt(p.numel()) if self.lambda_mode == "dim" else float(lam))
+            # a zero-element tensor has no update to clip: its λ is unused (kept finite)
+            out.append(lam / math.sqrt(max(p.numel(), 1)) if self.lambda_mode == "dim" else float(lam))
         return out
 
     def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:

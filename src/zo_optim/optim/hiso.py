@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import ops
@@ -88,6 +88,13 @@ class HiSo(ZOOptimizer):
 
     def _runtime_state(self) -> dict[str, Any]:
         return {"freeze_precond": bool(self.freeze_precond)}
+
+    def _check_runtime_state(self, runtime: Mapping[str, Any]) -> None:
+        super()._check_runtime_state(runtime)
+        if not isinstance(runtime.get("freeze_precond", False), bool):
+            raise ValueError(
+                f"Invalid state dict: zo['runtime']['freeze_precond'] = {runtime['freeze_precond']!r} (a bool)"
+            )
 
     def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
         if "freeze_precond" in runtime:

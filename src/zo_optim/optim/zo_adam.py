@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import ops
 from .base import ZOOptimizer, _check_betas, _check_positive
@@ -39,6 +39,7 @@ class ZOAdam(ZOOptimizer):
     """
 
     algorithm = "zo_adam"
+    buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"exp_avg_sq": (0.0, False)}
 
     def __init__(
         self,
