@@ -125,3 +125,47 @@ def test_two_ranks_raise_together_and_sum_sq_grad_sum(tmp_path):
         torch.testing.assert_close(r["sq_grad_sum"], opt.last_extra_scalars["sq_grad_sum"], rtol=1e-3, atol=1e-5)
         for h, p in zip(r["hessian"], model.parameters(), strict=True):
             torch.testing.assert_close(h, opt.state[p]["hessian"], rtol=1e-3, atol=1e-9)
+
+
+def _worker_independent(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for info in OPTIMIZERS:
+            model = tiny_model(seed=0)
+            x, y = tiny_data(seed=rank)
+            # only rank 1 steps, and a different number of times: with data_parallel=True this would hang
+            opt = info.cls(model.parameters(), **{**info.inputs[-1], "backend": "reference", "seed": 100 + rank,
+                                                   "data_parallel": False})
+            for _ in range(rank * STEPS):
+                opt.step(loss_closure(model, x, y, per_example=True))
+            results[info.name] = {"weights": [p.detach().clone() for p in model.parameters()],
+                                  "base_seed": opt.base_seed}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_data_parallel_false_enters_no_collective(tmp_path):
+    """Independent optimizers under a live process group (federated replicas): own seed, own steps."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    mp.spawn(_worker_independent, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for info in OPTIMIZERS:
+        model = tiny_model(seed=0)
+        x, y = tiny_data(seed=1)
+        opt = info.cls(model.parameters(), **{**info.inputs[-1], "backend": "reference", "seed": 101})
+        for _ in range(STEPS):
+            opt.step(loss_closure(model, x, y, per_example=True))
+        assert r1[info.name]["base_seed"] == 101, info.name  # not rank 0's seed
+        for w, ref in zip(r1[info.name]["weights"], model.parameters(), strict=True):
+            assert torch.equal(w, ref.detach()), info.name  # rank 1's data alone, as in a single process
+
+
+def test_data_parallel_must_be_a_bool():
+    with pytest.raises(TypeError, match="Invalid data_parallel: 'no'"):
+        OPTIMIZERS[0].cls(tiny_model(seed=0).parameters(), data_parallel="no")

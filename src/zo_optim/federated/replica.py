@@ -134,11 +134,9 @@ class Replica:
         self.optimizer = optimizer
         # Federated steps use explicit round seeds, so the base seed never matters; and under an initialised
         # torch.distributed group (the distributed engine) the ranks are NOT data-parallel replicas of one step:
-        # the optimizer's first-estimate broadcast of its base seed would be a collective only the sampled
-        # clients enter (a hang). Marking it synced skips that broadcast. (take_estimate/apply_update never
-        # all-reduce; only step() does, and federated code never calls it.) TODO(lead): a public opt-out of
-        # data parallel in optim/base.py would replace this private flag.
-        optimizer._seed_synced = True
+        # the optimizer's first-estimate seed broadcast would be a collective only the sampled clients enter
+        # (a hang). data_parallel = False keeps it out of every collective.
+        optimizer.data_parallel = False
         self.local_steps = local_steps
         self.server_seed = server_seed
         self.streams = extra_streams(optimizer, extras)

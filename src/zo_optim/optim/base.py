@@ -173,6 +173,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         rounding: how the update pass stores bfloat16/float16 weights,
             ``"stochastic"`` (default, unbiased) or ``"nearest"``.
         module: shortcut for ``perturbation="transient"`` + ``opt.attach(module)``.
+        data_parallel: ``True`` (default): under an initialised ``torch.distributed`` group with
+            world size > 1 this optimizer is one replica of a data-parallel step (the base seed is
+            broadcast from rank 0, ``step()`` all-reduces the scalars). ``False``: it ignores the
+            process group and enters no collective (federated replicas, per-rank experiments).
     """
 
     #: algorithm name written into state dicts and federated messages
@@ -207,8 +211,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         perturbation: str = "inplace",
         rounding: str = "stochastic",
         module: torch.nn.Module | None = None,
+        data_parallel: bool = True,
     ) -> None:
         _as_zo_eps(zo_eps)
+        if not isinstance(data_parallel, bool):
+            raise TypeError(f"Invalid data_parallel: {data_parallel!r} (True or False)")
         if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries < 1:
             raise ValueError(f"Invalid num_queries: {num_queries!r} (an int >= 1)")
         _check_choice("estimator", estimator, self.estimators)
@@ -233,6 +240,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_projected_grads: torch.Tensor | None = None
         self.last_extra_scalars: dict[str, torch.Tensor] = {}
         self._t = 0
+        self.data_parallel = data_parallel
         self._seed_synced = False
         self._acc: Accumulator | None = None
         self._tensor_ids: dict[int, int] = {}
@@ -850,8 +858,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                     if p.requires_grad and name not in self.state[p]:
                         self.state[p][name] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
 
+    def _data_parallel_world(self) -> bool:
+        """Whether this step is one replica of a data-parallel step (collectives are entered)."""
+        return self.data_parallel and _distributed.world_size() > 1
+
     def _sync_seed(self) -> None:
-        if not self._seed_synced:
+        if self.data_parallel and not self._seed_synced:
             self.base_seed = self._ungated(_distributed.broadcast_seed, self.base_seed, self._trainable()[0].device)
             self._seed_synced = True
 
@@ -950,7 +962,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             pert.passes = 0
         eps = self.zo_eps
         probes = Probes(self.estimator, eps)
-        distributed = _distributed.world_size() > 1
+        distributed = self._data_parallel_world()
         # the first estimate after attach(): every optimised parameter the forwards read must be perturbed there
         watch = pert is self._transient and not self._transient.checked
         try:
@@ -1018,7 +1030,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         assert acc is not None and acc.grads is not None
         seed = acc.seed
         nonfinite = acc.nonfinite
-        if _distributed.world_size() > 1:
+        if self._data_parallel_world():
             # one all-reduce (SUM) of the weighted sums Σ w·g, Σ w·x (Σ x for summed extras), Σ w and the
             # non-finite flag: the mean is weighted across micro-batches AND ranks
             names = sorted(acc.extras)
