@@ -20,7 +20,17 @@ import pytest
 
 import zo_optim
 from fed_problems import batch_loss, data, full_loss, model_fn
-from zo_optim.federated import FederatedWrapper, Replica, Reply, Server, decode, encode, pack_scalars
+from zo_optim.federated import (
+    PROTOCOL_VERSION,
+    FederatedWrapper,
+    Replica,
+    Reply,
+    Server,
+    decode,
+    encode,
+    pack_scalars,
+    reply_client_id,
+)
 
 M, m, ROUNDS, LOG_LIMIT, SNAPSHOT_EVERY, SEED = 10, 4, 1000, 40, 20, 2024
 LATE_JOINERS, JOIN_AT = (8, 9), 600
@@ -105,14 +115,14 @@ def test_chaos_thousand_rounds():
         for item in stale[:]:
             if item[0] < r and chaos.random() < 0.5:
                 deliveries.append((item[1], "late"))
-                if owed.get(item[1]["client_id"]) == item[0]:
-                    del owed[item[1]["client_id"]]  # it answered (late): it may be sampled again
+                if owed.get(reply_client_id(item[1])) == item[0]:
+                    del owed[reply_client_id(item[1])]  # it answered (late): it may be sampled again
                 stale.remove(item)
         chaos.shuffle(deliveries)  # out of order within the round
         seen_good = set()
         for msg, reason in deliveries:
             receipt = server.receive(msg)
-            cid = msg.get("client_id")
+            cid = reply_client_id(msg)
             # the duplicate check comes after the header checks (version ... not_sampled) and before the content ones
             if cid in seen_good and reason in (None, "nonfinite", "shape", "too_large", "n_examples", "position"):
                 reason = "duplicate"
@@ -175,13 +185,13 @@ def _fault(reply: Reply, enc: dict, kind: str, r: int, server: Server) -> tuple[
     if kind == "wrong_round":
         return encode(dataclasses.replace(reply, round=r + 1 + r % 3)), "wrong_round"
     if kind == "version":
-        return {**enc, "zo_fed": 2}, "version"
+        return {**enc, "zo_fed": PROTOCOL_VERSION + 1}, "version"
     if kind == "algorithm":
         return encode(dataclasses.replace(reply, algorithm="hiso")), "algorithm"
     if kind == "rng_version":
         return encode(dataclasses.replace(reply, rng_version="philox4x32-10/bm4/v0")), "rng_version"
     if kind == "n_examples":
-        return encode(dataclasses.replace(reply, n_examples=2**40)), "n_examples"
+        return encode(dataclasses.replace(reply, n_examples=2**32 - 1)), "n_examples"  # > max_examples (2**31)
     if kind == "position":
         return encode(dataclasses.replace(reply, position=r + 1)), "position"
     # a client that was not sampled this round

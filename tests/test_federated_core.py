@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import zo_optim
 from fed_problems import batch_loss, data, hiso, mezo, mlp_fn, model_fn
 from zo_optim import rng
 from zo_optim.federated import (
+    PROTOCOL_VERSION,
     FederatedWrapper,
     GapError,
     Hello,
@@ -29,6 +31,7 @@ from zo_optim.federated import (
     encode,
     pack_scalars,
     payload_bytes,
+    protocol,
     unpack_scalars,
 )
 
@@ -45,21 +48,21 @@ def test_messages_round_trip_as_plain_data():
     msgs = [
         _task(entries=entries, snapshot=Snapshot(1, b"\x00\x01blob")),
         _task(compute=False),
-        Reply(round=3, client_id=2**63, status="ok", position=3, algorithm="hizoo", rng_version=rng.RNG_VERSION,
+        Reply(round=3, client_id=2**32 - 1, status="ok", position=3, algorithm="hizoo", rng_version=rng.RNG_VERSION,
               n_examples=5, loss=0.5, scalars=pack_scalars([1.0, 2.0]), extras=(("curvature", pack_scalars([3, 4])),)),
         Hello(client_id=1, algorithm="mezo", rng_version="x", num_queries=1, local_steps=2, config_digest="ab"),
     ]
     for m in msgs:
         enc = encode(m)
         assert all(isinstance(v, (int, float, str, bytes)) and not isinstance(v, bool) for v in enc.values())
-        assert enc["zo_fed"] == 1 and enc["kind"] == m.kind
+        assert enc["zo_fed"] == PROTOCOL_VERSION and enc["kind"] == m.kind
         assert decode(enc) == m
     assert unpack_scalars(pack_scalars([1.0, -0.5])).tolist() == [1.0, -0.5]
     assert pack_scalars([1.0]) == b"\x00\x00\x80\x3f"  # little-endian float32
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda d: d.update(zo_fed=2), "protocol version 2"),
+    (lambda d: d.update(zo_fed=PROTOCOL_VERSION + 1), f"protocol version {PROTOCOL_VERSION + 1}"),
     (lambda d: d.pop("round"), "no 'round'"),
     (lambda d: d.update(round="3"), "type str"),
     (lambda d: d.update(round=-1), "outside uint64"),
@@ -77,8 +80,31 @@ def test_payload_bytes_counts_values():
     r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version=rng.RNG_VERSION,
               n_examples=1, loss=0.0, scalars=pack_scalars([0.0] * 5))
     enc = encode(r)
-    fixed = 8 * 6 + len("reply") + len("ok") + len("mezo") + len(rng.RNG_VERSION)  # 6 ints/floats + strings
-    assert payload_bytes(enc) == fixed + 20  # + 4 B per scalar; the empty "extras" list adds 0
+    # zo_fed (8) + "reply" (5) + the packed 25 B header + 4 B per scalar; the empty "extras" list adds 0
+    assert payload_bytes(enc) == 8 + len("reply") + 25 + 20 == 58
+    assert decode(enc) == r
+
+
+@pytest.mark.parametrize("field", ["round", "client_id", "position", "n_examples"])
+def test_reply_header_fields_are_uint32(field):
+    r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version=rng.RNG_VERSION,
+              n_examples=1, loss=0.0, scalars=pack_scalars([0.0]))
+    with pytest.raises(ProtocolError, match=f"reply field '{field}' = 4294967296 is outside uint32"):
+        encode(dataclasses.replace(r, **{field: 2**32}))
+
+
+def test_reply_from_an_unknown_contract_decodes_as_unknown_and_is_refused():
+    r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version="philox/v0",
+              n_examples=1, loss=0.5, scalars=pack_scalars([1.0]))
+    enc = encode(r)
+    protocol._CONTRACTS.clear()  # as on a peer that never saw this contract
+    back = decode(enc)
+    assert back.algorithm == "unknown" and back.rng_version.startswith("unknown contract ")
+    assert decode(encode(dataclasses.replace(r, rng_version=rng.RNG_VERSION))).algorithm == "mezo"  # built-ins known
+    with pytest.raises(ProtocolError, match="reply header is 3 B, expected 25"):
+        decode({**enc, "h": b"abc"})
+    with pytest.raises(ProtocolError, match="unknown reply status code 9"):
+        decode({**enc, "h": bytes([9]) + enc["h"][1:]})
 
 
 def test_log_trims_never_past_the_newest_snapshot():
@@ -234,8 +260,8 @@ def test_server_validates_replies():
         return Reply(**{**good.__dict__, **kw})
 
     cases = [
-        (bad(version=2), "version"), (bad(rng_version="v0"), "rng_version"), (bad(algorithm="hiso"), "algorithm"),
-        (bad(round=1), "wrong_round"), (bad(client_id=77), "unknown_client"), (bad(status="maybe"), "status"),
+        (bad(version=PROTOCOL_VERSION + 1), "version"), (bad(rng_version="v0"), "rng_version"),
+        (bad(algorithm="hiso"), "algorithm"), (bad(round=1), "wrong_round"), (bad(client_id=77), "unknown_client"),
         (bad(scalars=good.scalars[:2]), "shape"), (bad(scalars=pack_scalars([math.nan])), "nonfinite"),
         (bad(scalars=pack_scalars([math.inf])), "nonfinite"), (bad(loss=math.nan), "nonfinite"),
         (bad(scalars=pack_scalars([1e7])), "too_large"), (bad(n_examples=0), "n_examples"),
@@ -244,6 +270,12 @@ def test_server_validates_replies():
     for reply, reason in cases:
         r = server.receive(encode(reply))
         assert not r.accepted and r.reason.startswith(reason), (reason, r.reason)
+    # an unknown status cannot even be encoded; a forged status code is refused as malformed
+    with pytest.raises(ProtocolError, match="reply status 'maybe' is not one of"):
+        encode(bad(status="maybe"))
+    forged = encode(good)
+    forged["h"] = bytes([7]) + forged["h"][1:]
+    assert server.receive(forged).reason.startswith("malformed")
     assert server.receive(encode(good)).accepted
     assert server.receive(encode(good)).reason == "duplicate"
     rec = server.close_round()

@@ -10,8 +10,8 @@ import torch
 
 import zo_optim
 from fed_problems import batch_loss, data, mlp_fn
-from zo_optim import rng
 from zo_optim.federated import simulate
+from zo_optim.federated.protocol import REPLY_HEADER
 
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "federated_simulate.py"
 
@@ -33,10 +33,10 @@ def test_decomfl_and_hiso_pair_trains_and_counts_bytes(capsys):
         assert res.replicas_identical()
         assert len(res.history) == rounds
         # bytes up: one reply per participant; a reply's payload is fixed + 4 B per scalar (τ·P = 5)
-        algo = res.coordinator.optimizer.algorithm
-        reply = 6 * 8 + len("reply") + len("ok") + len(algo) + len(rng.RNG_VERSION) + 4 * 5
+        # zo_fed (8) + "reply" (5) + the packed header (25) + 4 B per scalar = 58 B (docs/federated.md)
+        reply = 8 + len("reply") + REPLY_HEADER.size + 4 * 5
         participations = sum(len(r.participants) for r in res.history)
-        final_sync = 6 * (6 * 8 + len("reply") + len("synced") + len(algo) + len(rng.RNG_VERSION))
+        final_sync = 6 * (8 + len("reply") + REPLY_HEADER.size)  # one scalar-less "synced" reply per client
         assert res.bytes_up == participations * reply + final_sync
         assert res.bytes_down > res.bytes_up
 

@@ -48,6 +48,7 @@ from .protocol import (
     encode,
     pack_scalars,
     payload_bytes,
+    reply_client_id,
     unpack_scalars,
 )
 from .replica import GapError, Replica, config_digest
@@ -81,6 +82,7 @@ __all__ = [
     "encode",
     "pack_scalars",
     "payload_bytes",
+    "reply_client_id",
     "simulate",
     "unpack_scalars",
 ]

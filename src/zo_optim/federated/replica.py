@@ -26,7 +26,7 @@ import torch
 
 from .. import rng
 from ..optim.base import ZOOptimizer
-from .protocol import ProtocolError, RoundEntry, Snapshot, unpack_scalars
+from .protocol import ProtocolError, RoundEntry, Snapshot, contract_digest, unpack_scalars
 
 __all__ = ["GapError", "LocalState", "Replica", "config_digest", "extra_streams"]
 
@@ -137,6 +137,7 @@ class Replica:
         # the optimizer's first-estimate seed broadcast would be a collective only the sampled clients enter
         # (a hang). data_parallel = False keeps it out of every collective.
         optimizer.data_parallel = False
+        contract_digest(optimizer.algorithm, rng.RNG_VERSION)  # so replies of a custom algorithm decode here
         self.local_steps = local_steps
         self.server_seed = server_seed
         self.streams = extra_streams(optimizer, extras)

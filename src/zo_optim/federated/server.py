@@ -41,6 +41,7 @@ from .protocol import (
     decode,
     pack_scalars,
     payload_bytes,
+    reply_client_id,
 )
 from .replica import Replica, config_digest
 
@@ -361,8 +362,7 @@ class Server:
                 msg: Message = decode(reply)
             except ProtocolError as e:
                 reason = "version" if reply.get("zo_fed") != PROTOCOL_VERSION else "malformed"
-                cid = reply.get("client_id")
-                return self._reject(reason, cid if isinstance(cid, int) else None, str(e))
+                return self._reject(reason, reply_client_id(reply), str(e))
             if not isinstance(msg, Reply):
                 return self._reject("malformed", None, f"expected a reply, got a {msg.kind}")
             reply = msg
