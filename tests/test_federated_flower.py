@@ -1,0 +1,265 @@
+"""Flower engine (zo_optim.federated.flower): Flower's own simulation runtime ends bit-identical to simulate().
+
+* ``test_run_simulation_is_bit_identical_to_simulate``: ``flwr.simulation.run_simulation`` with 3 SuperNodes
+  (Ray actors, separate processes), ZOAdam, τ = 2 — server weights, optimizer state, every client (checksums
+  from the final sync), the sampled sets and the payload bytes per round equal ``simulate(...)``'s.
+* The fast tests run the same ``run_simulation`` with Ray's actor pool swapped for an in-process backend
+  (a ``flwr`` ``Backend`` subclass; LinkState, InMemoryGrid, node contexts and the message loop are Flower's):
+  every message holds only ConfigRecords (never an ArrayRecord), a node speaking another RNG contract is
+  refused at the handshake and never sampled, a straggler's late reply is dropped without breaking
+  bit-identity, and clients rebuilt from ``context.state`` for every message (deployment's fresh
+  processes) stay exact.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import threading
+import time
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+import zo_optim  # noqa: E402
+from fed_problems import batch_loss, data, mlp_fn  # noqa: E402
+from zo_optim import rng  # noqa: E402
+from zo_optim.federated import simulate  # noqa: E402
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+from zo_optim.federated import flower as zo_flower  # noqa: E402
+from zo_optim.federated.flower import RECORD_KEY, ZOStrategy, make_client_app, make_server_app  # noqa: E402
+
+TESTS = str(pathlib.Path(__file__).resolve().parent)
+N_NODES = 3
+TAU = 2
+SEED = 7
+DATA_SEED = 2
+
+
+# module-level (picklable by reference): Ray ships the ClientApp to its actors with cloudpickle
+def make_opt(model: torch.nn.Module) -> zo_optim.ZOAdam:
+    return zo_optim.ZOAdam(model.parameters(), lr=1e-2, backend="reference")
+
+
+def client_data(context: Context):
+    return batch_loss(*data(N_NODES, seed=DATA_SEED)[int(context.node_config["partition-id"])])
+
+
+def reference(rounds: int, clients_per_round: int):
+    losses = [batch_loss(*d) for d in data(N_NODES, seed=DATA_SEED)]
+    return simulate(mlp_fn, make_opt, losses, rounds=rounds, clients_per_round=clients_per_round, local_steps=TAU,
+                    seed=SEED)
+
+
+def assert_same_as_simulate(strategy: ZOStrategy, server_model: torch.nn.Module, sim, clients=range(N_NODES)) -> None:
+    for p, q in zip(server_model.parameters(), sim.server.parameters(), strict=True):
+        assert torch.equal(p, q)
+    ours, theirs = strategy.server.optimizer.state_dict(), sim.coordinator.optimizer.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys() and ours["state"]
+    for k in ours["state"]:
+        for name, v in ours["state"][k].items():
+            w = theirs["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, name)
+    assert strategy.server.checksum() == sim.coordinator.checksum()
+    assert {c: strategy.client_checksums.get(c) for c in clients} == {c: sim.wrappers[c].checksum() for c in clients}
+
+
+def strategy_for(rounds: int, clients_per_round: int, **kw: Any) -> tuple[ZOStrategy, torch.nn.Module]:
+    model = mlp_fn()
+    kw.setdefault("round_timeout", 60.0)
+    kw.setdefault("min_nodes", N_NODES)
+    strategy = ZOStrategy(make_opt(model), clients_per_round=clients_per_round, local_steps=TAU, server_seed=SEED,
+                          **kw)
+    return strategy, model
+
+
+@pytest.mark.slow
+def test_run_simulation_is_bit_identical_to_simulate(monkeypatch):
+    ray = pytest.importorskip("ray")
+    # Ray's workers import this module and fed_problems by name: put tests/ on their path (Flower also
+    # forwards sys.path, but only when it initialises Ray itself)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    rounds, m = 4, 2
+    sim = reference(rounds, m)
+    strategy, model = strategy_for(rounds, m)
+    t0 = time.perf_counter()
+    try:
+        run_simulation(make_server_app(strategy, rounds), make_client_app(mlp_fn, make_opt, client_data,
+                                                                          local_steps=TAU),
+                       num_supernodes=N_NODES,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    elapsed = time.perf_counter() - t0
+    assert not strategy.errors and not strategy.refused
+    assert len(strategy.node_of) == N_NODES
+    assert [r.participants for r in strategy.server.history] == [r.participants for r in sim.history]
+    assert [(r.bytes_up, r.bytes_down) for r in strategy.server.history] == [
+        (r.bytes_up, r.bytes_down) for r in sim.history]
+    assert_same_as_simulate(strategy, model, sim)
+    assert strategy.replicas_identical()
+    print(f"run_simulation: {elapsed:.1f}s for {rounds} rounds on {N_NODES} Ray SuperNodes")
+
+
+# ---------------------------------------------------------------------------- in-process Flower runtime
+
+
+class InProcessBackend(Backend):
+    """Flower's Backend interface run in the calling thread instead of a Ray actor pool.
+
+    Every message and reply is checked to hold ConfigRecords only. ``fresh_process``: forget the
+    process-level client cache before every message, as a deployment running each message in a new
+    ``flwr-clientapp`` process would. ``delay(partition id, message type, n)``: seconds to sleep
+    before answering that node's n-th message of that type (stragglers).
+    """
+
+    seen: ClassVar[list[tuple[str, tuple[str, ...], tuple[str, ...]]]] = []
+    fresh_process: ClassVar[bool] = False
+    delay: ClassVar[Any] = None
+    counts: ClassVar[dict[tuple[int, str], int]] = {}
+    lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        self.app_fn = None
+
+    def build(self, app_fn) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return N_NODES
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        def kinds(msg: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
+            c = msg.content
+            return tuple(c.array_records) + tuple(c.metric_records), tuple(c.config_records)
+
+        with self.lock:
+            self.seen.append((message.metadata.message_type, *kinds(message)))
+        if self.delay is not None:
+            key = (int(context.node_config["partition-id"]), message.metadata.message_type)
+            with self.lock:
+                n = self.counts[key] = self.counts.get(key, 0) + 1
+            time.sleep(type(self).delay(*key, n))
+        if self.fresh_process:
+            zo_flower._PARTICIPANTS.clear()
+        out = self.app_fn()(message, context)
+        with self.lock:
+            self.seen.append(("reply", *kinds(out)))
+        return out, context
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    InProcessBackend.seen = []
+    InProcessBackend.fresh_process = False
+    InProcessBackend.delay = None
+    InProcessBackend.counts = {}
+    monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
+    return InProcessBackend
+
+
+def wrong_rng_client_app(bad_partition: int) -> ClientApp:
+    """The real client app, except that node ``bad_partition`` announces another RNG contract."""
+    real = make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU)
+    app = ClientApp()
+
+    @app.query()
+    def hello(msg: Message, context: Context) -> Message:
+        out = real(msg, context)
+        if context.node_config["partition-id"] == bad_partition:
+            out.content.config_records[RECORD_KEY]["rng_version"] = "philox4x32-10/bm4/v0"
+        return out
+
+    app.train()(real.__call__)
+    app.query("sync")(real.__call__)
+    return app
+
+
+def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_process):
+    rounds, m = 3, 2
+    strategy, model = strategy_for(rounds, m)
+    run_simulation(make_server_app(strategy, rounds), wrong_rng_client_app(bad_partition=2), num_supernodes=N_NODES)
+    # no ArrayRecord (nor MetricRecord) in any message either way; every message holds our one ConfigRecord
+    assert in_process.seen and all(arrays == () for _, arrays, _ in in_process.seen)
+    assert all(RECORD_KEY in configs for _, _, configs in in_process.seen)
+    types = [t for t, _, _ in in_process.seen if t != "reply"]
+    assert types.count("query") == N_NODES and types.count("train") == rounds * m
+    # the node with another RNG contract was refused at the handshake, with the reason, and never sampled
+    assert len(strategy.refused) == 1
+    (reason,) = strategy.refused.values()
+    assert "RNG contract" in reason and rng.RNG_VERSION in reason
+    assert sorted(strategy.node_of) == [0, 1]
+    assert all(set(r.sampled) == {0, 1} for r in strategy.server.history)
+    assert strategy.server.rejections["handshake"] == 1
+    assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1]
+    # without client 2 the federation is simulate() over clients 0 and 1 (both sampled every round)
+    losses = [batch_loss(*d) for d in data(N_NODES, seed=DATA_SEED)][:2]
+    sim = simulate(mlp_fn, make_opt, losses, rounds=rounds, clients_per_round=m, local_steps=TAU, seed=SEED)
+    assert_same_as_simulate(strategy, model, sim, clients=(0, 1))
+
+
+def test_fresh_process_per_message_stays_bit_identical(in_process):
+    rounds, m = 4, 2
+    in_process.fresh_process = True  # every message rebuilds its client from context.state
+    strategy, model = strategy_for(rounds, m)
+    run_simulation(make_server_app(strategy, rounds), make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU),
+                   num_supernodes=N_NODES)
+    assert not strategy.errors
+    assert_same_as_simulate(strategy, model, reference(rounds, m))
+
+
+def test_a_late_reply_is_dropped_and_the_straggler_catches_up(in_process, tmp_path):
+    rounds, m = 8, 3
+
+    def delay(partition: int, message_type: str, n: int) -> float:
+        if message_type != "train":
+            return 0.0
+        if partition == 1 and n == 1:
+            return 2.5  # client 1's first task answers long after round 0 closed (at 1 s)
+        return 0.2  # every other round takes a while, so the late reply arrives while a later round is open
+
+    in_process.delay = delay
+    strategy, _ = strategy_for(rounds, m, round_timeout=1.0, message_ttl=30.0)
+    app = make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU, cache_dir=tmp_path)
+    run_simulation(make_server_app(strategy, rounds), app, num_supernodes=N_NODES)
+    hist = strategy.server.history
+    assert hist[0].dropped == (1,) and hist[0].participants == (0, 2)
+    assert strategy.server.late[0] == (0, 1) and strategy.server.rejections["late"] >= 1  # logged, never applied
+    # never a second message to a node that owes a reply: client 1 is sampled again only after its late reply
+    back = next(i for i, r in enumerate(hist) if i > 0 and 1 in r.sampled)
+    assert back >= 2 and all(1 not in r.sampled for r in hist[1:back])
+    assert 1 in hist[back].participants  # it caught up from the log entries its task carried
+    assert strategy.server.position == rounds
+    assert not strategy.errors
+    assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1, 2]
+    assert list(tmp_path.glob("zo-*.pt"))  # the weights lived in the node-local cache, not in context.state
+
+
+def test_import_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr.app", None)
+    monkeypatch.delitem(sys.modules, "zo_optim.federated.flower", raising=False)
+    with pytest.raises(ImportError, match=r'pip install "zo-optim\[flower\]"'):
+        import zo_optim.federated.flower  # noqa: F401
