@@ -33,7 +33,7 @@ from zo_optim.federated import simulate  # noqa: E402
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 
-from flwr.app import Context, Message  # noqa: E402
+from flwr.app import Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
@@ -231,10 +231,22 @@ def test_fresh_process_per_message_stays_bit_identical(in_process):
     rounds, m = 4, 2
     in_process.fresh_process = True  # every message rebuilds its client from context.state
     strategy, model = strategy_for(rounds, m)
-    run_simulation(make_server_app(strategy, rounds), make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU),
-                   num_supernodes=N_NODES)
+    evaluated = []
+
+    def evaluate_fn(server_round, arrays):  # the server replica's parameters, built locally (never sent)
+        evaluated.append((server_round, [a.numpy() for a in arrays.values()]))
+        return MetricRecord({"n": len(arrays)})
+
+    # the context-taking forms that a deployment's run config needs
+    app = make_client_app(lambda context: mlp_fn(), lambda model, context: make_opt(model), client_data,
+                          local_steps=lambda context: TAU)
+    run_simulation(make_server_app(strategy, rounds, evaluate_fn=evaluate_fn), app, num_supernodes=N_NODES)
     assert not strategy.errors
-    assert_same_as_simulate(strategy, model, reference(rounds, m))
+    sim = reference(rounds, m)
+    assert_same_as_simulate(strategy, model, sim)
+    assert [r for r, _ in evaluated] == list(range(rounds + 1))
+    for got, want in zip(evaluated[-1][1], sim.server.parameters(), strict=True):
+        assert torch.equal(torch.from_numpy(got), want)
 
 
 def test_a_late_reply_is_dropped_and_the_straggler_catches_up(in_process, tmp_path):

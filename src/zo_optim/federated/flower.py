@@ -532,19 +532,27 @@ class ZOStrategy(Strategy):
         return ArrayRecord(params)
 
 
-def make_server_app(strategy: ZOStrategy, num_rounds: int,
-                    on_finish: Callable[[ZOStrategy, Result], None] | None = None) -> ServerApp:
+def make_server_app(
+    strategy: ZOStrategy,
+    num_rounds: int,
+    *,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    on_finish: Callable[[ZOStrategy, Result], None] | None = None,
+) -> ServerApp:
     """A Flower ``ServerApp`` whose main runs ``strategy.start(grid, num_rounds=num_rounds)``.
 
-    ``on_finish(strategy, result)`` is called after the final sync (e.g. to save the server
-    replica's weights).
+    ``evaluate_fn`` is passed to :meth:`ZOStrategy.start`; ``on_finish(strategy, result)`` is
+    called after the final sync (e.g. to save the server replica's weights). A ServerApp that
+    needs the run config (``flwr run``) builds its strategy in its own main and calls ``start``.
     """
+    if not isinstance(num_rounds, int) or num_rounds < 0:
+        raise ValueError(f"Invalid num_rounds: {num_rounds!r} (an int >= 0)")
     flower_environment()
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = strategy.start(grid, num_rounds=num_rounds)
+        result = strategy.start(grid, num_rounds=num_rounds, evaluate_fn=evaluate_fn)
         if on_finish is not None:
             on_finish(strategy, result)
 
@@ -578,10 +586,10 @@ def _client_id(context: Context, client_id: Callable[[Context], int] | None) -> 
 
 def make_client_app(
     model_fn: Callable[..., torch.nn.Module],
-    optimizer_fn: Callable[[torch.nn.Module], ZOOptimizer],
+    optimizer_fn: Callable[..., ZOOptimizer],
     data_fn: Callable[[Context], Any],
     *,
-    local_steps: int = 1,
+    local_steps: int | Callable[[Context], int] = 1,
     extras: Iterable[str] = (),
     client_id: Callable[[Context], int] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -591,12 +599,13 @@ def make_client_app(
     Args:
         model_fn: builds the model (``model_fn()`` or ``model_fn(context)``); identical initial
             weights on every call and every node (frozen parameters too: they are never sent).
-        optimizer_fn: ``optimizer_fn(model)``, the same settings as the server's (the handshake
-            checks a digest).
+        optimizer_fn: ``optimizer_fn(model)`` or ``optimizer_fn(model, context)`` (e.g. the
+            learning rate from ``context.run_config``), the same settings as the server's (the
+            handshake checks a digest).
         data_fn: ``data_fn(context)`` returns this node's ``loss(model, step)`` (the loss on its
             batch number ``step``; equal steps must mean equal batches), or ``(loss, n_examples)``
             (n_examples: its weight in the mean; default 1).
-        local_steps: τ (must match the strategy's).
+        local_steps: τ (must match the strategy's), or ``local_steps(context)``.
         extras: optional extra scalar streams (as for :class:`FederatedWrapper`).
         client_id: ``client_id(context)`` → this node's client id; default: the node config's
             ``partition-id`` (set by the simulation, ``--node-config "partition-id=..."`` in
@@ -613,12 +622,16 @@ def make_client_app(
     flower_environment()
     extras = tuple(extras)
     cache = None if cache_dir is None else Path(cache_dir)
-    takes_context = len(inspect.signature(model_fn).parameters) > 0
+    model_takes_context = len(inspect.signature(model_fn).parameters) > 0
+    opt_takes_context = len(inspect.signature(optimizer_fn).parameters) > 1
+    if not callable(local_steps) and (not isinstance(local_steps, int) or local_steps < 1):
+        raise ValueError(f"Invalid local_steps: {local_steps!r} (an int >= 1, or local_steps(context))")
 
     def build(context: Context) -> _Participant:
-        model = model_fn(context) if takes_context else model_fn()
-        opt = optimizer_fn(model)
-        wrapper = FederatedWrapper(opt, local_steps, client_id=_client_id(context, client_id), model=model,
+        model = model_fn(context) if model_takes_context else model_fn()
+        opt = optimizer_fn(model, context) if opt_takes_context else optimizer_fn(model)
+        tau = local_steps(context) if callable(local_steps) else local_steps
+        wrapper = FederatedWrapper(opt, int(tau), client_id=_client_id(context, client_id), model=model,
                                    extras=extras)
         data = data_fn(context)
         loss, n = data if isinstance(data, tuple) else (data, 1)
