@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-import threading
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ flwr = pytest.importorskip("flwr")
 
 import zo_optim  # noqa: E402
 from fed_problems import batch_loss, data, mlp_fn  # noqa: E402
+from flower_inprocess import use_in_process_backend  # noqa: E402
 from zo_optim import rng  # noqa: E402
 from zo_optim.federated import simulate  # noqa: E402
 
@@ -35,10 +35,8 @@ os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 
 from flwr.app import Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from zo_optim.federated import flower as zo_flower  # noqa: E402
 from zo_optim.federated.flower import RECORD_KEY, ZOStrategy, make_client_app, make_server_app  # noqa: E402
 
 TESTS = str(pathlib.Path(__file__).resolve().parent)
@@ -118,67 +116,9 @@ def test_run_simulation_is_bit_identical_to_simulate(monkeypatch):
 # ---------------------------------------------------------------------------- in-process Flower runtime
 
 
-class InProcessBackend(Backend):
-    """Flower's Backend interface run in the calling thread instead of a Ray actor pool.
-
-    Every message and reply is checked to hold ConfigRecords only. ``fresh_process``: forget the
-    process-level client cache before every message, as a deployment running each message in a new
-    ``flwr-clientapp`` process would. ``delay(partition id, message type, n)``: seconds to sleep
-    before answering that node's n-th message of that type (stragglers).
-    """
-
-    seen: ClassVar[list[tuple[str, tuple[str, ...], tuple[str, ...]]]] = []
-    fresh_process: ClassVar[bool] = False
-    delay: ClassVar[Any] = None
-    counts: ClassVar[dict[tuple[int, str], int]] = {}
-    lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, backend_config: BackendConfig) -> None:
-        self.app_fn = None
-
-    def build(self, app_fn) -> None:
-        self.app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        return N_NODES
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        pass
-
-    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
-        def kinds(msg: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
-            c = msg.content
-            return tuple(c.array_records) + tuple(c.metric_records), tuple(c.config_records)
-
-        with self.lock:
-            self.seen.append((message.metadata.message_type, *kinds(message)))
-        if self.delay is not None:
-            key = (int(context.node_config["partition-id"]), message.metadata.message_type)
-            with self.lock:
-                n = self.counts[key] = self.counts.get(key, 0) + 1
-            time.sleep(type(self).delay(*key, n))
-        if self.fresh_process:
-            zo_flower._PARTICIPANTS.clear()
-        out = self.app_fn()(message, context)
-        with self.lock:
-            self.seen.append(("reply", *kinds(out)))
-        return out, context
-
-
 @pytest.fixture
 def in_process(monkeypatch):
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    InProcessBackend.seen = []
-    InProcessBackend.fresh_process = False
-    InProcessBackend.delay = None
-    InProcessBackend.counts = {}
-    monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
-    return InProcessBackend
+    return use_in_process_backend(monkeypatch)
 
 
 def wrong_rng_client_app(bad_partition: int) -> ClientApp:
