@@ -216,6 +216,21 @@ def test_a_late_reply_is_dropped_and_the_straggler_catches_up(in_process, tmp_pa
     assert list(tmp_path.glob("zo-*.pt"))  # the weights lived in the node-local cache, not in context.state
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"min_nodes": 0}, "Invalid min_nodes"), ({"round_timeout": 0}, "Invalid round_timeout"),
+    ({"round_timeout": 10, "message_ttl": 5}, "Invalid message_ttl"), ({"poll_interval": 0}, "Invalid poll_interval"),
+    ({"handshake_timeout": -1}, "Invalid handshake_timeout"), ({"clients": 3}, "Invalid argument: clients"),
+    ({"release_after": 3}, "Invalid argument: release_after"), ({"aggregation": "mode"}, "Invalid aggregation"),
+])
+def test_strategy_refuses_invalid_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ZOStrategy(make_opt(mlp_fn()), clients_per_round=2, **kw)
+    with pytest.raises(ValueError, match="Invalid local_steps"):
+        make_client_app(mlp_fn, make_opt, client_data, local_steps=0)
+    with pytest.raises(ValueError, match="Invalid num_rounds"):
+        make_server_app(ZOStrategy(make_opt(mlp_fn()), clients_per_round=2), -1)
+
+
 def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr.app", None)
     monkeypatch.delitem(sys.modules, "zo_optim.federated.flower", raising=False)

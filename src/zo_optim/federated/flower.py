@@ -179,7 +179,7 @@ class ZOStrategy(Strategy):
         sync_at_end: bool = True,
         **server_kwargs: Any,
     ) -> None:
-        for name in ("clients", "round_timeout", "release_after"):
+        for name in ("clients", "release_after"):
             if name in server_kwargs:
                 raise ValueError(f"Invalid argument: {name} (the strategy sets it: clients register at the "
                                  "handshake, a client is released when its message is answered or expires)")
