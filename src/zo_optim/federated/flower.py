@@ -39,6 +39,7 @@ import inspect
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -573,6 +574,26 @@ class _Participant:
 
 # one entry per (run, node) in this process; valid only while its token matches context.state's
 _PARTICIPANTS: dict[tuple[int, int], _Participant] = {}
+# Model factories typically seed the global torch RNG (torch.manual_seed(...); nn.Linear(...)): two nodes built
+# at once in one process (a threaded simulation backend) would interleave their draws and start from different
+# weights, which no digest detects. Building one client at a time keeps model_fn's contract.
+_BUILD_LOCK = threading.Lock()
+
+
+# The ClientApp's handlers are closures, which Ray's cloudpickle ships *by value* with every message, the globals
+# they name included (a copy of the cache, a lock that cannot be pickled). Module-level functions travel by
+# reference, so the handlers reach this process's cache and lock only through these.
+def _cached_participant(key: tuple[int, int]) -> _Participant | None:
+    return _PARTICIPANTS.get(key)
+
+
+def _remember_participant(key: tuple[int, int], participant: _Participant) -> None:
+    _PARTICIPANTS[key] = participant
+
+
+def _build_one_at_a_time(fn: Callable[[], Any]) -> Any:
+    with _BUILD_LOCK:
+        return fn()
 
 
 def _client_id(context: Context, client_id: Callable[[Context], int] | None) -> int:
@@ -628,19 +649,22 @@ def make_client_app(
         raise ValueError(f"Invalid local_steps: {local_steps!r} (an int >= 1, or local_steps(context))")
 
     def build(context: Context) -> _Participant:
-        model = model_fn(context) if model_takes_context else model_fn()
-        opt = optimizer_fn(model, context) if opt_takes_context else optimizer_fn(model)
+        def make() -> tuple[torch.nn.Module, ZOOptimizer, Any]:
+            model = model_fn(context) if model_takes_context else model_fn()
+            opt = optimizer_fn(model, context) if opt_takes_context else optimizer_fn(model)
+            return model, opt, data_fn(context)
+
+        model, opt, data = _build_one_at_a_time(make)
         tau = local_steps(context) if callable(local_steps) else local_steps
         wrapper = FederatedWrapper(opt, int(tau), client_id=_client_id(context, client_id), model=model,
                                    extras=extras)
-        data = data_fn(context)
         loss, n = data if isinstance(data, tuple) else (data, 1)
         return _Participant(model, wrapper, loss, int(n), "")
 
     def participant(context: Context) -> _Participant:
         key = (context.run_id, context.node_id)
         state = context.state.config_records.get(STATE_KEY)
-        cached = _PARTICIPANTS.get(key)
+        cached = _cached_participant(key)
         if state is None:
             p = build(context)  # a new run for this node (or its state was lost: the protocol answers a gap)
         elif cached is not None and cached.token == state.get("token"):
@@ -656,7 +680,7 @@ def make_client_app(
                                       "server_seed": state.get("server_seed"),
                                       "local_step_counter": state["local_step_counter"]}
                 p.wrapper.load_state_dict(sd)
-        _PARTICIPANTS[key] = p
+        _remember_participant(key, p)
         return p
 
     def save(context: Context, p: _Participant) -> None:
