@@ -278,7 +278,8 @@ class ZOStrategy(Strategy):
         """Handshake, ``num_rounds`` rounds, final sync; returns Flower's ``Result`` (metrics per round).
 
         ``initial_arrays`` must be None or empty: every participant builds the initial weights
-        itself. ``timeout`` overrides ``handshake_timeout``. ``evaluate_fn(round, arrays)`` gets
+        itself; ``train_config`` / ``evaluate_config`` are ignored (a task is the whole
+        configuration of a round). ``timeout`` overrides ``handshake_timeout``. ``evaluate_fn(round, arrays)`` gets
         the server replica's parameters as an ArrayRecord (built locally, never sent), before
         round 1 and after each round.
         """
