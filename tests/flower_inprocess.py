@@ -32,7 +32,8 @@ class InProcessBackend(Backend):
     seen: ClassVar[list[tuple[str, tuple[str, ...], tuple[str, ...]]]] = []
     fresh_process: ClassVar[bool] = False
     delay: ClassVar[Any] = None
-    counts: ClassVar[dict[tuple[int, str], int]] = {}
+    before: ClassVar[Any] = None  # before(context, partition id, message type, n): e.g. wipe a node's state
+    counts: ClassVar[dict[tuple[Any, ...], int]] = {}
     lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, backend_config: BackendConfig) -> None:
@@ -63,6 +64,11 @@ class InProcessBackend(Backend):
             with self.lock:
                 n = self.counts[key] = self.counts.get(key, 0) + 1
             time.sleep(type(self).delay(*key, n))
+        if self.before is not None:
+            key = (int(context.node_config["partition-id"]), message.metadata.message_type)
+            with self.lock:
+                n = self.counts[("before", *key)] = self.counts.get(("before", *key), 0) + 1
+            type(self).before(context, *key, n)
         if self.fresh_process:
             zo_flower._PARTICIPANTS.clear()
         out = self.app_fn()(message, context)
@@ -78,6 +84,7 @@ def use_in_process_backend(monkeypatch: pytest.MonkeyPatch) -> type[InProcessBac
     InProcessBackend.seen = []
     InProcessBackend.fresh_process = False
     InProcessBackend.delay = None
+    InProcessBackend.before = None
     InProcessBackend.counts = {}
     monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
     return InProcessBackend

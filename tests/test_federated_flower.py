@@ -37,6 +37,7 @@ from flwr.app import Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
+from zo_optim.federated import flower as zo_flower  # noqa: E402
 from zo_optim.federated.flower import RECORD_KEY, ZOStrategy, make_client_app, make_server_app  # noqa: E402
 
 TESTS = str(pathlib.Path(__file__).resolve().parent)
@@ -215,6 +216,26 @@ def test_a_late_reply_is_dropped_and_the_straggler_catches_up(in_process, tmp_pa
     assert not strategy.errors
     assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1, 2]
     assert list(tmp_path.glob("zo-*.pt"))  # the weights lived in the node-local cache, not in context.state
+
+
+def test_a_client_that_lost_its_state_answers_a_gap_and_catches_up_from_a_snapshot(in_process):
+    rounds, m = 6, 3
+
+    def before(context: Context, partition: int, message_type: str, n: int) -> None:
+        if partition == 0 and message_type == "train" and n == 4:  # node 0 restarts with nothing (disk lost)
+            del context.state[zo_flower.STATE_KEY]
+            zo_flower._PARTICIPANTS.clear()
+
+    in_process.before = before
+    strategy, _ = strategy_for(rounds, m, log_limit=2)  # snapshots every round; the log holds 2 rounds
+    run_simulation(make_server_app(strategy, rounds), make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU),
+                   num_supernodes=N_NODES)
+    hist = strategy.server.history
+    assert strategy.server.rejections["gap"] == 1  # it answered with its real position (0), no crash
+    assert hist[3].participants == (0, 1, 2)  # the retry carried a snapshot + tail, and it computed in time
+    assert hist[3].snapshot_bytes > 0 and strategy.server.log.start > 0
+    assert not strategy.errors
+    assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("kw, match", [
