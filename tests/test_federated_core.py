@@ -296,3 +296,18 @@ def test_dirichlet_split_partitions_and_skews():
     assert np.mean(skewed) > 0.4 > 0.15 > np.mean(iid)
     with pytest.raises(ValueError, match="Invalid alpha"):
         dirichlet_split(labels, 5, 0.0)
+
+
+def test_release_frees_a_client_that_owes_a_reply():
+    # engines that learn a task is gone (Flower: an error reply, an expired message) release the client at once
+    server, ws = _pair()
+    server.open_round()
+    assert not server.all_replied
+    assert server.release(1) and not server.release(1)  # it owed round 0; now it owes nothing
+    w, m = ws[0]
+    ds = data(2)
+    assert server.receive(w.handle(server.task_for(0), lambda s: batch_loss(*ds[0])(m, s))).accepted
+    assert server.all_replied  # the released client counts as answered: the round need not wait for its deadline
+    rec = server.close_round()
+    assert rec.participants == (0,) and rec.dropped == (1,)
+    assert 1 in server.open_round()  # sampled again in the next round (release_after would have waited)

@@ -300,6 +300,19 @@ class Server:
             raise ValueError(f"Invalid position: {position} (in 0..{self.position})")
         self._positions[client_id] = position
 
+    def release(self, client_id: int) -> bool:
+        """Forget that ``client_id`` owes a reply; True if it owed one.
+
+        For engines that learn a task is gone for good (an error reply, a message past its TTL): the
+        client may be sampled again, and in the open round it counts as answered (recorded as dropped
+        at the close) so the round need not wait for its deadline. ``release_after`` does the same by
+        round count for engines that cannot know.
+        """
+        owed = self._owes.pop(client_id, None)
+        if self._round is not None and client_id in self._sampled and client_id not in self._replies:
+            self._answered.add(client_id)
+        return owed is not None
+
     def eligible(self) -> list[int]:
         """Clients that may be sampled now: every client that owes no reply."""
         return [c for c in self._positions if c not in self._owes]
