@@ -29,6 +29,7 @@ from fed_problems import batch_loss, data, mlp_fn  # noqa: E402
 from flower_inprocess import use_in_process_backend  # noqa: E402
 from zo_optim import rng  # noqa: E402
 from zo_optim.federated import simulate  # noqa: E402
+from zo_optim.federated.protocol import REPLY_HEADER  # noqa: E402
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -157,12 +158,12 @@ def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_p
     assert all(set(r.sampled) == {0, 1} for r in strategy.server.history)
     assert strategy.server.rejections["handshake"] == 1
     assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1]
-    # bytes up per reply: payload 55 + len(algorithm) + len(RNG_VERSION) + 4·τ·P (docs/federated.md), and on
-    # Flower's record count the 85 B of keys on top
-    payload = 55 + len("zo_adam") + len(rng.RNG_VERSION) + 4 * TAU
+    # bytes up per reply: payload 8 + len("reply") + the 25 B packed header + 4·τ·P (docs/federated.md), and on
+    # Flower's record count the 24 B of keys on top (zo_fed, kind, h, scalars, extras)
+    payload = 8 + len("reply") + REPLY_HEADER.size + 4 * TAU
     for r in strategy.server.history:
         assert r.bytes_up == payload * len(r.participants)
-        assert strategy.wire_up[r.round] == (payload + 85) * len(r.participants)
+        assert strategy.wire_up[r.round] == (payload + 24) * len(r.participants)
     # without client 2 the federation is simulate() over clients 0 and 1 (both sampled every round)
     losses = [batch_loss(*d) for d in data(N_NODES, seed=DATA_SEED)][:2]
     sim = simulate(mlp_fn, make_opt, losses, rounds=rounds, clients_per_round=m, local_steps=TAU, seed=SEED)

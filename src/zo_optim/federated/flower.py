@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from ..optim.base import ZOOptimizer
 from .client import FederatedWrapper
-from .protocol import Hello, ProtocolError, Reply, Task, decode, encode
+from .protocol import Hello, ProtocolError, Reply, Task, decode, encode, reply_client_id
 from .protocol import Message as ZOMessage
 from .server import RoundRecord, Server
 
@@ -442,9 +442,10 @@ class ZOStrategy(Strategy):
             self._on_hello(p.node_id, data)
             return
         assert p.client_id is not None
-        if data.get("client_id") != p.client_id:  # a node speaks only for the client it registered as
+        claimed = reply_client_id(data)
+        if claimed != p.client_id:  # a node speaks only for the client it registered as
             self.server.rejections["wrong_node"] += 1
-            self.errors.append((p.kind, p.node_id, p.client_id, f"reply claims client {data.get('client_id')!r}"))
+            self.errors.append((p.kind, p.node_id, p.client_id, f"reply claims client {claimed!r}"))
             self.server.release(p.client_id)
             return
         if p.kind == "sync":
