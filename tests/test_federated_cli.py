@@ -105,3 +105,22 @@ def test_on_round_sees_every_round_with_the_server_model():
                    on_round=lambda rec, model: seen.append((rec.round, weights_checksum(model))))
     assert [r for r, _ in seen] == [0, 1, 2, 3, 4]
     assert seen[-1][1] == weights_checksum(res.server)
+
+
+@pytest.mark.slow
+def test_flower_engine_gives_the_same_checksum_as_simulate(tmp_path, capsys):
+    """The CLI on Flower's simulation runtime (3 Ray SuperNodes) ends with simulate's bits."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    argv = [*TINY, "--local-steps", "2"]
+    sim = federated_cli.run(federated_cli.build_parser().parse_args([*argv, "--out", str(tmp_path / "s")]))
+    fl = federated_cli.run(federated_cli.build_parser().parse_args([*argv, "--engine", "flower",
+                                                                    "--out", str(tmp_path / "f")]))
+    assert fl["checksum"] == sim["checksum"] and fl["engine"] == "flower"
+    assert fl["participations"] == sim["participations"] and fl["bytes_up_per_reply"] == sim["bytes_up_per_reply"]
+    assert [c["accuracy"] for c in fl["curve"]] == [c["accuracy"] for c in sim["curve"]]
+
+
+def test_flower_engine_refuses_dropout(tmp_path, capsys):
+    assert federated_cli.main([*TINY, "--engine", "flower", "--dropout", "0.2", "--out", str(tmp_path)]) == 2
+    assert "dropout is simulated by the in-process engine only" in capsys.readouterr().err
