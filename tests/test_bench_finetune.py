@@ -25,3 +25,12 @@ def test_bench_finetune_ci_size(tmp_path, capsys):
         assert metrics[(name, "peak_memory")] >= metrics[(name, "inference_peak_memory")] > 50
     assert (tmp_path / "env.json").is_file() and (tmp_path / "finetune_forwards.png").is_file()
     assert "peak/AdamW" in capsys.readouterr().out
+
+
+def test_bench_trainer_overhead_ci_size(capsys):
+    """Both paths run the same steps; the ratio line is printed (its value is a measurement, not asserted)."""
+    assert cli.main(["bench", "trainer-overhead", "--steps", "3", "--warmup", "1", "--batch-size", "2",
+                     "--max-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "raw opt.step(closure)" in out and "ZOTrainer" in out
+    assert __import__("re").search(r"ZOTrainer / raw loop: \d+\.\d{3}x \(target <= 1\.1x\)", out)
