@@ -311,3 +311,36 @@ def test_release_frees_a_client_that_owes_a_reply():
     rec = server.close_round()
     assert rec.participants == (0,) and rec.dropped == (1,)
     assert 1 in server.open_round()  # sampled again in the next round (release_after would have waited)
+
+
+def _corrupt_snapshot(good: Snapshot, how: str) -> Snapshot:
+    import io
+
+    if how == "garbage":
+        return Snapshot(good.position, b"not a torch.save blob")
+    data = torch.load(io.BytesIO(good.payload), weights_only=True)
+    if how == "state":
+        del data["optimizer"]["zo"]["step"]  # refused by the validated load_state_dict
+    elif how == "nan":
+        data["params"][0] = torch.full_like(data["params"][0], math.nan)
+    elif how == "shape":
+        data["params"][0] = data["params"][0][:1]
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    return Snapshot(good.position, buf.getvalue())
+
+
+@pytest.mark.parametrize("how", ["garbage", "state", "nan", "shape"])
+def test_a_refused_snapshot_changes_nothing(how):
+    """Weights are copied only after the snapshot's optimizer state passed the (atomic) load."""
+    src = Replica(hiso(model_fn()), local_steps=1, server_seed=3)
+    with torch.no_grad():
+        next(src.optimizer.param_groups[0]["params"].__iter__()).add_(0.5)  # weights that differ from dst's
+    src.position = 4
+    dst = Replica(hiso(model_fn()), local_steps=1, server_seed=3)
+    before = dst.checksum()
+    with pytest.raises(ProtocolError, match="snapshot"):
+        dst.load_snapshot(_corrupt_snapshot(src.snapshot(), how))
+    assert dst.checksum() == before and dst.position == 0 and dst.snapshot_loads == 0
+    dst.load_snapshot(src.snapshot())  # the intact one loads
+    assert dst.checksum() == src.checksum()

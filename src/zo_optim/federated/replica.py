@@ -220,18 +220,29 @@ class Replica:
 
     def load_snapshot(self, snapshot: Snapshot) -> None:
         """Replace weights and optimizer state with the snapshot's (which must come from the same configuration)."""
-        data = torch.load(io.BytesIO(snapshot.payload), weights_only=True, map_location="cpu")
+        try:
+            data = torch.load(io.BytesIO(snapshot.payload), weights_only=True, map_location="cpu")
+            weights, state, position = data["params"], data["optimizer"], data["position"]
+        except Exception as e:  # a corrupt blob: torch.load's own error types vary (pickle, zip, KeyError)
+            raise ProtocolError(f"snapshot payload is not a snapshot ({type(e).__name__}: {e})") from e
         params = self._params()
-        if len(data["params"]) != len(params) or data["position"] != snapshot.position:
-            raise ProtocolError(f"snapshot holds {len(data['params'])} parameters, this replica has {len(params)}")
-        for p, v in zip(params, data["params"], strict=True):
-            if v.shape != p.shape or v.dtype != p.dtype:
-                raise ProtocolError(f"snapshot parameter of shape {tuple(v.shape)}/{v.dtype}, expected "
-                                    f"{tuple(p.shape)}/{p.dtype}")
+        if len(weights) != len(params) or position != snapshot.position:
+            raise ProtocolError(f"snapshot holds {len(weights)} parameters at position {position}, this replica has "
+                                f"{len(params)} (task says position {snapshot.position})")
+        for p, v in zip(params, weights, strict=True):
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape or v.dtype != p.dtype:
+                raise ProtocolError(f"snapshot parameter {getattr(v, 'shape', v)!r}/{getattr(v, 'dtype', '')}, "
+                                    f"expected {tuple(p.shape)}/{p.dtype}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ProtocolError("snapshot parameter holds non-finite values")
+        # the optimizer state first: its load is validated and atomic, so a refused snapshot changes nothing
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ProtocolError(f"snapshot optimizer state refused: {e}") from e
         with torch.no_grad():
-            for p, v in zip(params, data["params"], strict=True):
+            for p, v in zip(params, weights, strict=True):
                 p.copy_(v)
-        self.optimizer.load_state_dict(data["optimizer"])
         self._user_freeze = bool(getattr(self.optimizer, "freeze_precond", False))
         self.position = snapshot.position
         self.snapshot_loads += 1
