@@ -49,3 +49,17 @@ def test_bench_sass_cost_compiles_offline() -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SASS instructions per thread per counter" in res.stdout
+
+
+def test_usage_lists_every_command_in_one_aligned_column(capsys):
+    from zo_optim import cli
+
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    rows = text.split("commands:\n", 1)[1].splitlines()
+    assert len(rows) == len(cli.COMMANDS)
+    columns = set()
+    for row, (name, (_, help_)) in zip(rows, cli.COMMANDS.items(), strict=True):
+        assert row.startswith(f"  {name} ") and row.endswith(help_)
+        columns.add(row.index(help_))
+    assert len(columns) == 1  # every description starts in the same column

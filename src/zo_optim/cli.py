@@ -25,7 +25,8 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: zo-optim <command> [options]   (zo-optim <command> --help for its options)",
              "       zo-optim --version", "", "commands:"]
-    lines += [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS)) + 1
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
