@@ -187,12 +187,19 @@ def load_minilm_classifier(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(model.head.in_features)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.empty_like(model.head.weight).uniform_(-bound, bound, generator=gen))
-        model.head.bias.copy_(torch.empty_like(model.head.bias).uniform_(-bound, bound, generator=gen))
+    init_head_(model.head, seed)
     return model.eval()
+
+
+def init_head_(head: torch.nn.Linear, seed: int) -> torch.nn.Linear:
+    """``torch.nn.Linear``'s default distribution (uniform in ±1/√in_features), drawn from a generator seeded
+    with ``seed`` (the global RNG untouched): the demo's, the federated task's and the Flower example's head."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(head.in_features)
+    with torch.no_grad():
+        head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen))
+        head.bias.copy_(torch.empty_like(head.bias).uniform_(-bound, bound, generator=gen))
+    return head
 
 
 def encode(tokenizer: Any, texts: list[str], max_len: int = 64) -> dict[str, torch.Tensor]:

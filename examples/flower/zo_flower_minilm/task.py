@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from functools import lru_cache
@@ -59,13 +58,7 @@ def settings(run_config: Any) -> dict[str, Any]:
 
 def head_model(seed: int) -> torch.nn.Linear:
     """The classifier head, initialised exactly as ``assets.load_minilm_classifier`` does (same on every node)."""
-    head = torch.nn.Linear(HIDDEN, len(assets.LABELS))
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(HIDDEN)
-    with torch.no_grad():
-        head.weight.copy_(torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen))
-        head.bias.copy_(torch.empty_like(head.bias).uniform_(-bound, bound, generator=gen))
-    return head
+    return assets.init_head_(torch.nn.Linear(HIDDEN, len(assets.LABELS)), seed)
 
 
 def optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> zo_optim.HiSo:

@@ -126,12 +126,9 @@ def load_task(path: str | Path) -> TweetTask:
 
 
 def _head_state(hidden: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(hidden, classes)
-    bound = 1.0 / hidden**0.5  # nn.Linear's default init, from our own generator (no global RNG touched)
-    with torch.no_grad():
-        head.weight.uniform_(-bound, bound, generator=gen)
-        head.bias.uniform_(-bound, bound, generator=gen)
+    from ..assets import init_head_
+
+    head = init_head_(torch.nn.Linear(hidden, classes), seed)
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
