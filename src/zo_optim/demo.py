@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import assets, ops
+from .step_memory import peak_memory_mb
 
 OPTIMIZERS = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
 TRAIN_MODES = ("head", "last-k", "all", "lora")
@@ -334,15 +334,6 @@ def _step_peaks_line(peaks: dict[str, dict[str, float]] | None, args: argparse.N
             f"{OPTIMIZERS[args.optimizer]} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)")
 
 
-def _peak_memory_mb(device: torch.device) -> dict[str, float]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-    out = {"peak_rss_mb": round(rss_mb, 1)}
-    if device.type == "cuda":
-        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
-
-
 def _plot(losses: list[float], path: Path, title: str, eval_loss: tuple[float, float]) -> None:
     import matplotlib
 
@@ -431,14 +422,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_s": train_s,
         "encode_s": encode_s,
         "total_s": total_s,
-        **_peak_memory_mb(device),
+        **peak_memory_mb(device),
         "one_step_peak_mb": step_peaks,
         "torch_threads": torch_threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "files": {"loss_curve": str(png), "losses": str(csv_path), "summary": str(json_path)},
     }
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    peaks = _peak_memory_mb(device).items()
+    peaks = peak_memory_mb(device).items()
     mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MiB" for k, v in peaks)
     print(
         f"\n{OPTIMIZERS[args.optimizer]} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "

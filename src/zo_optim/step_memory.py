@@ -110,9 +110,14 @@ def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_
         opt = torch.optim.AdamW(params, lr=1e-4)
         loss_fn(batch).backward()
         opt.step()
+    return peak_memory_mb(dev)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peaks so far: ``peak_rss_mb``, and ``peak_cuda_allocated_mb`` on a CUDA device."""
     out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-    if dev.type == "cuda":
-        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
