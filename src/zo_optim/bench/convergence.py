@@ -169,15 +169,6 @@ def first_reach(spec: P.ProblemSpec, forwards: Sequence[int], smooth: Sequence[f
     return math.nan
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    if any(math.isinf(x) for x in xs):
-        return xs[0] if all(x == xs[0] for x in xs) else math.inf, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def _score(spec: P.ProblemSpec, cfg: ConfigResult) -> float:
     """Mean final metric, oriented so that lower is better (diverged runs are +inf)."""
     finals = [r.final for r in cfg.runs]
@@ -227,12 +218,12 @@ def summarise(spec: P.ProblemSpec, size: str, results: dict[str, list[ConfigResu
         mezo_final = statistics.fmean(r.final for r in best["mezo"].runs)
     for opt, cfg in best.items():
         ftt = [r.forwards_to_target for r in cfg.runs]
-        s = Summary(spec.name, opt, cfg.label, sum(math.isfinite(x) for x in ftt), len(cfg.runs), _mean_std(ftt),
-                    _mean_std([r.final for r in cfg.runs]))
+        s = Summary(spec.name, opt, cfg.label, sum(math.isfinite(x) for x in ftt), len(cfg.runs), report.mean_std(ftt),
+                    report.mean_std([r.final for r in cfg.runs]))
         if mezo_final is not None:
             budget = max(r.forwards[-1] for r in best["mezo"].runs)
             rel = [first_reach(spec, r.forwards, _smooth(r.values), mezo_final) / budget for r in cfg.runs]
-            s.to_mezo_final = _mean_std(rel)
+            s.to_mezo_final = report.mean_std(rel)
             s.reached_mezo = sum(math.isfinite(x) for x in rel)
         out.append(s)
     return out

@@ -76,14 +76,6 @@ def rounds_to(curve: list[tuple[int, float]], target: float) -> float:
     return next((float(r) for r, acc in curve if acc >= target), math.nan)
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def _final(curve: list[tuple[int, float]]) -> float:
     """Final accuracy: the mean of the last three evaluations (one evaluation is noisy at ±1/n_eval)."""
     tail = [acc for _, acc in curve[-3:]]
@@ -143,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{method}/lr={lr:g}/seed={seed}"
                 rows += [report.Row(label, method, "held_out_accuracy", "fraction", n, acc) for n, acc in r["curve"]]
                 print(f"{label}: final accuracy {_final(r['curve']):.3f} ({r['wall_s']:.1f} s)", flush=True)
-    best = {m: max(a.lrs, key=lambda lr, m=m: _mean_std([_final(r["curve"]) for r in runs[(m, lr)]])[0])
+    best = {m: max(a.lrs, key=lambda lr, m=m: report.mean_std([_final(r["curve"]) for r in runs[(m, lr)]])[0])
             for m in METHODS}
-    target = _mean_std([_final(r["curve"]) for r in runs[("decomfl", best["decomfl"])]])[0]
+    target = report.mean_std([_final(r["curve"]) for r in runs[("decomfl", best["decomfl"])]])[0]
     table, stats = [], {}
     for m in METHODS:
         rs = runs[(m, best[m])]
         to_target = [rounds_to(r["curve"], target) for r in rs]
         reached = sum(math.isfinite(x) for x in to_target)
-        rt, final = _mean_std(to_target), _mean_std([_final(r["curve"]) for r in rs])
+        rt, final = report.mean_std(to_target), report.mean_std([_final(r["curve"]) for r in rs])
         up = rs[0]["bytes_up_per_reply"]
         stats[m] = rt[0]
         table.append([m, best[m], f"{final[0]:.3f} ± {final[1]:.3f}", f"{rt[0]:.0f} ± {rt[1]:.0f}",
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         rs = runs[(m, best[m])]
         xs = [n for n, _ in rs[0]["curve"]]
         per = [[r["curve"][i][1] for r in rs] for i in range(len(xs))]
-        ms = [_mean_std(v) for v in per]
+        ms = [report.mean_std(v) for v in per]
         label = f"{m} (lr={best[m]:g})"
         series[label] = (xs, [x for x, _ in ms])
         bands[label] = ([x - s for x, s in ms], [x + s for x, s in ms])

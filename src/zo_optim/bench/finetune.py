@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -143,11 +142,6 @@ def _configs(modes, optimizers, lr_grid: bool) -> list[tuple[str, str, float]]:
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-optim bench finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             for n, s, acc in r["curve"]:
                 rows.append(report.Row(label, mode, "held_out_accuracy", "fraction", n, acc))
                 rows.append(report.Row(label, mode, "train_seconds", "s", n, s))
-        acc = _mean_std([r["curve"][-1][2] for r in results])
-        inf = _mean_std([r["inference_peak_mib"] for r in results])
-        peak = _mean_std([r["train_peak_mib"] for r in results])
-        wall = _mean_std([r["wall_s"] for r in results])
+        acc = report.mean_std([r["curve"][-1][2] for r in results])
+        inf = report.mean_std([r["inference_peak_mib"] for r in results])
+        peak = report.mean_std([r["train_peak_mib"] for r in results])
+        wall = report.mean_std([r["wall_s"] for r in results])
         fwd = results[0]["curve"][-1][0]
         for metric, unit, (m, _) in (("final_accuracy", "fraction", acc), ("peak_memory", "MiB", peak),
                                      ("inference_peak_memory", "MiB", inf), ("wall_clock", "s", wall)):

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,19 @@ class Row:
     unit: str
     x: float | int | str
     value: float
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds; NaN runs (never reached, failed) are left out.
+
+    All-NaN gives (nan, nan); an infinite run makes the mean inf (or the common value) and the std nan.
+    """
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    if any(math.isinf(x) for x in xs):
+        return xs[0] if all(x == xs[0] for x in xs) else math.inf, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def _cell(value: Any) -> str:
