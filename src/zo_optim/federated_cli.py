@@ -210,11 +210,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    optimizer_fn = optimizer_factory(args.optimizer, lr, args.zo_eps, args.num_queries, args.seed)
     try:
         if args.engine == "flower":
             result = _run_flower(args, task, lr, on_round)
         else:
+            optimizer_fn = optimizer_factory(args.optimizer, lr, args.zo_eps, args.num_queries, args.seed)
             result = simulate(task.model_fn, optimizer_fn, [task.client_loss(c) for c in range(args.clients)],
                               rounds=args.rounds, clients_per_round=args.clients_per_round,
                               local_steps=args.local_steps, seed=args.seed, dropout=args.dropout,

@@ -96,9 +96,6 @@ class TweetTask:
 
         return loss
 
-    def client_examples(self, client: int) -> int:
-        return len(self.parts[client])
-
     def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of ``model`` on the held-out tweets."""
         with torch.no_grad():
