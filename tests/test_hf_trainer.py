@@ -197,3 +197,67 @@ def test_label_count_shifts_for_causal_lm():
     assert label_count({"labels": labels, "shift_labels": labels}, shift=True) == 5
     with pytest.raises(ValueError, match="needs 'labels'"):
         label_count({"input_ids": labels}, shift=True)
+
+
+# ---------------------------------------------------------------- deferred restore (3 passes per step, not 4)
+
+
+class _BetweenEstimateAndStep(TrainerCallback):
+    """Looks at the weights in the window the deferred restore opens: after the last training_step of a step
+    and before the Trainer's optimizer.step() (``on_pre_optimizer_step``)."""
+
+    def __init__(self, use: str, batch: dict[str, torch.Tensor]) -> None:
+        self.use, self.batch = use, batch
+        self.seen: list[tuple[bool, float, bool, float]] = []
+        self.passes: list[int] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self.theta = [p.detach().clone() for p in model.parameters()]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        opt = optimizer.optimizer  # accelerate's wrapper
+        off = max(float((p.detach() - t).abs().max()) for p, t in zip(model.parameters(), self.theta, strict=True))
+        perturbed = opt.weights_perturbed
+        if self.use == "forward":
+            with torch.no_grad():
+                model(**self.batch)
+        elif self.use == "state_dict":
+            model.state_dict()
+        elif self.use == "raise":
+            raise KeyboardInterrupt
+        after = max(float((p.detach() - t).abs().max()) for p, t in zip(model.parameters(), self.theta, strict=True))
+        self.seen.append((perturbed, off, opt.weights_perturbed, after))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        self.passes.append(optimizer.optimizer._inplace.passes)
+
+
+@pytest.mark.parametrize("use", ["nothing", "forward", "state_dict"])
+def test_the_split_step_defers_its_restore_and_nothing_outside_the_probes_sees_it(tmp_path, use):
+    """GA = 2: 2 + 2 perturbation passes then the fused update (the restoring form: 3 + 3 + a separate update);
+    a forward or a state_dict() of the model in that window restores θ first."""
+    data = T.classification_rows(16)
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    probe = _BetweenEstimateAndStep(use, batch)
+    trainer = _train(T.tiny_bert(), tmp_path, data=data, callbacks=[probe], max_steps=3,
+                     gradient_accumulation_steps=2)
+    assert len(probe.seen) == 3
+    for perturbed, off, still, after in probe.seen:
+        assert perturbed and off > 1e-4  # the window is real: θ ± ε·u (ε = 1e-3)
+        if use == "nothing":
+            assert still and after == off
+        else:
+            assert not still and after < 1e-6  # back at θ (up to the float32 round trip)
+    if use == "nothing":
+        assert probe.passes == [4, 4, 4]
+    assert not trainer.zo_optimizer.weights_perturbed
+
+
+def test_an_interrupt_between_estimate_and_step_leaves_theta(tmp_path):
+    data = T.classification_rows(16)
+    probe = _BetweenEstimateAndStep("raise", {})
+    model = T.tiny_bert()
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, tmp_path, data=data, callbacks=[probe], max_steps=3)
+    opt_params = list(model.parameters())
+    assert max(float((p.detach() - t).abs().max()) for p, t in zip(opt_params, probe.theta, strict=True)) < 1e-6

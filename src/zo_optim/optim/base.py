@@ -22,7 +22,11 @@ central + L0 (HiZOO)            2q + 1                       3q
 ==============================  ===========================  =====================
 
 ``estimate(closure)`` alone leaves the weights restored (one more pass) and
-``step()`` then runs the update pass.
+``step()`` then runs the update pass. ``estimate(closure, restore=False)`` skips
+that pass: the weights stay at the last probe point until the next ``estimate``
+(which moves them on from there, −ε → +ε in one pass), ``step()`` (which fuses the
+restore into the update, as ``step(closure)`` does) or ``restore_weights()``; the
+split form then costs the passes of ``step(closure)`` (``ZOTrainer`` does this).
 
 Seeds: step ``t`` (steps already taken, skipped ones included) uses
 ``rng.step_seed(base_seed, t)``; query ``k`` of that step is the contract's
@@ -382,6 +386,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
                 "on any sub-module of the attached module; attach the model that owns all of them"
             )
+        self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
         if self._transient.attached:
             self._transient.detach()
         self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
@@ -391,8 +396,24 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach` and return to in-place perturbation."""
+        self._inplace.restore()
         self._transient.detach()
         self._perturbation = self._inplace
+
+    @property
+    def weights_perturbed(self) -> bool:
+        """Whether the stored weights are off θ now (after ``estimate(..., restore=False)``, before ``step()``)."""
+        return self._inplace.scale != 0.0
+
+    def restore_weights(self) -> None:
+        """Bring the weights back to θ if ``estimate(..., restore=False)`` left them perturbed (else nothing).
+
+        One pass over the trainable weights; the pending estimate is kept, and ``step()``
+        then applies it with a separate update pass. Call it before reading or saving the
+        weights between a deferred-restore estimate and ``step()``.
+        """
+        with self._exclusive("restore_weights"):
+            self._inplace.restore()
 
     @property
     def pending_seed(self) -> int | None:
@@ -434,7 +455,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             gate.close()
 
     @torch.no_grad()
-    def estimate(self, closure: Closure, *, seed: int | None = None, weight: Any = None) -> torch.Tensor:
+    def estimate(
+        self, closure: Closure, *, seed: int | None = None, weight: Any = None, restore: bool = True
+    ) -> torch.Tensor:
         """Run the forwards of one step and accumulate its projected gradients.
 
         Repeated calls before :meth:`step` accumulate a weighted mean (gradient
@@ -450,9 +473,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             weight: this micro-batch's weight in the mean (a positive finite
                 number, default 1; e.g. its token count). The accumulated scalar
                 is Σ w·g / Σ w, across micro-batches and, in data parallel, ranks.
+            restore: ``False`` leaves the (in-place perturbed) weights at the last
+                probe point, saving one pass: the next ``estimate`` moves them on
+                from there and ``step()`` fuses the restore into its update. Until
+                then anything that reads the weights (an evaluation, a checkpoint
+                of the model) must call :meth:`restore_weights` first. Errors and
+                non-finite losses still restore. No effect in transient mode.
         """
+        if not isinstance(restore, bool):
+            raise TypeError(f"Invalid restore: {restore!r} (True or False)")
         with self._exclusive("estimate"):
-            return self._estimate(closure, keep_perturbed=False, seed=seed, weight=weight)
+            try:
+                return self._estimate(closure, keep_perturbed=not restore, seed=seed, weight=weight)
+            except BaseException:
+                # a refusal before the probes (seed mismatch, frozen parameter, ...) after a deferred restore:
+                # the weights come back to θ; the pending estimate is kept
+                self._perturbation.restore()
+                raise
 
     def step(  # type: ignore[override]
         self, closure: Closure | None = None, *, seed: int | None = None, weight: Any = None
@@ -488,6 +525,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         with self._exclusive("take_estimate"):
             if self._acc is None:
                 raise RuntimeError("no pending estimate: call estimate(closure) first")
+            self._inplace.restore()  # after estimate(..., restore=False): the update is applied elsewhere
             grads, extras = self._acc.mean()
             seed = self._acc.seed
             self._acc = None
@@ -968,6 +1006,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             with self._transient.watch(set(self._tensor_ids)) if watch else contextlib.nullcontext():
                 if self.needs_center_loss or self.estimator == "forward":
+                    pert.restore()  # L(θ) at θ: a deferred restore left the weights at the last probe point
                     probes.center = self._call_closure(closure, device, probes)
                 for k in range(self.num_queries):
                     pert.move_to(seed, k, eps)

@@ -9,6 +9,13 @@ accelerate 1.15):
 * The Trainer's own ``optimizer.step()`` (accelerate's wrapper → our ``step()`` without closure)
   then applies the accumulated estimate, so gradient accumulation, lr schedulers, evaluation,
   checkpoints and ``resume_from_checkpoint`` keep their usual meaning.
+* The estimate defers its restore (``estimate(..., restore=False)``): the weights stay at the last
+  probe point between ``training_step`` and ``optimizer.step()``, which fuses the restore into the
+  update, so a step costs the 3 weight passes of ``step(closure)`` instead of 4 (measured with
+  ``zo-optim bench trainer-overhead``: full-parameter MiniLM 1.16× → see docs/integrations.md).
+  Nothing outside the probes sees those weights: a forward of the model outside the probes (a
+  callback's evaluation) and ``model.state_dict()`` restore them first (hooks on the model), and
+  ``train()`` restores them when it ends, normally or by an exception.
 
 Loss weighting: the Trainer's ``num_items_in_batch`` is never passed to the loss (it is the token
 count of the whole accumulated batch, multiplied by the world size under
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,6 +140,7 @@ class ZOTrainerMixin:
         self._zo_shift: bool | None = None
         self._zo_probing = False  # True while the forwards of one estimate run (compute_loss may ask)
         self._zo_probe_index = -1
+        self._zo_guarded: set[int] = set()  # ids of the models that carry the restore-before-use hooks
 
     # ------------------------------------------------------------------ optimizer
 
@@ -174,6 +183,43 @@ class ZOTrainerMixin:
             trainer.optimizer = cls(self._zo_param_groups(opt_model), **kwargs)
         unwrap_zo_optimizer(trainer.optimizer)
         return trainer.optimizer
+
+    # ------------------------------------------------------------------ deferred restore
+
+    def _zo_restore_weights(self) -> None:
+        """Bring perturbed weights back to θ (after a deferred-restore estimate), unless a probe is running."""
+        if self._zo_probing:
+            return
+        opt = getattr(self, "optimizer", None)
+        if opt is None:
+            return
+        try:
+            opt = unwrap_zo_optimizer(opt)
+        except TypeError:
+            return
+        if opt.weights_perturbed:
+            opt.restore_weights()
+
+    def _zo_guard(self, model: nn.Module) -> None:
+        """Hooks that restore the weights before any use outside the probes: a forward, a ``state_dict()``."""
+        if id(model) in self._zo_guarded:
+            return
+        ref = weakref.ref(self)
+
+        def restore(*_: Any) -> None:
+            trainer = ref()
+            if trainer is not None:
+                trainer._zo_restore_weights()
+
+        model.register_forward_pre_hook(restore)
+        model.register_state_dict_pre_hook(restore)
+        self._zo_guarded.add(id(model))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._zo_restore_weights()  # an interrupted step leaves θ, never θ ± ε·u
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -263,9 +309,10 @@ class ZOTrainerMixin:
         inputs = trainer._prepare_inputs(inputs)
         weight = self._zo_weight(inputs)
         closure = self._zo_closure(model, inputs, opt)
+        self._zo_guard(trainer.model)
         self._zo_probe_index, self._zo_probing = -1, True
         try:
-            loss = self._zo_probes(lambda: opt.estimate(closure, weight=weight), model)
+            loss = self._zo_probes(lambda: opt.estimate(closure, weight=weight, restore=False), model)
         finally:
             self._zo_probing = False
         self._zo_micro += 1

@@ -1,0 +1,216 @@
+"""``estimate(closure, restore=False)``: the split form at the passes of ``step(closure)``.
+
+The deferred restore leaves the weights at the last probe point; ``step()`` fuses the restore into
+the update, the next ``estimate`` moves on from there, ``restore_weights()`` / ``take_estimate()`` /
+``attach()`` / any refusal bring them back to θ. Driven by the optimizer table (every configuration
+of all five optimizers), reference backend, plain torch models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+
+REF = dict(backend="reference", seed=4321)
+CONFIGS = [(info, i) for info in OPTIMIZERS for i in range(len(info.inputs))]
+ALL_CONFIGS = pytest.mark.parametrize(("info", "i"), CONFIGS, ids=[f"{info.name}-{i}" for info, i in CONFIGS])
+ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+
+
+def make(info: OptimizerInfo, model: torch.nn.Module, i: int = 0, **extra):
+    return info.cls(model.parameters(), **{**info.inputs[i], **REF, **extra})
+
+
+def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def assert_state_bitwise(a, b) -> None:
+    for pa, pb in zip(a.state.values(), b.state.values(), strict=True):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+
+
+def batches(n: int):
+    return [tiny_data(seed=s, n=8) for s in range(n)]
+
+
+@ALL_CONFIGS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_estimate_then_step_is_bitwise_step_with_closure(info: OptimizerInfo, i: int, dtype):
+    """Same passes, same fused update: the split form reproduces step(closure) bit for bit, in every dtype."""
+    fused_model, split_model = tiny_model(dtype=dtype), tiny_model(dtype=dtype)
+    fused, split = make(info, fused_model, i), make(info, split_model, i)
+    for x, y in batches(4):
+        fused.step(loss_closure(fused_model, x, y))
+        split.estimate(loss_closure(split_model, x, y), restore=False)
+        assert split.weights_perturbed
+        assert split._inplace.passes == fused._inplace.passes  # no restore pass of its own
+        split.step()
+        assert not split.weights_perturbed
+        assert_bitwise(weights(fused_model), weights(split_model))
+    assert_state_bitwise(fused, split)
+    assert fused.step_count == split.step_count
+
+
+@ALL
+def test_accumulation_saves_one_pass_per_micro_batch_and_matches_the_restoring_form(info: OptimizerInfo):
+    """k micro-batches (central, q = 1): 2k passes + the fused update, against 3k + a separate update."""
+    deferred_model, restoring_model = tiny_model(), tiny_model()
+    deferred, restoring = make(info, deferred_model), make(info, restoring_model)
+    data = batches(3)
+    for x, y in data:
+        deferred.estimate(loss_closure(deferred_model, x, y), restore=False)
+        restoring.estimate(loss_closure(restoring_model, x, y))
+    probes = 1 if deferred.estimator == "forward" else 2
+    assert restoring._inplace.passes == (probes + 1) * len(data)
+    if deferred.estimator == "forward" or deferred.needs_center_loss:
+        # L(θ) is measured first, at θ: each later micro-batch restores first, so only the last restore is saved
+        assert deferred._inplace.passes == restoring._inplace.passes - 1
+    else:
+        # the deferred form jumps −ε → +ε in one pass; the restoring form restores (+1) and moves (+1) again
+        assert deferred._inplace.passes == probes * len(data)
+    deferred.step()
+    restoring.step()
+    # different rounding paths for θ ± ε·u (a jump of 2ε vs back and forth), so equal to float32 rounding
+    torch.testing.assert_close(deferred.last_projected_grads, restoring.last_projected_grads, rtol=1e-3, atol=1e-5)
+    for a, b in zip(weights(deferred_model), weights(restoring_model), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@ALL
+@pytest.mark.parametrize("how", ["restore_weights", "take_estimate", "attach"])
+def test_leaving_the_deferred_state_restores_the_weights(info: OptimizerInfo, how: str):
+    """Bit-identical to the weights an estimate with restore=True leaves."""
+    x, y = tiny_data()
+    deferred_model, restoring_model = tiny_model(), tiny_model()
+    deferred, restoring = make(info, deferred_model), make(info, restoring_model)
+    deferred.estimate(loss_closure(deferred_model, x, y), restore=False)
+    restoring.estimate(loss_closure(restoring_model, x, y))
+    if how == "restore_weights":
+        deferred.restore_weights()
+        deferred.restore_weights()  # idempotent
+        assert deferred.pending_seed is not None  # the estimate is kept ...
+        deferred.step()  # ... and applied with a separate update pass, like the restoring form
+        restoring.step()
+        assert_state_bitwise(deferred, restoring)
+    elif how == "take_estimate":
+        assert deferred.take_estimate()[0] == restoring.take_estimate()[0]
+    else:
+        deferred.attach(deferred_model)
+        assert deferred.perturbation == "transient"
+    assert not deferred.weights_perturbed
+    assert_bitwise(weights(deferred_model), weights(restoring_model))
+
+
+def _fails(kind: str, model: torch.nn.Module, x, y):
+    good = loss_closure(model, x, y)
+    if kind == "nan":
+        return lambda: good() * float("nan")
+    if kind == "error":
+        def closure():
+            raise RuntimeError("boom")
+        return closure
+    if kind == "interrupt":
+        calls = {"n": 0}
+
+        def closure():
+            calls["n"] += 1
+            if calls["n"] == 2:  # between the probes of the second micro-batch
+                raise KeyboardInterrupt
+            return good()
+        return closure
+    raise AssertionError(kind)
+
+
+@ALL
+@pytest.mark.parametrize("kind", ["nan", "error", "interrupt", "wrong_seed", "frozen", "bad_lr"])
+def test_a_failure_after_a_deferred_estimate_restores_the_weights(info: OptimizerInfo, kind: str):
+    """Whatever fails next — a micro-batch's closure, a refused estimate or step — the weights come back to θ."""
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model, on_nonfinite="raise")
+    twin_model = tiny_model()
+    twin = make(info, twin_model, on_nonfinite="raise")
+    twin.estimate(loss_closure(twin_model, x, y))  # θ after one restoring estimate: what failures must leave
+    opt.estimate(loss_closure(model, x, y), restore=False)
+    assert opt.weights_perturbed
+    with pytest.raises((RuntimeError, ValueError, KeyboardInterrupt)):
+        if kind in ("nan", "error", "interrupt"):
+            opt.estimate(_fails(kind, model, x, y), restore=False)
+        elif kind == "wrong_seed":
+            opt.estimate(loss_closure(model, x, y), seed=opt.current_seed + 1, restore=False)
+        elif kind == "frozen":
+            next(model.parameters()).requires_grad_(False)
+            opt.step()
+        else:
+            opt.param_groups[0]["lr"] = float("nan")
+            opt.step()
+    assert not opt.weights_perturbed
+    if kind in ("wrong_seed", "frozen", "bad_lr"):  # refused before any pass: exactly the restored θ
+        assert_bitwise(weights(model), weights(twin_model))
+    else:  # the failing micro-batch's own passes ran too: θ up to float32 round trips (ε·u is ~1e-3 here)
+        for a, b in zip(weights(model), weights(twin_model), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@ALL
+def test_a_skipped_step_after_a_deferred_estimate_restores_the_weights(info: OptimizerInfo):
+    x, y = tiny_data()
+    model, twin_model = tiny_model(), tiny_model()
+    opt, twin = make(info, model), make(info, twin_model)
+    twin.estimate(loss_closure(twin_model, x, y))
+    opt.estimate(loss_closure(model, x, y), restore=False)
+    opt.estimate(lambda: torch.tensor(float("inf")), restore=False)  # on_nonfinite="skip": restored at once
+    assert not opt.weights_perturbed
+    opt.step()
+    assert opt.skipped_steps == 1
+    for a, b in zip(weights(model), weights(twin_model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_state_dict_and_load_are_refused_while_deferred_and_change_nothing():
+    info = OPTIMIZERS[0]
+    x, y = tiny_data()
+    model = tiny_model()
+    opt = make(info, model)
+    saved = copy.deepcopy(make(info, tiny_model()).state_dict())
+    opt.estimate(loss_closure(model, x, y), restore=False)
+    before = weights(model)
+    with pytest.raises(RuntimeError, match="pending"):
+        opt.state_dict()
+    with pytest.raises(RuntimeError, match="pending"):
+        opt.load_state_dict(saved)
+    assert opt.weights_perturbed
+    assert_bitwise(weights(model), before)
+
+
+@ALL
+def test_transient_mode_ignores_restore_false(info: OptimizerInfo):
+    x, y = tiny_data()
+    model = tiny_model()
+    before = weights(model)
+    opt = make(info, model, perturbation="transient", module=model)
+    opt.estimate(loss_closure(model, x, y), restore=False)
+    assert not opt.weights_perturbed
+    assert_bitwise(weights(model), before)
+
+
+@pytest.mark.parametrize("bad", [0, 1, "no", None])
+def test_restore_must_be_a_bool(bad):
+    model = tiny_model()
+    opt = make(OPTIMIZERS[0], model)
+    before = weights(model)
+    with pytest.raises(TypeError, match="Invalid restore"):
+        opt.estimate(loss_closure(model, *tiny_data()), restore=bad)
+    assert opt.pending_seed is None
+    assert_bitwise(weights(model), before)
