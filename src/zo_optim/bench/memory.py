@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if targets_table:
         print()
         print(report.format_table(["model", "ratio", "target", "peak ratio", "raw", "net-of-runtime ratio", "net"],
-                                  targets_table, digits=3, title="issue 11 targets (judged on the raw peak)"))
+                                  targets_table, digits=4, title="issue 11 targets (judged on the raw peak)"))
     return 0
 
 
