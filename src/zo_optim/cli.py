@@ -18,6 +18,7 @@ COMMANDS = {
     "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
     "bench finetune": ("zo_optim.bench.finetune", "MiniLM tweet fine-tune through the HF Trainer: accuracy, memory"),
     "bench trainer-overhead": ("zo_optim.bench.trainer_overhead", "a ZOTrainer step vs the raw opt.step(closure) loop"),
+    "bench memory": ("zo_optim.bench.memory", "peak memory: MeZO via ZOTrainer vs inference vs AdamW (issue 11)"),
     "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),
 }
 

@@ -110,8 +110,11 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         def on_evaluate(self, args, state, control, metrics=None, **k):
             curve.append((forwards["n"], self.train_s, float(metrics["eval_accuracy"])))
 
+    # evaluate at the training batch size: the inference mark above is one forward of a training batch, and
+    # an evaluation at 64 raised the MeZO run's high-water mark ~40 MiB above its training peak (MiniLM 16x32,
+    # `zo-optim bench memory --eval-batch-size 64`), a cost the inference mark it is compared with never pays
     common = dict(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch_size"],
-                  per_device_eval_batch_size=64, learning_rate=cfg["lr"], lr_scheduler_type="constant",
+                  per_device_eval_batch_size=cfg["batch_size"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
                   eval_strategy="steps", eval_steps=cfg["eval_every"], logging_strategy="no", save_strategy="no",
                   report_to=[], use_cpu=device == "cpu", disable_tqdm=True, seed=cfg["seed"])
     kw = dict(model=model, train_dataset=train, eval_dataset=held_out, data_collator=collate,
