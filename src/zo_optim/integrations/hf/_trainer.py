@@ -12,7 +12,7 @@ accelerate 1.15):
 * The estimate defers its restore (``estimate(..., restore=False)``): the weights stay at the last
   probe point between ``training_step`` and ``optimizer.step()``, which fuses the restore into the
   update, so a step costs the 3 weight passes of ``step(closure)`` instead of 4 (measured with
-  ``zo-optim bench trainer-overhead``: full-parameter MiniLM 1.16× → see docs/integrations.md).
+  ``zo-optim bench trainer-overhead``: full-parameter MiniLM 1.16× → 1.01× the raw loop).
   Nothing outside the probes sees those weights: a forward of the model outside the probes (a
   callback's evaluation) and ``model.state_dict()`` restore them first (hooks on the model), and
   ``train()`` restores them when it ends, normally or by an exception.
