@@ -153,3 +153,15 @@ def loss_closure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, per_e
         return losses if per_example else losses.mean()
 
     return closure
+
+
+def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Detached copies of the model's parameters, in order."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Two lists of tensors are equal bit for bit (the message shows the largest difference)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 import zo_optim
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+from optim_infos import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    assert_bitwise,
+    ids,
+    loss_closure,
+    tiny_data,
+    tiny_model,
+    weights,
+)
 from zo_optim import ops, rng
 from zo_optim.optim.base import NonFiniteLossError
 
@@ -22,14 +31,6 @@ def make(info: OptimizerInfo, model: torch.nn.Module, i: int = 0, **extra):
     return info.cls(model.parameters(), **kwargs)
 
 
-def weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def state_tensors(opt) -> list[torch.Tensor]:

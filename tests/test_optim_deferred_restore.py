@@ -13,7 +13,16 @@ import copy
 import pytest
 import torch
 
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+from optim_infos import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    assert_bitwise,
+    ids,
+    loss_closure,
+    tiny_data,
+    tiny_model,
+    weights,
+)
 
 REF = dict(backend="reference", seed=4321)
 CONFIGS = [(info, i) for info in OPTIMIZERS for i in range(len(info.inputs))]
@@ -25,13 +34,6 @@ def make(info: OptimizerInfo, model: torch.nn.Module, i: int = 0, **extra):
     return info.cls(model.parameters(), **{**info.inputs[i], **REF, **extra})
 
 
-def weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def assert_state_bitwise(a, b) -> None:

@@ -16,7 +16,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+from optim_infos import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    assert_bitwise,
+    ids,
+    loss_closure,
+    tiny_data,
+    tiny_model,
+    weights,
+)
 from zo_optim import rng
 
 REF = dict(backend="reference", seed=1234)
@@ -27,13 +36,6 @@ def make(info: OptimizerInfo, model: torch.nn.Module, i: int = 0, **extra):
     return info.cls(model.parameters(), **{**info.inputs[i], **REF, **extra})
 
 
-def weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def single_estimate(info: OptimizerInfo, model, closure, seed: int):

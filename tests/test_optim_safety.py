@@ -9,7 +9,16 @@ import pytest
 import torch
 
 import zo_optim
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+from optim_infos import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    assert_bitwise,
+    ids,
+    loss_closure,
+    tiny_data,
+    tiny_model,
+    weights,
+)
 
 ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 NAN, INF = float("nan"), float("inf")
@@ -24,9 +33,6 @@ def make(info: OptimizerInfo, params, i: int | None = None, **extra):
     i = richest(info) if i is None else i
     return info.cls(params, **{**info.inputs[i], "backend": "reference", "seed": 5, **extra})
 
-
-def weights(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def clone_sd(obj):
@@ -55,11 +61,6 @@ def assert_same(a, b, where="sd") -> None:
     else:
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (where, a, b)
 
-
-def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def state_tensors(opt) -> list[torch.Tensor]:
