@@ -33,6 +33,19 @@ METHODS = ("inference", "zo", "backprop")
 TRAIN_MODES = ("head", "last-k", "all", "lora")
 
 
+def proc_status_mb() -> dict[str, float]:
+    """``VmHWM`` (RSS high-water mark) and ``VmRSS`` (RSS now) of this process in MiB; empty off Linux."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark in MiB.
 
@@ -40,12 +53,9 @@ def peak_rss_mb() -> float:
     bigger process would report its parent's peak (seen: the demo's 829 MiB for both probes);
     ``VmHWM`` in ``/proc/self/status`` belongs to the new address space alone.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    hwm = proc_status_mb().get("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 

@@ -53,19 +53,6 @@ def _check_model(name: str) -> None:
         raise ValueError(f"Invalid model: {name!r} (choose from {', '.join(MODELS)})")
 
 
-def _status_mib() -> dict[str, float]:
-    """``VmHWM`` (high-water mark) and ``VmRSS`` (now) of this process in MiB; empty off Linux."""
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key = line.split(":", 1)[0]
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return out
-
-
 class Phases:
     """Memory marks after each phase of one worker: RSS high-water mark and current RSS (and CUDA peaks)."""
 
@@ -74,9 +61,9 @@ class Phases:
         self.marks: list[dict[str, Any]] = []
 
     def mark(self, phase: str) -> None:
-        from ..step_memory import peak_rss_mb
+        from ..step_memory import peak_rss_mb, proc_status_mb
 
-        rec: dict[str, Any] = {"phase": phase, "hwm_mib": peak_rss_mb(), "rss_mib": _status_mib().get("VmRSS")}
+        rec: dict[str, Any] = {"phase": phase, "hwm_mib": peak_rss_mb(), "rss_mib": proc_status_mb().get("VmRSS")}
         if self.cuda:
             import torch
 
