@@ -63,7 +63,10 @@ class Phases:
     def mark(self, phase: str) -> None:
         from ..step_memory import peak_rss_mb, proc_status_mb
 
-        rec: dict[str, Any] = {"phase": phase, "hwm_mib": peak_rss_mb(), "rss_mib": proc_status_mb().get("VmRSS")}
+        # rounded like step_memory.peak_memory_mb's peaks, so a mark never reads above the run's own peak
+        rss = proc_status_mb().get("VmRSS")
+        rec: dict[str, Any] = {"phase": phase, "hwm_mib": round(peak_rss_mb(), 1),
+                               "rss_mib": None if rss is None else round(rss, 1)}
         if self.cuda:
             import torch
 
