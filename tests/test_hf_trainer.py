@@ -251,6 +251,9 @@ def test_the_split_step_defers_its_restore_and_nothing_outside_the_probes_sees_i
     if use == "nothing":
         assert probe.passes == [4, 4, 4]
     assert not trainer.zo_optimizer.weights_perturbed
+    model = trainer.model  # handed back without our hooks: it pickles whole, like any model
+    assert not model._forward_pre_hooks and not model._state_dict_pre_hooks
+    torch.save(model, tmp_path / "model.pt")
 
 
 def test_an_interrupt_between_estimate_and_step_leaves_theta(tmp_path):

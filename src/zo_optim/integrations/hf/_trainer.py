@@ -140,7 +140,7 @@ class ZOTrainerMixin:
         self._zo_shift: bool | None = None
         self._zo_probing = False  # True while the forwards of one estimate run (compute_loss may ask)
         self._zo_probe_index = -1
-        self._zo_guarded: set[int] = set()  # ids of the models that carry the restore-before-use hooks
+        self._zo_hooks: dict[int, list[Any]] = {}  # id(model) -> handles of its restore-before-use hooks
 
     # ------------------------------------------------------------------ optimizer
 
@@ -201,8 +201,12 @@ class ZOTrainerMixin:
             opt.restore_weights()
 
     def _zo_guard(self, model: nn.Module) -> None:
-        """Hooks that restore the weights before any use outside the probes: a forward, a ``state_dict()``."""
-        if id(model) in self._zo_guarded:
+        """Hooks that restore the weights before any use outside the probes: a forward, a ``state_dict()``.
+
+        Registered for the duration of ``train()`` only, so the model handed back carries no closure of
+        ours (``torch.save(model)`` pickles its hooks).
+        """
+        if id(model) in self._zo_hooks:
             return
         ref = weakref.ref(self)
 
@@ -211,15 +215,18 @@ class ZOTrainerMixin:
             if trainer is not None:
                 trainer._zo_restore_weights()
 
-        model.register_forward_pre_hook(restore)
-        model.register_state_dict_pre_hook(restore)
-        self._zo_guarded.add(id(model))
+        self._zo_hooks[id(model)] = [model.register_forward_pre_hook(restore),
+                                     model.register_state_dict_pre_hook(restore)]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().train(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._zo_restore_weights()  # an interrupted step leaves θ, never θ ± ε·u
+            for handles in self._zo_hooks.values():
+                for handle in handles:
+                    handle.remove()
+            self._zo_hooks.clear()
 
     # ------------------------------------------------------------------ one micro-batch
 
