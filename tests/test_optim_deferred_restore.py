@@ -216,3 +216,23 @@ def test_restore_must_be_a_bool(bad):
         opt.estimate(loss_closure(model, *tiny_data()), restore=bad)
     assert opt.pending_seed is None
     assert_bitwise(weights(model), before)
+
+
+@pytest.mark.parametrize("call", ["attach", "detach"])
+def test_switching_modes_from_inside_the_closure_is_refused(call: str):
+    """A closure that attaches/detaches mid-step would strand the running step's perturbation."""
+    x, y = tiny_data()
+    model, twin_model = tiny_model(), tiny_model()
+    opt, twin = make(OPTIMIZERS[0], model), make(OPTIMIZERS[0], twin_model)
+    twin.estimate(loss_closure(twin_model, x, y))
+    good = loss_closure(model, x, y)
+
+    def closure():
+        opt.attach(model) if call == "attach" else opt.detach()
+        return good()
+
+    with pytest.raises(RuntimeError, match="in flight"):
+        opt.estimate(closure, restore=False)
+    assert opt.perturbation == "inplace" and not opt.weights_perturbed
+    for a, b in zip(weights(model), weights(twin_model), strict=True):  # restored from +ε: float32 round trip
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -386,19 +386,22 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
                 "on any sub-module of the attached module; attach the model that owns all of them"
             )
-        self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
-        if self._transient.attached:
-            self._transient.detach()
-        self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-        self._transient.attach(module.modules())
-        self._transient.checked = not check_uses
-        self._perturbation = self._transient
+        # not while a step is in flight (from a closure): switching modes would strand its perturbation
+        with self._exclusive("attach"):
+            self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
+            if self._transient.attached:
+                self._transient.detach()
+            self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+            self._transient.attach(module.modules())
+            self._transient.checked = not check_uses
+            self._perturbation = self._transient
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach` and return to in-place perturbation."""
-        self._inplace.restore()
-        self._transient.detach()
-        self._perturbation = self._inplace
+        with self._exclusive("detach"):
+            self._inplace.restore()
+            self._transient.detach()
+            self._perturbation = self._inplace
 
     @property
     def weights_perturbed(self) -> bool:
