@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,24 +9,17 @@ import torch.multiprocessing as mp
 
 import zo_optim
 from fed_problems import batch_loss, data, mlp_fn
+from gloo import free_port, gloo_group
 
 ROUNDS = 6
 WORLD = 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from zo_optim.federated.distributed import run_distributed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, WORLD, port):
         results = {}
         for name, tau in (("hiso", 2), ("hizoo", 1)):
             model = mlp_fn()
@@ -50,8 +40,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "down": res.tensor_bytes_down,
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -59,7 +47,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_three_gloo_processes_stay_bit_identical(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     start = [p.detach() for p in mlp_fn().parameters()]
     for name in ("hiso", "hizoo"):

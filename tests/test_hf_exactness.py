@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import TrainerCallback
 
 import hf_resume_common as C
 import hf_tiny as T
+from gloo import free_port
 from zo_optim.integrations.hf import ZOTrainer
 
 TESTS = Path(__file__).resolve().parent
@@ -131,18 +131,13 @@ def test_resume_from_checkpoint_in_a_fresh_process_is_bit_identical(tmp_path):
             assert torch.equal(v, resumed["weights"][k]), (name, k)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_gloo_ranks_bit_identical_and_match_one_process(tmp_path):
     script = TESTS / "hf_scripts" / "ddp_train.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(script), str(tmp_path / "ddp")]
+           str(free_port()), str(script), str(tmp_path / "ddp")]
     (tmp_path / "ddp").mkdir()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

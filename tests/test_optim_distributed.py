@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo import free_port, gloo_group
 from optim_infos import OPTIMIZERS, loss_closure, tiny_data, tiny_model
 
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port, timeout_s=None):
         results = {}
         for info in OPTIMIZERS:
             model = tiny_model(seed=0)  # same initial weights on every rank
@@ -41,8 +32,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "base_seed": opt.base_seed,
             }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -50,7 +39,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_gloo_ranks_stay_bit_identical(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for info in OPTIMIZERS:
@@ -73,11 +62,8 @@ def _worker_raise_and_sum(rank: int, world: int, port: int, out_dir: str) -> Non
     import zo_optim
     from zo_optim.optim.base import NonFiniteLossError
 
-    torch.set_num_threads(1)
     # a short timeout: a rank left alone in the all-reduce must fail the test, not hang it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
+    with gloo_group(rank, world, port, timeout_s=30):
         result = {}
         # on_nonfinite="raise" with a NaN on rank 1 only: every rank restores and raises together
         model = tiny_model(seed=0)
@@ -102,8 +88,6 @@ def _worker_raise_and_sum(rank: int, world: int, port: int, out_dir: str) -> Non
         result["sq_grad_sum"] = opt.last_extra_scalars["sq_grad_sum"].clone()
         result["hessian"] = [opt.state[p]["hessian"].clone() for p in model.parameters()]
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -112,7 +96,7 @@ def test_two_ranks_raise_together_and_sum_sq_grad_sum(tmp_path):
 
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_worker_raise_and_sum, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker_raise_and_sum, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in results:
         assert r["raised"] and r["step_count"] == 0
@@ -128,10 +112,7 @@ def test_two_ranks_raise_together_and_sum_sq_grad_sum(tmp_path):
 
 
 def _worker_independent(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         results = {}
         for info in OPTIMIZERS:
             model = tiny_model(seed=0)
@@ -144,8 +125,6 @@ def _worker_independent(rank: int, world: int, port: int, out_dir: str) -> None:
             results[info.name] = {"weights": [p.detach().clone() for p in model.parameters()],
                                   "base_seed": opt.base_seed}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -153,7 +132,7 @@ def test_data_parallel_false_enters_no_collective(tmp_path):
     """Independent optimizers under a live process group (federated replicas): own seed, own steps."""
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_worker_independent, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker_independent, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for info in OPTIMIZERS:
         model = tiny_model(seed=0)

@@ -6,8 +6,6 @@ Driven by the optimizer table, so every behaviour holds for all five optimizers.
 from __future__ import annotations
 
 import copy
-import datetime
-import socket
 import threading
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo import free_port, gloo_group
 from optim_infos import (
     OPTIMIZERS,
     OptimizerInfo,
@@ -318,17 +317,9 @@ def test_float64_losses_keep_their_precision(info: OptimizerInfo):
 # ---------------------------------------------------------------- weighted mean across ranks
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _weighted_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         results = {}
         for info in OPTIMIZERS:
             model = tiny_model(seed=0)
@@ -346,8 +337,6 @@ def _weighted_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results[info.name] = {"local": g_local, "global": opt.last_projected_grads.clone(), "w": len(x),
                                   "weights": [p.detach().clone() for p in model.parameters()]}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -355,7 +344,7 @@ def _weighted_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_weights_make_a_weighted_mean_across_ranks(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_weighted_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_weighted_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     for info in OPTIMIZERS:
         a, b = r[0][info.name], r[1][info.name]
