@@ -234,6 +234,52 @@ def test_handshake_refuses_other_contracts():
         FederatedWrapper(hiso(mlp_fn()), 1).welcome(welcome)
 
 
+def _other_weights() -> torch.nn.Module:
+    m = mlp_fn()
+    with torch.no_grad():
+        m[0].weight[0, 0] = torch.nextafter(m[0].weight[0, 0], torch.tensor(math.inf))  # one ulp, one weight
+    return m
+
+
+def test_handshake_refuses_other_initial_weights_and_names_the_fix():
+    server, _ = _pair()
+    hello = FederatedWrapper(mezo(_other_weights()), 1, client_id=6).hello()
+    welcome = server.handshake(encode(hello))
+    assert not welcome.accepted and 6 not in server.clients
+    assert "weights or optimizer state at position 0 differ" in welcome.reason and "same seed" in welcome.reason
+    # the digest is the replica checksum: equal weights, equal digest; the field travels on the wire
+    good = FederatedWrapper(mezo(mlp_fn()), 1, client_id=7).hello()
+    assert good.state_digest == server.checksum() and decode(encode(good)).state_digest == good.state_digest
+    assert server.handshake(good).accepted
+    # a hello without a digest (another engine, or one that chose not to hash) is not checked
+    assert server.handshake(dataclasses.replace(hello, client_id=8, state_digest="")).accepted
+
+
+def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_only():
+    ds = data(2)
+    server, ws = _pair()
+    for _ in range(3):
+        for c, task in server.open_round().items():
+            w, m = ws[c]
+            x, y = ds[c]
+            server.receive(encode(w.handle(task, lambda step, m=m, x=x, y=y: batch_loss(x, y)(m, step))))
+        server.close_round()
+    assert server.position == 3
+    # a fresh client (position 0) must hold the server's INITIAL weights, not its current ones
+    assert server.handshake(FederatedWrapper(mezo(mlp_fn()), 1, client_id=10).hello()).accepted
+    assert not server.handshake(FederatedWrapper(mezo(_other_weights()), 1, client_id=11).hello()).accepted
+    # a client that caught up to the server's position carries the server's current state
+    w, _ = ws[0]
+    w.catch_up(server.sync_task(0))
+    assert w.position == 3 and w.hello().state_digest == server.checksum()
+    assert server.handshake(w.hello()).accepted
+    wrong = dataclasses.replace(w.hello(), state_digest="0" * 64)
+    welcome = server.handshake(wrong)
+    assert not welcome.accepted and "at position 3 differ" in welcome.reason
+    # in between (a client restarted from its own saved state at position 1): the server cannot know; not checked
+    assert server.handshake(dataclasses.replace(wrong, position=1)).accepted
+
+
 def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
     server, ws = _pair()
     w, _ = ws[0]

@@ -99,11 +99,15 @@ class FederatedWrapper:
         return self.replica.checksum()
 
     def hello(self) -> Hello:
-        """The handshake message announcing this client's contract."""
+        """The handshake message announcing this client's contract and the digest of its weights + state.
+
+        The digest hashes every weight once (on the CPU, one tensor at a time): a handshake of a
+        7B-parameter bf16 model hashes 14 GB, seconds to tens of seconds, once per client start.
+        """
         opt = self.optimizer
         return Hello(client_id=self.client_id, algorithm=opt.algorithm, rng_version=rng.RNG_VERSION,
                      num_queries=opt.num_queries, local_steps=self.local_steps, config_digest=config_digest(opt),
-                     position=self.position)
+                     position=self.position, state_digest=self.replica.checksum())
 
     def welcome(self, msg: Welcome) -> None:
         """Take the server's answer to :meth:`hello`: the server seed; raise if refused."""

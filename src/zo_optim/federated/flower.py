@@ -15,7 +15,7 @@ Flower facts this engine is built around (verified on Flower 1.42, see DESIGN.md
 
 * SuperNodes register late: :meth:`ZOStrategy.start` waits for ``min_nodes`` and sends a
   handshake query before round 1, which also absorbs the ClientApp workers' start-up (4–9 s)
-  and checks the RNG contract, algorithm, P, τ and configuration digest of every node.
+  and checks the RNG contract, algorithm, P, τ, configuration digest and initial weights of every node.
   Nodes that appear later are handshaken when they appear.
 * A node never gets a second message while one is outstanding (in simulation a node can be
   handed two messages at once and the Context write-back is last-writer-wins): the server
@@ -142,7 +142,8 @@ class ZOStrategy(Strategy):
 
     Args:
         optimizer: the server replica's optimizer (same class and settings as every client's,
-            on a model built the same way; checked at the handshake by a digest).
+            on a model built the same way; checked at the handshake by digests of the configuration
+            and of the weights).
         clients_per_round: m, sampled among the registered clients that owe no reply.
         local_steps: τ.
         server_seed: uint64 every round's seeds derive from (default: random).
@@ -578,7 +579,8 @@ class _Participant:
 _PARTICIPANTS: dict[tuple[int, int], _Participant] = {}
 # Model factories typically seed the global torch RNG (torch.manual_seed(...); nn.Linear(...)): two nodes built
 # at once in one process (a threaded simulation backend) would interleave their draws and start from different
-# weights, which no digest detects. Building one client at a time keeps model_fn's contract.
+# weights, which the handshake's state digest would then refuse. Building one client at a time keeps model_fn's
+# contract.
 _BUILD_LOCK = threading.Lock()
 
 
@@ -621,7 +623,8 @@ def make_client_app(
 
     Args:
         model_fn: builds the model (``model_fn()`` or ``model_fn(context)``); identical initial
-            weights on every call and every node (frozen parameters too: they are never sent).
+            weights on every call and every node (frozen parameters too: they are never sent; the
+            handshake refuses a node whose trainable weights differ from the server's).
         optimizer_fn: ``optimizer_fn(model)`` or ``optimizer_fn(model, context)`` (e.g. the
             learning rate from ``context.run_config``), the same settings as the server's (the
             handshake checks a digest).

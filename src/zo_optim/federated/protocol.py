@@ -4,7 +4,8 @@ A round ``r`` is (r, τ seeds derived from the server seed, τ·P aggregated flo
 per scalar stream). Four messages travel:
 
 * :class:`Hello` (client → server, once): the client's contract — protocol version, RNG
-  contract, algorithm, P, τ and a digest of the optimizer's configuration.
+  contract, algorithm, P, τ, a digest of the optimizer's configuration and one of its
+  weights + optimizer state at its position.
 * :class:`Welcome` (server → client, once): accepted or refused (with the reason), and the
   server seed the seeds of every round are derived from.
 * :class:`Task` (server → client, per round): the round to compute (or ``compute=False``:
@@ -128,6 +129,9 @@ class Hello(Message):
     local_steps: int
     config_digest: str
     position: int = 0
+    #: sha256 (hex) of the client's weights + optimizer state at ``position`` (:meth:`Replica.checksum`);
+    #: ``""``: not sent. The server compares it where it knows its own (position 0, its current position).
+    state_digest: str = ""
 
 
 @dataclass(frozen=True)

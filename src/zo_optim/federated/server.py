@@ -178,6 +178,9 @@ class Server:
         self.clock = clock
         self.log = RoundLog(log_limit, max_snapshots=max_snapshots)
         self.digest = config_digest(optimizer)
+        # the replica's checksum at the positions a joining client can be checked against: 0 (a fresh client
+        # must start from the server's initial weights) and the current one (cached until a round closes)
+        self._state_digests: dict[int, str] = {0: self.replica.checksum()}
         self._sampler = random.Random(self.server_seed if sample_seed is None else sample_seed)
         self._positions: dict[int, int] = dict.fromkeys(ids, 0)  # what we believe each client has applied
         self._owes: dict[int, int] = {}  # client → round it was sampled in and has not answered
@@ -228,7 +231,12 @@ class Server:
                        local_steps=self.replica.local_steps, position=self.position)
 
     def handshake(self, hello: Hello | dict[str, Any]) -> Welcome:
-        """Check a client's contract; register it (position from the hello) or refuse it with the reason."""
+        """Check a client's contract; register it (position from the hello) or refuse it with the reason.
+
+        Beyond the contract, a hello's state digest is compared with the server replica's where the server
+        knows it (the client at position 0, or at the server's current position): a node whose model was
+        built with other weights is refused here instead of drifting silently.
+        """
         if isinstance(hello, dict):
             try:
                 msg = decode(hello)
@@ -254,12 +262,25 @@ class Server:
                          "hyper-parameters or parameter shapes differ")
         if not 0 <= hello.position <= self.position:
             wrong.append(f"position {hello.position} is not in 0..{self.position}")
+        elif hello.state_digest and not wrong:
+            ours = self._state_digest_at(hello.position)
+            if ours is not None and hello.state_digest != ours:
+                wrong.append(f"weights or optimizer state at position {hello.position} differ from the server's "
+                             f"(state digest {hello.state_digest[:16]}, server {ours[:16]}): every node must "
+                             "build its model the same way (same seed or checkpoint, same dtype)")
         if wrong:
             self.rejections["handshake"] += 1
             return self.welcome_for(hello.client_id, False, "; ".join(wrong))
         self._positions[hello.client_id] = hello.position
         self._owes.pop(hello.client_id, None)
         return self.welcome_for(hello.client_id, True, "ok")
+
+    def _state_digest_at(self, position: int) -> str | None:
+        """The server replica's checksum at ``position`` if it is known (0 or the current position), else None."""
+        if position not in self._state_digests and position == self.position:
+            initial = self._state_digests[0]
+            self._state_digests = {0: initial, position: self.replica.checksum()}  # keep two: 0 and now
+        return self._state_digests.get(position)
 
     # ------------------------------------------------------------------ tasks
 
