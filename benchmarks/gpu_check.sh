@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 8 minutes at most.
+# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 10 minutes at most
+# (stage limits 200 + 140 + 110 + 150 s).
 #
 #   bash benchmarks/gpu_check.sh                  # results under benchmarks/results/<date>-<device>/
 #   bash benchmarks/gpu_check.sh --print-commands # the commands it would run, one a line; checks nothing
 #
-# 1. Installs only what is missing (torch, triton, transformers, pytest, hypothesis, numpy) with pip,
+# 1. Installs only what is missing (torch, triton, transformers, accelerate, pytest, hypothesis, numpy) with pip,
 #    never replacing the machine's CUDA torch; zo-optim itself runs from this checkout (PYTHONPATH=src).
 # 2. tests/test_triton_backend.py COMPILED on CUDA (ZO_OPTIM_TRITON_DEVICE=cuda: no interpreter) against
 #    the reference: Philox/Rademacher/rounding words bitwise, Gaussian z within 1e-6, bf16/fp16 rounding exact.
@@ -12,7 +13,9 @@
 #    (the roofline, dst.copy_(src) timed in the same run); zo-optim bench step on OPT-1.3b bf16, batch 16x128,
 #    random weights from the config. Both time with CUDA events after warm-up, medians of repeats
 #    (zo_optim.bench.timing), and check the targets: perturb >= 90% of copy, fused restore+update <= 1.2x
-#    its byte floor, optimizer overhead <= 5% of the step.
+#    its byte floor, optimizer overhead <= 5% of the step. Last, zo-optim bench memory (BERT-large and OPT-350m
+#    from their configs, batch 8x64): MeZO through ZOTrainer vs inference vs AdamW on the CUDA allocator's peak
+#    (targets zo <= 1.05x inference, <= 1/3 AdamW).
 # 4. Writes env.txt (device, driver, clocks, versions, commit), the test log, the benches' CSV/PNG/env JSON
 #    and printed tables, and summary.txt (stage exit codes, wall times, targets) to the results folder.
 #
@@ -27,6 +30,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 KERNELS_ARGS=(--models opt-1.3b --dtypes fp32,bf16 --ops sgd --providers mezo-loop,triton --warmup 3 --repeat 20)
 STEP_ARGS=(--model opt-1.3b --dtype bf16 --batch 16 --seq 128 --backend triton --warmup 2 --steps 10)
+MEMORY_ARGS=(--models bert-large opt-350m --batch-size 8 --max-len 64 --steps 2)
 PYTEST_ARGS=(tests/test_triton_backend.py -q -p no:cacheprovider)
 
 if [[ $# -gt 0 ]]; then
@@ -35,8 +39,9 @@ if [[ $# -gt 0 ]]; then
       echo "ZO_OPTIM_TRITON_DEVICE=cuda $PY -m pytest ${PYTEST_ARGS[*]}"
       echo "zo-optim bench kernels ${KERNELS_ARGS[*]} --out RESULTS_DIR"
       echo "zo-optim bench step ${STEP_ARGS[*]} --out RESULTS_DIR"
+      echo "zo-optim bench memory ${MEMORY_ARGS[*]} --out RESULTS_DIR/memory"
       exit 0 ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 fi
@@ -65,7 +70,7 @@ fi
 
 # --------------------------------------------------------------------------- what it needs
 missing=()
-for mod in torch triton transformers numpy pytest hypothesis; do
+for mod in torch triton transformers accelerate numpy pytest hypothesis; do
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -138,11 +143,15 @@ stage "bench kernels (OPT-1.3b fp32+bf16)" 140 "$OUT_DIR/kernels.txt" \
   "${ZO[@]}" bench kernels "${KERNELS_ARGS[@]}" "${plot[@]}" --out "$OUT_DIR"
 stage "bench step (OPT-1.3b bf16 16x128)" 110 "$OUT_DIR/step.txt" \
   "${ZO[@]}" bench step "${STEP_ARGS[@]}" "${plot[@]}" --out "$OUT_DIR"
+# last: issue 11's memory targets on the CUDA allocator (six fresh processes, random weights from configs)
+stage "bench memory (BERT-large, OPT-350m; 8x64)" 150 "$OUT_DIR/memory.txt" \
+  "${ZO[@]}" bench memory "${MEMORY_ARGS[@]}" --out "$OUT_DIR/memory"
 
 {
   echo
   echo "targets (from the benches' CSV):"
-  grep -h '^target:' "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv 2>/dev/null | cut -d, -f1,2,5,6 \
+  grep -h '^target:' "$OUT_DIR"/kernels.csv "$OUT_DIR"/step.csv "$OUT_DIR"/memory/memory.csv 2>/dev/null \
+    | cut -d, -f1,2,5,6 \
     | sed -e 's/,1\.0$/ MET/' -e 's/,0\.0$/ NOT MET/' || true
   grep -hE '\[(MET|NOT MET|--)\]' "$OUT_DIR"/kernels.txt "$OUT_DIR"/step.txt 2>/dev/null || true
 } >> "$summary"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo_optim.bench import kernels, step
+from zo_optim.bench import kernels, memory, step
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -39,9 +39,9 @@ def test_print_commands_are_valid() -> None:
     res = run("--print-commands")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].startswith("ZO_OPTIM_TRITON_DEVICE=cuda ") and "tests/test_triton_backend.py" in lines[0]
-    parsers = {"kernels": kernels.build_parser(), "step": step.build_parser()}
+    parsers = {"kernels": kernels.build_parser(), "step": step.build_parser(), "memory": memory._parser()}
     parsed = {}
     for line in lines[1:]:
         words = shlex.split(line.replace("RESULTS_DIR", "/tmp/x"))
@@ -50,6 +50,8 @@ def test_print_commands_are_valid() -> None:
     k, s = parsed["kernels"], parsed["step"]
     assert k.models == "opt-1.3b" and set(k.dtypes.split(",")) == {"fp32", "bf16"} and "triton" in k.providers
     assert (s.model, s.dtype, s.batch, s.seq, s.backend) == ("opt-1.3b", "bf16", 16, 128, "triton")
+    m = parsed["memory"]
+    assert m.models == ["bert-large", "opt-350m"] and m.methods == list(memory.METHODS)
 
 
 def test_help_and_bad_argument() -> None:
