@@ -34,3 +34,13 @@ def test_bench_trainer_overhead_ci_size(capsys):
     out = capsys.readouterr().out
     assert "raw opt.step(closure)" in out and "ZOTrainer" in out
     assert __import__("re").search(r"ZOTrainer / raw loop: \d+\.\d{3}x \(target <= 1\.1x\)", out)
+
+
+def test_bench_finetune_configs_and_lr_override():
+    from zo_optim.bench import finetune
+
+    assert finetune._configs(["full"], ["mezo"], False) == [("full", "mezo", 1e-5), ("full", "adamw", 5e-5)]
+    got = finetune._configs(["lora"], ["hiso"], True, [1e-4])
+    assert [c[2] for c in got[:-1]] == pytest.approx([1e-4, 3e-5, 3e-4]) and got[-1] == ("lora", "adamw", 1e-3)
+    with pytest.raises(ValueError, match="Invalid --zo-lr: -0.1"):
+        finetune.main(["--zo-lr", "-0.1"])

@@ -135,11 +135,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             "wall_s": wall, "device": device}
 
 
-def _configs(modes, optimizers, lr_grid: bool) -> list[tuple[str, str, float]]:
+def _configs(modes, optimizers, lr_grid: bool, zo_lrs: list[float] | None = None) -> list[tuple[str, str, float]]:
     out = []
     for mode in modes:
         for name in optimizers:
-            lrs = [ZO_LR[mode]] + ([ZO_LR[mode] * m for m in LR_GRID] if lr_grid else [])
+            base = zo_lrs or [ZO_LR[mode]]
+            lrs = base + ([lr * m for lr in base for m in LR_GRID] if lr_grid else [])
             out += [(mode, name, lr) for lr in lrs]
         out.append((mode, "adamw", ADAMW_LR[mode]))
     return out
@@ -151,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     p.add_argument("--lr-grid", action="store_true", help=f"also lr × {LR_GRID}")
+    p.add_argument("--zo-lr", type=float, nargs="+", default=None, metavar="LR",
+                   help=f"the ZO optimizers' lr(s) instead of the per-mode default {ZO_LR} (AdamW keeps {ADAMW_LR})")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=None, help="default: steps // 4")
@@ -171,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
         return 0
+    for lr in a.zo_lr or ():
+        if not (lr > 0 and lr < float("inf")):
+            raise ValueError(f"Invalid --zo-lr: {lr} (must be a finite number > 0)")
     if a.full:
         a.seeds, a.steps, a.train_examples, a.eval_examples = 3, 300, 1000, 500
     eval_every = a.eval_every or max(1, a.steps // 4)
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[report.Row] = []
     table = []
     curves: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    for mode, name, lr in _configs(a.modes, a.optimizers, a.lr_grid):
+    for mode, name, lr in _configs(a.modes, a.optimizers, a.lr_grid, a.zo_lr):
         label = f"{mode}/{name}/lr={lr:g}"
         results = []
         for seed in range(a.seeds):
