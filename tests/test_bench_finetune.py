@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from zo_optim import cli
-from zo_optim.bench import report
+from zo_optim.bench import finetune, report
 
 
 @pytest.mark.slow
@@ -25,6 +25,13 @@ def test_bench_finetune_ci_size(tmp_path, capsys):
         assert metrics[(name, "peak_memory")] >= metrics[(name, "inference_peak_memory")] > 50
     assert (tmp_path / "env.json").is_file() and (tmp_path / "finetune_forwards.png").is_file()
     assert "peak/AdamW" in capsys.readouterr().out
+    # --replot redraws the PNGs from the CSV alone; its curves are the final accuracies' seeds' means
+    curves = finetune.curves_from_csv(tmp_path / "finetune.csv")
+    assert set(curves) == names
+    assert all(v[2][-1] == pytest.approx(metrics[(k, "final_accuracy")]) for k, v in curves.items())
+    (tmp_path / "finetune_forwards.png").unlink()
+    assert cli.main(["bench", "finetune", "--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "finetune_forwards.png").is_file()
 
 
 def test_bench_trainer_overhead_ci_size(capsys):
@@ -37,8 +44,6 @@ def test_bench_trainer_overhead_ci_size(capsys):
 
 
 def test_bench_finetune_configs_and_lr_override():
-    from zo_optim.bench import finetune
-
     assert finetune._configs(["full"], ["mezo"], False) == [("full", "mezo", 1e-5), ("full", "adamw", 5e-5)]
     got = finetune._configs(["lora"], ["hiso"], True, [1e-4])
     assert [c[2] for c in got[:-1]] == pytest.approx([1e-4, 3e-5, 3e-4]) and got[-1] == ("lora", "adamw", 1e-3)

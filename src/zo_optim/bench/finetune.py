@@ -35,6 +35,7 @@ MODES = ("lora", "full")
 ZO_LR = {"lora": 1e-3, "full": 1e-5}
 ADAMW_LR = {"lora": 1e-3, "full": 5e-5}
 LR_GRID = (0.3, 3.0)  # multipliers of the default with --lr-grid
+Curves = dict[str, tuple[list[float], list[float], list[float]]]  # label -> (forwards, mean seconds, mean accuracy)
 
 
 def _peak_mib(device: str) -> float:
@@ -165,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="the real size: 3 seeds, 300 steps, 1000 train / 500 held out")
     p.add_argument("--out", type=Path, default=Path("bench-finetune"))
+    p.add_argument("--replot", type=Path, metavar="DIR",
+                   help="only redraw DIR's PNGs from the finetune.csv a run wrote there (no training)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.worker:
         print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.replot:
+        plot(a.replot, curves_from_csv(a.replot / "finetune.csv"))
         return 0
     for lr in a.zo_lr or ():
         if not (lr > 0 and lr < float("inf")):
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "finetune", *argv])
     rows: list[report.Row] = []
     table = []
-    curves: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    curves: Curves = {}
     for mode, name, lr in _configs(a.modes, a.optimizers, a.lr_grid, a.zo_lr):
         label = f"{mode}/{name}/lr={lr:g}"
         results = []
@@ -227,14 +233,38 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(headers, table, digits=3,
                               title=f"bench finetune ({a.seeds} seeds, {a.steps} steps, batch {a.batch_size}; "
                                     f"{env.device})"))
+    plot(a.out, curves)
+    return 0
+
+
+def plot(out: Path, curves: Curves) -> None:
+    """``finetune_forwards.png`` and ``finetune_wallclock.png``: one colour per optimizer, solid LoRA, dashed full."""
+    names = (*OPTIMIZERS, "adamw")
+    styles = {label: {"color": f"C{names.index(label.split('/')[1]) % 10}",
+                      "linestyle": "-" if label.startswith("lora/") else "--"} for label in curves}
     try:
-        report.plot_lines(a.out / "finetune_forwards.png", {k: (v[0], v[2]) for k, v in curves.items()},
+        report.plot_lines(out / "finetune_forwards.png", {k: (v[0], v[2]) for k, v in curves.items()}, styles=styles,
                           title="held-out accuracy vs forwards", xlabel="forward passes", ylabel="accuracy")
-        report.plot_lines(a.out / "finetune_wallclock.png", {k: (v[1], v[2]) for k, v in curves.items()},
+        report.plot_lines(out / "finetune_wallclock.png", {k: (v[1], v[2]) for k, v in curves.items()}, styles=styles,
                           title="held-out accuracy vs training seconds", xlabel="seconds", ylabel="accuracy")
     except ImportError:
         print("(matplotlib not installed: no PNG)")
-    return 0
+
+
+def curves_from_csv(path: Path) -> Curves:
+    """The plotted curves (means over seeds at each evaluation) from a ``finetune.csv`` this command wrote."""
+    acc: dict[str, dict[float, list[float]]] = {}
+    secs: dict[str, dict[float, list[float]]] = {}
+    for r in report.read_csv(path):
+        into = {"held_out_accuracy": acc, "train_seconds": secs}.get(r["metric"])
+        if into is not None:
+            into.setdefault(r["name"], {}).setdefault(float(r["x"]), []).append(r["value"])
+    out: Curves = {}
+    for label, by_x in acc.items():
+        xs = sorted(by_x)
+        out[label] = (xs, [sum(secs[label][x]) / len(secs[label][x]) for x in xs],
+                      [sum(by_x[x]) / len(by_x[x]) for x in xs])
+    return out
 
 
 def _offline() -> dict[str, str]:

@@ -263,12 +263,15 @@ def plot_lines(
     logx: bool = False,
     logy: bool = False,
     bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """One line per ``label -> (xs, ys)``; optional ``bands`` (label -> (low, high)) shade a spread."""
+    """One line per ``label -> (xs, ys)``; optional ``bands`` (label -> (low, high)) shade a spread,
+    ``styles`` (label -> matplotlib line keywords, e.g. ``color``, ``linestyle``) set a line's look."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, (xs, ys) in series.items():
-        (line,) = ax.plot(list(xs), list(ys), label=label, marker="." if len(xs) < 30 else None)
+        kw = {"marker": "." if len(xs) < 30 else None, **((styles or {}).get(label) or {})}
+        (line,) = ax.plot(list(xs), list(ys), label=label, **kw)
         if bands and label in bands:
             low, high = bands[label]
             ax.fill_between(list(xs), list(low), list(high), color=line.get_color(), alpha=0.2, linewidth=0)
