@@ -101,8 +101,8 @@ class FederatedWrapper:
     def hello(self) -> Hello:
         """The handshake message announcing this client's contract and the digest of its weights + state.
 
-        The digest hashes every weight once (on the CPU, one tensor at a time): a handshake of a
-        7B-parameter bf16 model hashes 14 GB, seconds to tens of seconds, once per client start.
+        The digest (:meth:`Replica.checksum`) hashes every trained weight and state tensor once, on the
+        CPU, one tensor at a time (a GPU tensor is copied to the host first), once per client start.
         """
         opt = self.optimizer
         return Hello(client_id=self.client_id, algorithm=opt.algorithm, rng_version=rng.RNG_VERSION,
