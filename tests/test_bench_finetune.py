@@ -17,7 +17,7 @@ def test_bench_finetune_ci_size(tmp_path, capsys):
                      "--train-examples", "16", "--eval-examples", "16", "--out", str(tmp_path)]) == 0
     rows = report.read_csv(tmp_path / "finetune.csv")
     names = {r["name"] for r in rows}
-    assert names == {"lora/mezo/lr=0.001", "lora/adamw/lr=0.001"}
+    assert names == {f"lora/mezo/lr={finetune.ZO_LR['lora']['mezo']:g}", "lora/adamw/lr=0.001"}
     metrics = {(r["name"], r["metric"]): r["value"] for r in rows}
     for name in names:
         assert 0.0 <= metrics[(name, "final_accuracy")] <= 1.0
@@ -44,8 +44,9 @@ def test_bench_trainer_overhead_ci_size(capsys):
 
 
 def test_bench_finetune_configs_and_lr_override():
-    assert finetune._configs(["full"], ["mezo"], False) == [("full", "mezo", 1e-5), ("full", "adamw", 5e-5)]
+    assert finetune._configs(["full"], ["mezo", "helene"], False) == [
+        ("full", "mezo", 3e-4), ("full", "helene", 1e-5), ("full", "adamw", 5e-5)]
     got = finetune._configs(["lora"], ["hiso"], True, [1e-4])
     assert [c[2] for c in got[:-1]] == pytest.approx([1e-4, 3e-5, 3e-4]) and got[-1] == ("lora", "adamw", 1e-3)
-    with pytest.raises(ValueError, match="Invalid --zo-lr: -0.1"):
+    with pytest.raises(ValueError, match=r"Invalid --zo-lr: -0\.1"):
         finetune.main(["--zo-lr", "-0.1"])
