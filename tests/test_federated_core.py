@@ -265,6 +265,7 @@ def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_on
             server.receive(encode(w.handle(task, lambda step, m=m, x=x, y=y: batch_loss(x, y)(m, step))))
         server.close_round()
     assert server.position == 3
+    assert server.checksum() != FederatedWrapper(mezo(mlp_fn()), 1).hello().state_digest  # the weights moved
     # a fresh client (position 0) must hold the server's INITIAL weights, not its current ones
     assert server.handshake(FederatedWrapper(mezo(mlp_fn()), 1, client_id=10).hello()).accepted
     assert not server.handshake(FederatedWrapper(mezo(_other_weights()), 1, client_id=11).hello()).accepted
