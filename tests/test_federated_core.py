@@ -255,6 +255,19 @@ def test_handshake_refuses_other_initial_weights_and_names_the_fix():
     assert server.handshake(dataclasses.replace(hello, client_id=8, state_digest="")).accepted
 
 
+def test_a_snapshot_does_not_change_the_state_digest():
+    """state_dict() creates ZO-Adam's lazily allocated moments; the digest must not tell the two apart (the
+    Flower client saves a snapshot before its hello, the server never does)."""
+    m = mlp_fn()
+    saved = FederatedWrapper(zo_optim.ZOAdam(m.parameters(), lr=1e-2, backend="reference"), 2, model=m)
+    saved.state_dict()
+    fresh = Replica(zo_optim.ZOAdam(mlp_fn().parameters(), lr=1e-2, backend="reference"), local_steps=2)
+    server = Server(zo_optim.ZOAdam(mlp_fn().parameters(), lr=1e-2, backend="reference"), clients=1,
+                    clients_per_round=1, local_steps=2, server_seed=1)
+    assert saved.hello().state_digest == fresh.checksum() == server.checksum()
+    assert server.handshake(saved.hello()).accepted
+
+
 def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_only():
     ds = data(2)
     server, ws = _pair()

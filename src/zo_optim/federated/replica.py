@@ -265,8 +265,13 @@ class Replica:
         h.update(f"{self.position}/{self.optimizer.step_count}/{self.optimizer.skipped_steps}".encode())
         for p in self._params():
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        for i, p in enumerate(self._params()):
-            for name, v in sorted(self.optimizer.state.get(p, {}).items()):
+        # the state as state_dict() presents it (index -> buffers), not optimizer.state: state_dict() creates
+        # lazily allocated buffers (ZO-Adam's zero moments), so a replica that was snapshotted and one that never
+        # was hash alike; found when the handshake's state digest refused every Flower node (they save a snapshot
+        # before their hello)
+        state = self.optimizer.state_dict()["state"]
+        for i in sorted(state):
+            for name, v in sorted(state[i].items()):
                 if isinstance(v, torch.Tensor):
                     h.update(f"{i}.{name}".encode())
                     h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
