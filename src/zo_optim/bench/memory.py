@@ -166,7 +166,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
                 # numba's own floor: the first dispatch of ANY jitted function builds its CPU target
                 # (typing and lowering registries, the LLVM JIT); a one-line function pays it here, so
-                # the next phase is what our kernels add on top (measured: ~65 MiB here, ~0-5 MiB there)
+                # the next phase is what our kernels add on top (measured 2026-12-04, MiniLM and BERT-large:
+                # +46 MiB here after the +56 MiB import, then +8 MiB for our kernels)
                 numba.njit(lambda x: x + 1)(1)
                 phases.mark("numba_floor")
             # one MeZO step on a 4-element dummy parameter runs the kernels the real steps use, so their
