@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "finetune", *argv])
     rows: list[report.Row] = []
     table = []
-    curves: Curves = {}
     for mode, name, lr in _configs(a.modes, a.optimizers, a.lr_grid, a.zo_lr):
         label = f"{mode}/{name}/lr={lr:g}"
         results = []
@@ -222,10 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(report.Row(label, mode, metric, unit, fwd, m))
         table.append([mode, name, lr, f"{acc[0]:.3f} ± {acc[1]:.3f}", fwd, f"{wall[0]:.0f} ± {wall[1]:.0f}",
                       f"{peak[0]:.0f}", f"{inf[0]:.0f}", peak[0] / inf[0]])
-        k = len(results[0]["curve"])
-        curves[label] = ([results[0]["curve"][i][0] for i in range(k)],
-                         [sum(r["curve"][i][1] for r in results) / len(results) for i in range(k)],
-                         [sum(r["curve"][i][2] for r in results) / len(results) for i in range(k)])
     a.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(a.out / "finetune.csv", rows, env)
     report.write_environment(a.out / "env.json", env, **{k: (str(v) if isinstance(v, Path) else v)
@@ -238,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(headers, table, digits=3,
                               title=f"bench finetune ({a.seeds} seeds, {a.steps} steps, batch {a.batch_size}; "
                                     f"{env.device})"))
-    plot(a.out, curves)
+    plot(a.out, curves_from_csv(a.out / "finetune.csv"))  # the CSV is the one source of the plotted means
     return 0
 
 
