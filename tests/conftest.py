@@ -16,6 +16,7 @@ The resolved value is written back to the variable, which tests/test_triton_back
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -33,3 +34,14 @@ if _choice == "cuda":
 else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["ZO_OPTIM_TRITON_DEVICE"] = _choice
+
+
+@pytest.fixture
+def no_numba(monkeypatch):
+    """Pretend numba is not installed: the cpu backend's import fails."""
+    import zo_optim.ops as ops
+
+    monkeypatch.setitem(sys.modules, "numba", None)
+    for name in [m for m in sys.modules if m.startswith("zo_optim.ops.cpu")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(ops, "_loaded", {k: v for k, v in ops._loaded.items() if k != "cpu"})

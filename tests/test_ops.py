@@ -467,15 +467,6 @@ def test_bad_coeffs_refused_untouched(backend):
     _unchanged(pbefore, precond)
 
 
-@pytest.fixture
-def no_numba(monkeypatch):
-    """Pretend numba is not installed: the cpu backend's import fails."""
-    monkeypatch.setitem(sys.modules, "numba", None)
-    for name in [m for m in sys.modules if m.startswith("zo_optim.ops.cpu")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(ops, "_loaded", {k: v for k, v in ops._loaded.items() if k != "cpu"})
-
-
 def test_missing_cpu_backend_gives_install_hint(no_numba):
     params = _good()
     before = _snapshot(params)
@@ -483,7 +474,7 @@ def test_missing_cpu_backend_gives_install_hint(no_numba):
         ops.perturb_(params, [0, 1], 1, 1e-3, backend="cpu")
     _unchanged(before, params)
     assert "cpu" not in ops.available_backends("cpu")
-    # "auto" falls back to the reference, which still works.
+    # "auto" falls back to the chunked plain-torch backend, which still works.
     ops.perturb_(params, [0, 1], 1, 1e-3, backend="auto")
     assert not torch.equal(params[0], before[0])
 
@@ -589,7 +580,7 @@ def test_cpu_half_to_float_is_exact():
 # --------------------------------------------------------------- review fixes
 
 
-@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", "chunked", *FAST_BACKENDS])
 def test_strided_coeffs_read_by_logical_index(backend):
     """A non-contiguous coeffs view (a column of a [q, 2] tensor) means its logical values."""
     if backend != "reference":
@@ -618,7 +609,7 @@ def test_strided_coeffs_read_by_logical_index(backend):
     torch.testing.assert_close(p[0], -(0.5 * z[0] - 1.0 * z[1] + 2.0 * z[2]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "chunked", "reference"])
 def test_float64_params_keep_float64_precision(backend):
     p = [torch.full((4,), 1.0 + 1e-12, dtype=torch.float64)]
     ops.perturb_(p, [0], 1, 0.0, backend=backend)
@@ -631,7 +622,7 @@ def test_float64_params_keep_float64_precision(backend):
     torch.testing.assert_close(p[0], start, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", "chunked", *FAST_BACKENDS])
 def test_leaf_params_requiring_grad_outside_no_grad(backend):
     if backend != "reference":
         need(backend)
@@ -645,7 +636,7 @@ def test_leaf_params_requiring_grad_outside_no_grad(backend):
     torch.testing.assert_close(b.detach(), ref[1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS, "auto"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", *FAST_BACKENDS, "auto"])
 @pytest.mark.parametrize("word", ["query", "restore_query", "rounding_slot"])
 @pytest.mark.parametrize("value", [2**32, -1, True, 1.0])
 def test_bad_counter_words_refused_untouched(backend, word, value):
@@ -664,7 +655,7 @@ def test_bad_counter_words_refused_untouched(backend, word, value):
     _unchanged(bbefore, buffers)
 
 
-@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", "chunked", *FAST_BACKENDS])
 @pytest.mark.parametrize("bad", [1e39, float("inf"), float("nan"), -0.5])
 def test_bad_helene_clip_refused_untouched(backend, bad):
     if backend != "reference":
@@ -715,8 +706,8 @@ def test_non_tensor_params_and_bool_ids_refused():
 
 def test_auto_resolution():
     cpu = torch.device("cpu")
-    assert ops.resolve_backend("auto", cpu, [torch.float32, torch.float64]) == "reference"
-    assert ops.resolve_backend("auto", cpu, [torch.float64]) == "reference"
+    assert ops.resolve_backend("auto", cpu, [torch.float32, torch.float64]) == "chunked"
+    assert ops.resolve_backend("auto", cpu, [torch.float64]) == "chunked"
     need("cpu")
     assert ops.resolve_backend("auto", cpu, [torch.float32, torch.bfloat16]) == "cpu"
     assert ops.resolve_backend("auto", cpu) == "cpu"

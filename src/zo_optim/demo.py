@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=_positive_int, default=1000, help="held-out examples (class-balanced)")
     p.add_argument("--max-len", type=_positive_int, default=64, help="tokens per tweet (longer ones are cut)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"), default="auto",
+    p.add_argument("--backend", choices=("auto", "triton", "cpu", "chunked", "reference"), default="auto",
                    help="zo-optim kernel backend")
     p.add_argument("--seed", type=int, default=0, help="seed of the head init, batch order and perturbations")
     p.add_argument("--out", type=Path, default=Path("zo-optim-demo"), help="directory for the plot and the summary")

@@ -189,27 +189,36 @@ def box_muller4(words: torch.Tensor) -> torch.Tensor:
     )
 
 
-def normal(seed: int, tensor_id: int, numel: int, query: int = 0) -> torch.Tensor:
-    """Gaussian z of a tensor with ``numel`` elements: float32 CPU tensor ``[numel]``."""
-    check_numel(numel)
-    n_counters = (numel + 3) // 4
-    return box_muller4(_words(seed, tensor_id, n_counters, query, 0)).reshape(-1)[:numel]
+def _counter_span(numel: int, offset: int, per_counter: int) -> tuple[int, int, int]:
+    """(first counter, number of counters, skip): the counters holding elements [offset, offset + numel),
+    and how many leading outputs of the first one precede ``offset``."""
+    if offset < 0:
+        raise ValueError(f"Invalid offset: {offset} (an element index >= 0)")
+    check_numel(offset + numel)
+    first = offset // per_counter
+    end = (offset + numel + per_counter - 1) // per_counter
+    return first, end - first, offset - first * per_counter
 
 
-def rademacher(seed: int, tensor_id: int, numel: int, query: int = 0) -> torch.Tensor:
-    """Rademacher z (+1/-1) of a tensor with ``numel`` elements: float32 CPU tensor ``[numel]``."""
-    check_numel(numel)
-    n_counters = (numel + 127) // 128
-    words = _words(seed, tensor_id, n_counters, query, 0)  # [n, 4]
+def normal(seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0) -> torch.Tensor:
+    """Gaussian z of elements ``offset … offset + numel - 1`` of a tensor: float32 CPU tensor ``[numel]``."""
+    first, n_counters, skip = _counter_span(numel, offset, 4)
+    z = box_muller4(_words(seed, tensor_id, n_counters, query, 0, start=first)).reshape(-1)
+    return z[skip:skip + numel]
+
+
+def rademacher(seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0) -> torch.Tensor:
+    """Rademacher z (+1/-1) of elements ``offset … offset + numel - 1``: float32 CPU tensor ``[numel]``."""
+    first, n_counters, skip = _counter_span(numel, offset, 128)
+    words = _words(seed, tensor_id, n_counters, query, 0, start=first)  # [n, 4]
     bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [n, 4, 32]
-    return (bits.reshape(-1)[:numel].to(torch.float32) * 2.0) - 1.0
+    return (bits.reshape(-1)[skip:skip + numel].to(torch.float32) * 2.0) - 1.0
 
 
-def rounding_words(seed: int, tensor_id: int, numel: int, rounding_slot: int) -> torch.Tensor:
-    """The stochastic-rounding word of each element: int64 CPU tensor ``[numel]`` of uint32."""
-    check_numel(numel)
-    n_counters = (numel + 3) // 4
-    return _words(seed, tensor_id, n_counters, rounding_slot, 1).reshape(-1)[:numel]
+def rounding_words(seed: int, tensor_id: int, numel: int, rounding_slot: int, offset: int = 0) -> torch.Tensor:
+    """The stochastic-rounding word of elements ``offset … offset + numel - 1``: int64 CPU tensor of uint32."""
+    first, n_counters, skip = _counter_span(numel, offset, 4)
+    return _words(seed, tensor_id, n_counters, rounding_slot, 1, start=first).reshape(-1)[skip:skip + numel]
 
 
 _SR_FORMATS = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}

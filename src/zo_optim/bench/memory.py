@@ -213,8 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-6, help="the same for both trainers; memory does not depend on it")
-    p.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), default="auto",
-                   help="zo-optim backend of the zo run (reference: no numba)")
+    p.add_argument("--backend", choices=("auto", "chunked", "reference", "cpu", "triton"), default="auto",
+                   help="zo-optim backend of the zo run (chunked, reference: plain torch, no numba)")
     p.add_argument("--eval-batch-size", type=int, default=0,
                    help="evaluate once after training at this batch size (default 0: no evaluation)")
     p.add_argument("--eval-examples", type=int, default=64)

@@ -145,9 +145,9 @@ def our_optimizer(model: torch.nn.Module, backend: str, seed: int, transient: bo
     except (ImportError, RuntimeError) as exc:
         return str(exc)
     numel = sum(p.numel() for p in params)
-    if resolved == "reference" and backend != "reference" and numel > REFERENCE_MAX_NUMEL:
-        return (f"backend {backend!r} resolves to the slow reference here (is the cpu/triton backend installed?); "
-                f"pass --backend reference to time it on {numel / 1e6:.0f}M parameters anyway")
+    if resolved in ("reference", "chunked") and backend != resolved and numel > REFERENCE_MAX_NUMEL:
+        return (f"backend {backend!r} resolves to the slow plain-torch {resolved!r} here (is the cpu/triton backend "
+                f"installed?); pass --backend {resolved} to time it on {numel / 1e6:.0f}M parameters anyway")
     extra = {"module": model} if transient else {}
     try:
         return cls(params, lr=LR, zo_eps=ZO_EPS, seed=seed, backend=backend, **extra)
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 1 on CPU, 2 on CUDA)")
     p.add_argument("--providers", help=f"comma list from {', '.join(PROVIDERS)} (default: zo-optim,mezo-loop, "
                    "plus zo-optim-transient for 16-bit weights)")
-    p.add_argument("--backend", default="auto", help="zo-optim backend: auto, triton, cpu, reference")
+    p.add_argument("--backend", default="auto", help="zo-optim backend: auto, triton, cpu, chunked, reference")
     p.add_argument("--threads", type=int, help="CPU threads for torch and numba (default: theirs); 1 on a busy machine")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

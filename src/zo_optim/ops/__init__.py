@@ -1,7 +1,7 @@
 """Elementwise zeroth-order ops on lists of tensors, one function per op.
 
-Every op has the same signature on every backend (``reference``, ``cpu``,
-``triton``); this module validates the input (nothing is modified when an op
+Every op has the same signature on every backend (``reference``, ``chunked``,
+``cpu``, ``triton``); this module validates the input (nothing is modified when an op
 refuses it), resolves ``backend="auto"`` and dispatches. See
 :mod:`zo_optim.ops.reference` for the exact math of each op, and
 :mod:`zo_optim.rng` for the random streams.
@@ -9,11 +9,14 @@ refuses it), resolves ``backend="auto"`` and dispatches. See
 Backends:
 
 * ``reference`` — plain torch, z materialised, float64-capable: the spec.
+* ``chunked`` — the reference run on slices of at most 2**16 elements: the same
+  bits with bounded temporaries, any device and dtype, no extra dependency.
 * ``cpu`` — numba-compiled loops that generate z in registers (extra ``cpu``).
 * ``triton`` — fused Triton kernels, one launch per (device, dtype) group
   (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``.
 * ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
-  tensors when numba imports, else ``reference``.
+  tensors when numba imports, else ``chunked`` (also for float64 and other dtypes
+  the fast backends do not compute).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ __all__ = [
     "precond_sgd_update_",
     "resolve_backend",
     "sgd_update_",
+    "slow_fallback_notice",
 ]
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cpu", "chunked", "reference")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32_MAX = torch.finfo(torch.float32).max
 
@@ -48,7 +52,14 @@ _INSTALL_HINT = {
     "triton": 'pip install "zo-optim[triton]" (Linux; CPU tensors need TRITON_INTERPRET=1 set before importing triton)',
     "cpu": 'pip install "zo-optim[cpu]" (installs numba)',
 }
-_MODULES = {"reference": "zo_optim.ops.reference", "cpu": "zo_optim.ops.cpu", "triton": "zo_optim.ops.triton"}
+_MODULES = {
+    "reference": "zo_optim.ops.reference",
+    "chunked": "zo_optim.ops.chunked",
+    "cpu": "zo_optim.ops.cpu",
+    "triton": "zo_optim.ops.triton",
+}
+# The backends built from the reference's code: any dtype (float64 math for float64 tensors), any device.
+_PLAIN_TORCH = ("reference", "chunked")
 _loaded: dict[str, ModuleType] = {}
 
 
@@ -94,13 +105,13 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
     exotic = any(d not in FAST_DTYPES for d in dtypes)
     if name == "auto":
         if exotic:
-            return "reference"
+            return "chunked"
         if device.type == "cuda" and _importable("triton"):
             return "triton"
         if device.type == "cpu" and _importable("cpu"):
             return "cpu"
-        return "reference"
-    if name == "reference":
+        return "chunked"
+    if name in _PLAIN_TORCH:
         return name
     if exotic:
         other = sorted(map(str, set(dtypes) - set(FAST_DTYPES)))
@@ -117,6 +128,30 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
             "before triton is imported, or use backend='cpu'/'auto'"
         )
     return name
+
+
+def slow_fallback_notice(name: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str | None:
+    """Why ``backend=name`` runs these tensors on the plain-torch ``chunked`` backend, and the fix.
+
+    ``None`` unless ``name`` is ``"auto"`` and it resolved to ``chunked`` only because no fast
+    backend is installed for ``device`` (float64 and other dtypes the fast backends do not compute
+    run there by design).
+    """
+    if name != "auto" or any(d not in FAST_DTYPES for d in dtypes):
+        return None
+    if resolve_backend(name, device, dtypes) != "chunked":
+        return None
+    if device.type == "cpu":
+        fix = f"for numba's kernels: {_INSTALL_HINT['cpu']}"
+    elif device.type == "cuda":
+        fix = f"for the Triton kernels: {_INSTALL_HINT['triton']}"
+    else:
+        fix = f"zo-optim has no fast backend for {device.type} tensors yet"
+    # A MeZO step of MiniLM-L6 on 2 CPU cores, `zo-optim bench step`: 2884 ms (chunked) vs 126 ms (cpu), 23x
+    # (benchmarks/results/2026-12-04-cpu-memory-chunked/; 3546 vs 134 ms in an earlier run)
+    return (f"backend='auto' found no fast backend for {device.type} tensors and runs the plain-torch 'chunked' "
+            f"backend (bounded memory, the same results, but over 20x slower than numba's on CPU); {fix}. "
+            "Pass backend='chunked' to choose it explicitly and silence this warning.")
 
 
 # Like torch.optim's step(): the ops write leaf tensors that may require grad (model
@@ -149,14 +184,15 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
             kwargs[sname] = kwargs[sname].contiguous()
     name = resolve_backend(backend, device, [p.dtype for p in params])
     module = load_backend(name)
-    if name == "reference":
-        # float64 params are the reason to use the reference: compute in float64 too,
-        # or a float32 pass would round them (1 + 1e-12 would not survive scale=0).
+    if name in _PLAIN_TORCH:
+        # float64 params are the reason to use these: compute in float64 too, or a
+        # float32 pass would round them (1 + 1e-12 would not survive scale=0).
         wide = any(p.dtype == torch.float64 for p in params)
-        compute_dtype = torch.float64 if wide else torch.float32
-        getattr(module, op)(params, list(tensor_ids), **states, **kwargs, compute_dtype=compute_dtype)
+        kwargs["compute_dtype"] = torch.float64 if wide else torch.float32
+    if name == "reference":
+        getattr(module, op)(params, list(tensor_ids), **states, **kwargs)
         return
-    # The fast backends address flat contiguous memory; element i of a view is its
+    # The other backends address flat contiguous memory; element i of a view is its
     # row-major logical index, so run on contiguous copies and write them back.
     work_params = [p if p.is_contiguous() else p.contiguous() for p in params]
     work_states = {

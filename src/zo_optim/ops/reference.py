@@ -17,6 +17,12 @@ Common notation for the fused update ops (per tensor, elementwise):
 then the rule's own update of the state and of :math:`\theta_r`, and one
 rounding of the result to the parameter's dtype (nearest-even, or stochastic
 from the contract's rounding stream).
+
+Every op is elementwise and takes ``offset`` (default 0): the index, within
+each tensor's streams, of the tensor's first element. An op on the flat slice
+``t.view(-1)[a:b]`` with ``offset=a`` writes exactly what the op on the whole
+of ``t`` writes there; the ``chunked`` backend (:mod:`zo_optim.ops.chunked`)
+runs the reference that way.
 """
 
 from __future__ import annotations
@@ -33,15 +39,18 @@ _F32_MAX = torch.finfo(torch.float32).max
 
 
 def _z(
-    seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype
+    seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype, offset: int
 ) -> torch.Tensor:
     gen = rng.normal if distribution == "gaussian" else rng.rademacher
-    return gen(seed, tensor_id, like.numel(), query).to(device=like.device, dtype=dtype).reshape(like.shape)
+    z = gen(seed, tensor_id, like.numel(), query, offset=offset)
+    return z.to(device=like.device, dtype=dtype).reshape(like.shape)
 
 
-def _store(param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int) -> None:
+def _store(
+    param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int, offset: int
+) -> None:
     if rounding == "stochastic" and param.dtype in (torch.bfloat16, torch.float16):
-        words = rng.rounding_words(seed, tensor_id, param.numel(), slot).to(param.device)
+        words = rng.rounding_words(seed, tensor_id, param.numel(), slot, offset=offset).to(param.device)
         param.copy_(rng.stochastic_round(value, param.dtype, words))
     else:
         # Through float32 like the fast backends: one rounding per store for fp32 weights.
@@ -51,8 +60,8 @@ def _store(param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, 
 class _Directions:
     """z_k and s of one tensor, computed once per op call."""
 
-    def __init__(self, seed, tensor_id, param, num_queries, distribution, precond, dtype):
-        self.z = [_z(seed, tensor_id, param, k, distribution, dtype) for k in range(num_queries)]
+    def __init__(self, seed, tensor_id, param, num_queries, distribution, precond, dtype, offset):
+        self.z = [_z(seed, tensor_id, param, k, distribution, dtype, offset) for k in range(num_queries)]
         self.s = None if precond is None else torch.rsqrt(precond.to(dtype))
 
     def u(self, k: int, z_extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,15 +75,15 @@ class _Directions:
         return g if self.s is None else g * self.s
 
 
-def _prologue(seed, tensor_id, param, coeffs, distribution, precond, restore_scale, restore_query, dtype):
+def _prologue(seed, tensor_id, param, coeffs, distribution, precond, restore_scale, restore_query, dtype, offset):
     q = coeffs.numel()
-    dirs = _Directions(seed, tensor_id, param, q, distribution, precond, dtype)
+    dirs = _Directions(seed, tensor_id, param, q, distribution, precond, dtype, offset)
     theta = param.to(dtype)
     if restore_scale != 0.0:
         zr = (
             dirs.z[restore_query]
             if restore_query < q
-            else _z(seed, tensor_id, param, restore_query, distribution, dtype)
+            else _z(seed, tensor_id, param, restore_query, distribution, dtype, offset)
         )
         theta = theta + restore_scale * dirs.u(restore_query, zr)
     return dirs, theta, dirs.ghat(coeffs.to(dtype))
@@ -92,13 +101,14 @@ def perturb_(
     rounding: str = "nearest",
     rounding_slot: int = 1,
     compute_dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
-        z = _z(seed, tid, p, query, distribution, compute_dtype)
+        z = _z(seed, tid, p, query, distribution, compute_dtype, offset)
         if precond is not None:
             z = z * torch.rsqrt(precond[i].to(compute_dtype))
-        _store(p, p.to(compute_dtype) + scale * z, seed, tid, rounding, rounding_slot)
+        _store(p, p.to(compute_dtype) + scale * z, seed, tid, rounding, rounding_slot, offset)
 
 
 def sgd_update_(
@@ -117,6 +127,7 @@ def sgd_update_(
     rounding: str = "nearest",
     rounding_slot: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> None:
     r"""ZO-SGD (MeZO), coupled weight decay, optional heavy-ball momentum (torch.optim.SGD's form).
 
@@ -126,13 +137,15 @@ def sgd_update_(
         \theta \leftarrow \theta_r - \text{lr}\cdot(b \text{ or } d)
     """
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
-        _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+        _, theta, g = _prologue(
+            seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype, offset
+        )
         d = g + weight_decay * theta if weight_decay != 0.0 else g
         if momentum_buffers is not None:
             buf = momentum * momentum_buffers[i].to(compute_dtype) + d
             momentum_buffers[i].copy_(buf)
             d = buf
-        _store(p, theta - lr * d, seed, tid, rounding, rounding_slot)
+        _store(p, theta - lr * d, seed, tid, rounding, rounding_slot, offset)
 
 
 def adamw_update_(
@@ -155,6 +168,7 @@ def adamw_update_(
     rounding: str = "nearest",
     rounding_slot: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> None:
     r"""AdamW on the ZO estimate (torch.optim.AdamW's arithmetic; ``step`` is 1-based).
 
@@ -167,13 +181,16 @@ def adamw_update_(
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
-        _, theta, g = _prologue(seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype)
+        _, theta, g = _prologue(
+            seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype, offset
+        )
         theta = theta * (1.0 - lr * weight_decay)
         m = beta1 * exp_avgs[i].to(compute_dtype) + (1.0 - beta1) * g
         v = beta2 * exp_avg_sqs[i].to(compute_dtype) + (1.0 - beta2) * (g * g)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
-        _store(p, theta - step_size * (m / (torch.sqrt(v) / bias2_sqrt + eps)), seed, tid, rounding, rounding_slot)
+        new_theta = theta - step_size * (m / (torch.sqrt(v) / bias2_sqrt + eps))
+        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset)
 
 
 def precond_sgd_update_(
@@ -198,6 +215,7 @@ def precond_sgd_update_(
     rounding: str = "nearest",
     rounding_slot: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> None:
     r"""Diagonal-preconditioned ZO-SGD with the preconditioner P updated in the same pass.
 
@@ -219,7 +237,7 @@ def precond_sgd_update_(
     check_precond_rule(rule, update_precond, precond_coeffs)
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         dirs, theta, g = _prologue(
-            seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype
+            seed, tid, p, coeffs, distribution, precond[i], restore_scale, restore_query, compute_dtype, offset
         )
         d = g + weight_decay * theta if weight_decay != 0.0 else g
         new_theta = theta - lr * d
@@ -234,7 +252,7 @@ def precond_sgd_update_(
             else:
                 new = g * g + hessian_eps
             precond[i].copy_(torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=_F32_MAX))
-        _store(p, new_theta, seed, tid, rounding, rounding_slot)
+        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset)
 
 
 def helene_update_(
@@ -261,6 +279,7 @@ def helene_update_(
     rounding: str = "nearest",
     rounding_slot: int = 0,
     compute_dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> None:
     r"""HELENE (Algorithm 1): annealed momentum, A-GNB diagonal Hessian EMA, layer-wise clip.
 
@@ -275,7 +294,7 @@ def helene_update_(
     """
     for i, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
         dirs, theta, g = _prologue(
-            seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype
+            seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype, offset
         )
         theta = theta * (1.0 - lr * weight_decay)
         m = beta1 * exp_avgs[i].to(compute_dtype) + alpha * g
@@ -291,4 +310,4 @@ def helene_update_(
             hessians[i].copy_(h)
         exp_avgs[i].copy_(m)
         denom = gamma * torch.clamp(h, min=float(clip[i])) + eps
-        _store(p, theta - lr * (m / denom), seed, tid, rounding, rounding_slot)
+        _store(p, theta - lr * (m / denom), seed, tid, rounding, rounding_slot, offset)

@@ -58,7 +58,9 @@ import contextlib
 import math
 import numbers
 import random
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -93,6 +95,15 @@ _CLOSURE_HELP = (
     "    opt.step(closure)\n"
     "or, for gradient accumulation, call opt.estimate(closure) one or more times before opt.step()."
 )
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside zo_optim and torch: a warning names the user's line
+    (``opt.step(...)``, ``estimate(...)``; transformers' loop under a Trainer), whatever path led there."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("zo_optim", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NonFiniteLossError(RuntimeError):
@@ -170,7 +181,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         distribution: ``"gaussian"`` or ``"rademacher"`` directions z.
         seed: base seed of the run (uint64); ``None`` draws one from Python's ``random``
             (rank 0's is broadcast when ``torch.distributed`` is initialised).
-        backend: ``"auto" | "reference" | "cpu" | "triton"`` for the fused ops.
+        backend: ``"auto" | "triton" | "cpu" | "chunked" | "reference"`` for the fused ops.
         on_nonfinite: ``"skip"`` (restore, skip the update, count it) or ``"raise"``.
         maximize: ascend the objective instead of descending.
         perturbation: ``"inplace"`` or ``"transient"`` (needs :meth:`attach`, or ``module=``).
@@ -254,6 +265,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
         self._gate: SignalGate | None = None
         self._transient_names: dict[int, str] = {}
+        self._warned_slow_fallback = False
         super().__init__(params, defaults)
         for p in self._all_params():
             if p.is_sparse:
@@ -940,6 +952,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         for _, ps, _ in self._chunks():
             dtypes = [p.dtype for p in ps] + ([torch.float32] if self.precond_buffer is not None else [])
             ops.resolve_backend(self.backend, ps[0].device, dtypes)
+            if self._warned_slow_fallback:
+                continue
+            notice = ops.slow_fallback_notice(self.backend, ps[0].device, dtypes)
+            if notice is not None:
+                self._warned_slow_fallback = True  # once per optimizer, not once per step
+                warnings.warn(notice, stacklevel=_outside_stacklevel())
 
     def _call_closure(self, closure: Closure, device: torch.device, probes: Probes) -> torch.Tensor:
         """The closure's loss as a 1-D vector; records in ``probes`` whether it was per-example (1-D).
