@@ -113,7 +113,7 @@ def test_wheel_in_fresh_venv(dists: dict[str, Path], tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["version"] == zo_optim.__version__
-    assert set(report["steps"]) == {"reference", "cpu", "triton"}, report
+    assert set(report["steps"]) == {"reference", "chunked", "cpu", "triton"}, report
 
     cli = venv / "bin" / "zo-optim"
     res = subprocess.run([str(cli), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -102,7 +102,9 @@ class FederatedWrapper:
         """The handshake message announcing this client's contract and the digest of its weights + state.
 
         The digest (:meth:`Replica.checksum`) hashes every trained weight and state tensor once, on the
-        CPU, one tensor at a time (a GPU tensor is copied to the host first), once per client start.
+        CPU, one tensor at a time (a GPU tensor is copied to the host first), once per client start:
+        sha256 hashed 1.6-1.7 GB/s on one core of the 2-core CI machine (a 64 MiB tensor), so the
+        cost is the bytes of weights + state over that rate, plus the device-to-host copies.
         """
         opt = self.optimizer
         return Hello(client_id=self.client_id, algorithm=opt.algorithm, rng_version=rng.RNG_VERSION,

@@ -31,6 +31,12 @@ from .protocol import ProtocolError, RoundEntry, Snapshot, contract_digest, unpa
 __all__ = ["GapError", "LocalState", "Replica", "config_digest", "extra_streams"]
 
 
+def _hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s bytes to ``h`` through the buffer protocol: no bytes copy of the tensor (``tobytes()``
+    made one and halved sha256's throughput: 0.8 vs 1.6-1.7 GB/s on a 64 MiB tensor, idle 2-core CI machine)."""
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 class GapError(RuntimeError):
     """An entry (or task) starts beyond this replica's position; ``position`` is where it really is."""
 
@@ -264,7 +270,7 @@ class Replica:
         h = hashlib.sha256()
         h.update(f"{self.position}/{self.optimizer.step_count}/{self.optimizer.skipped_steps}".encode())
         for p in self._params():
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            _hash_tensor(h, p)
         # the state as state_dict() presents it (index -> buffers), not optimizer.state: state_dict() creates
         # lazily allocated buffers (ZO-Adam's zero moments), so a replica that was snapshotted and one that never
         # was hash alike; found when the handshake's state digest refused every Flower node (they save a snapshot
@@ -274,5 +280,5 @@ class Replica:
             for name, v in sorted(state[i].items()):
                 if isinstance(v, torch.Tensor):
                     h.update(f"{i}.{name}".encode())
-                    h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    _hash_tensor(h, v)
         return h.hexdigest()
