@@ -210,7 +210,8 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     rows = report.read_csv(out / "kernels.csv")
     assert (out / "kernels.csv").read_text().splitlines()[0] == ",".join(report.COLUMNS)
     providers = {r["provider"] for r in rows if not r["name"].startswith("target:")}
-    expected = {"torch", "mezo-loop", "reference"} | ({"cpu"} if "cpu" in ops.available_backends("cpu") else set())
+    fast = {"cpu"} if "cpu" in ops.available_backends("cpu") else set()
+    expected = {"torch", "mezo-loop", "reference", "chunked"} | fast
     assert providers == expected
     for provider in expected - {"torch"}:
         ops_run = {r["name"] for r in rows if r["provider"] == provider and r["metric"] == "time"}

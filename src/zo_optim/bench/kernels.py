@@ -36,7 +36,9 @@ from . import report, shapes
 from .baselines import MezoLoop
 from .timing import set_cpu_threads, time_fn
 
-PROVIDERS = ("mezo-loop", "reference", "cpu", "triton")
+PROVIDERS = ("mezo-loop", "reference", "chunked", "cpu", "triton")
+# plain-torch backends: z from a pure-torch Philox, timed only to show the gap
+_SLOW = ("reference", "chunked")
 UPDATE_OPS = ("sgd", "adamw", "hizoo", "helene", "hiso")
 ALL_OPS = ("perturb", *UPDATE_OPS, "step")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,9 +81,9 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, numel: 
     """Why ``provider`` cannot (or should not) run here, or None when it runs."""
     if provider == "mezo-loop":
         return None
-    if provider == "reference":
+    if provider in _SLOW:
         if numel > reference_max_numel and not explicit:
-            return (f"the reference materialises z with a pure-torch Philox (slow); it runs on lists of at most "
+            return (f"{provider} generates z with a pure-torch Philox (slow); it runs on lists of at most "
                     f"{reference_max_numel:,} elements (--reference-max-numel) unless named in --providers")
         return None
     if provider == "triton" and device.type == "cpu":
@@ -262,12 +264,12 @@ def run_config(model: str, dtype_name: str, device: torch.device, providers: Seq
             for op in ops_:
                 ours.validate(op)
                 fns[op] = ours.fn(op)
-        # Fewer repeats for the reference: it is the spec, timed only to show the gap.
-        reps = max(1, min(repeat, 2)) if provider == "reference" else repeat
+        # Fewer repeats for the plain-torch backends: timed only to show the gap.
+        reps = max(1, min(repeat, 2)) if provider in _SLOW else repeat
         for op, fn in fns.items():
             if fn is None:
                 continue
-            t = time_fn(fn, device, warmup=min(warmup, 1) if provider == "reference" else warmup, repeat=reps)
+            t = time_fn(fn, device, warmup=min(warmup, 1) if provider in _SLOW else warmup, repeat=reps)
             r = Result(model, dtype_name, op, provider, t.median, t.min, pass_bytes(op, numel, itemsize, provider))
             results.append(r)
             log(f"  {provider:<10} {op:<8} {r.ms:10.3f} ms  {r.gbps:8.2f} GB/s")

@@ -48,7 +48,8 @@ def _slices(numel: int) -> Iterator[tuple[int, int]]:
 def _chunked(op: Callable[..., None], state_names: Sequence[str], per_tensor: Sequence[str] = ()):
     """``op`` of the reference run tensor by tensor, slice by slice (states sliced alongside)."""
 
-    def run(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], **kwargs: Any) -> None:
+    def run(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], *args: Any, **kwargs: Any) -> None:
+        # args: the reference's other positional ones (seed, then scale or coeffs); its states are keyword-only
         states = {name: kwargs.pop(name) for name in state_names if name in kwargs}
         lists = {name: kwargs.pop(name) for name in per_tensor}
         for i, (param, tensor_id) in enumerate(zip(params, tensor_ids, strict=True)):
@@ -58,7 +59,7 @@ def _chunked(op: Callable[..., None], state_names: Sequence[str], per_tensor: Se
             one = {name: [v[i]] for name, v in lists.items()}
             for start, end in _slices(flat.numel()):
                 sliced = {name: (None if s is None else [s[start:end]]) for name, s in flat_states.items()}
-                op([flat[start:end]], [tensor_id], **sliced, **one, **kwargs, offset=start)
+                op([flat[start:end]], [tensor_id], *args, **sliced, **one, **kwargs, offset=start)
 
     run.__name__ = run.__qualname__ = op.__name__
     run.__doc__ = f"The reference's ``{op.__name__}`` on slices of at most ``CHUNK_NUMEL`` elements."
