@@ -7,10 +7,10 @@ forward, from the 11.7M-element word embedding
 (``benchmarks/results/2026-12-03-cpu-memory/breakdown-minilm-16x32/reference-backend``).
 Every op is elementwise and the reference takes the element ``offset`` of a slice, so running
 it slice by slice writes the same bits with temporaries bounded by one chunk, on any device
-and dtype, with no dependency beyond torch. ``backend="auto"`` falls back to it where neither numba nor
-Triton can run the tensors. It is as slow as the reference (one torch op per Philox round and
-element block; a MeZO step of MiniLM on 2 CPU cores: 2884 ms against 126 ms with numba); z is
-generated on the CPU and copied to the tensors' device, as in the reference.
+and dtype, with no dependency beyond torch. ``backend="auto"`` falls back to it where neither
+numba nor Triton can run the tensors. It is as slow as the reference (one torch op per Philox
+round and element block; a MeZO step of MiniLM on 2 CPU cores: 2884 ms against 126 ms with
+numba); z is generated on the CPU and copied to the tensors' device, as in the reference.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ __all__ = [
 # at 4.4 / 2.6 / 10.3 MiB. Measured on the 2-core CI machine (perturb_/sgd_update_, one tensor, CPU
 # time per element): 2**16 → 69/81 ns, 2**18 → 47/52 ns, 2**20 → 38/30 ns. Memory first, as it is
 # the backend's reason to exist: a MiniLM MeZO fine-tune (`zo-optim bench memory`, batch 8×64)
-# peaked at 1.058× an inference forward with 2**18 and at 1.043× with 2**16.
+# peaked at 1.058× an inference forward with 2**18 and at 1.043× / 1.046× (two runs) with 2**16
+# (the recorded one: benchmarks/results/2026-12-04-cpu-memory-chunked/).
 CHUNK_NUMEL = 1 << 16
 
 
