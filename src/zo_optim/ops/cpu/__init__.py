@@ -3,7 +3,7 @@
 Same five ops, keyword arguments and float32 math as :mod:`zo_optim.ops.reference`
 (without ``compute_dtype``); it receives validated, contiguous CPU tensors from
 :mod:`zo_optim.ops`. Importing it raises ImportError when numba is missing, and
-the dispatcher then falls back to the reference (``backend="auto"``) or shows
+the dispatcher then falls back to ``chunked`` (``backend="auto"``) or shows
 the install hint (``backend="cpu"``); ``import zo_optim`` never imports numba.
 
 Why a compiled loop, and why numba (CPU time per element, one thread, 2-core AMD EPYC
