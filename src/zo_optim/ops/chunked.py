@@ -46,7 +46,9 @@ def _slices(numel: int) -> Iterator[tuple[int, int]]:
         yield start, min(numel, start + CHUNK_NUMEL)
 
 
-def _chunked(op: Callable[..., None], state_names: Sequence[str], per_tensor: Sequence[str] = ()):
+def _chunked(
+    op: Callable[..., None], state_names: Sequence[str], per_tensor: Sequence[str] = ()
+) -> Callable[..., None]:
     """``op`` of the reference run tensor by tensor, slice by slice (states sliced alongside)."""
 
     def run(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], *args: Any, **kwargs: Any) -> None:
