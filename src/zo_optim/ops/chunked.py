@@ -36,8 +36,8 @@ __all__ = [
 # at 4.4 / 2.6 / 10.3 MiB. Measured on the 2-core CI machine (perturb_/sgd_update_, one tensor, CPU
 # time per element): 2**16 → 69/81 ns, 2**18 → 47/52 ns, 2**20 → 38/30 ns. Memory first, as it is
 # the backend's reason to exist: a MiniLM MeZO fine-tune (`zo-optim bench memory`, batch 8×64)
-# peaked at 1.058× an inference forward with 2**18 and at 1.043× / 1.046× (two runs) with 2**16
-# (the recorded one: benchmarks/results/2026-12-04-cpu-memory-chunked/).
+# peaked at 1.058× / 1.066× an inference forward with 2**18 and at 1.043× / 1.046× with 2**16 (two
+# runs each; recorded: benchmarks/results/2026-12-04-cpu-memory-chunked/ and its probe-chunk-2pow18/).
 CHUNK_NUMEL = 1 << 16
 
 
