@@ -264,3 +264,28 @@ def test_an_interrupt_between_estimate_and_step_leaves_theta(tmp_path):
         _train(model, tmp_path, data=data, callbacks=[probe], max_steps=3)
     opt_params = list(model.parameters())
     assert max(float((p.detach() - t).abs().max()) for p, t in zip(opt_params, probe.theta, strict=True)) < 1e-6
+
+
+def test_a_compute_loss_that_pops_the_labels_gets_them_in_every_probe(tmp_path):
+    """Trainer.compute_loss pops "labels" when label smoothing or a compute_loss_func is set: every probe of a
+    step must still see them (the second probe of a step used to get none)."""
+    calls = []
+
+    def causal_lm_loss(outputs, labels, num_items_in_batch=None):
+        calls.append(labels is not None)
+        logits = outputs["logits"][..., :-1, :].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1),
+                                                 ignore_index=-100)
+
+    custom = ZOTrainer(model=T.tiny_gpt2(), args=T.zo_args(tmp_path / "custom", max_steps=2, zo_optimizer_kwargs=REF),
+                       train_dataset=T.causal_lm_rows(16), compute_loss_func=causal_lm_loss)
+    custom.train()
+    assert calls == [True] * 4  # 2 steps x 2 probes, each with its labels
+    # the same loss as the model's own: the same steps
+    own = _train(T.tiny_gpt2(), tmp_path / "own", max_steps=2)
+    torch.testing.assert_close(custom.zo_optimizer.last_projected_grads, own.zo_optimizer.last_projected_grads)
+
+    smoothed = _train(T.tiny_gpt2(), tmp_path / "smoothed", max_steps=2, label_smoothing_factor=0.1)
+    assert smoothed.zo_optimizer.step_count == 2
+    assert torch.isfinite(smoothed.zo_optimizer.last_projected_grads).all()
+    assert not torch.equal(smoothed.zo_optimizer.last_projected_grads, own.zo_optimizer.last_projected_grads)

@@ -33,6 +33,7 @@ see the same masks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -273,7 +274,10 @@ class ZOTrainerMixin:
         trainer: Any = self
         self._zo_probe_index += 1  # which forward of this micro-batch is running (subclasses read it)
         with self.compute_loss_context_manager():  # type: ignore[attr-defined]
-            loss = trainer.compute_loss(model, inputs, num_items_in_batch=None)
+            # a shallow copy per probe: Trainer.compute_loss pops "labels" when label smoothing or a
+            # compute_loss_func is set, which left the second probe without labels (an error, or a loss
+            # function called with labels=None)
+            loss = trainer.compute_loss(model, copy.copy(inputs), num_items_in_batch=None)
         if trainer.args.n_gpu > 1 and loss.dim() > 0:
             loss = loss.mean()  # torch.nn.DataParallel returns one loss per device
         return loss
