@@ -289,3 +289,37 @@ def test_a_compute_loss_that_pops_the_labels_gets_them_in_every_probe(tmp_path):
     assert smoothed.zo_optimizer.step_count == 2
     assert torch.isfinite(smoothed.zo_optimizer.last_projected_grads).all()
     assert not torch.equal(smoothed.zo_optimizer.last_projected_grads, own.zo_optimizer.last_projected_grads)
+
+
+def test_the_mixin_composes_with_seq2seq_trainer(tmp_path):
+    """The recipe of docs/integrations.md: Seq2SeqTrainer + the mixin, arguments combined under @dataclass;
+    an encoder-decoder's labels are not shifted for the token count; eval with predict_with_generate at θ."""
+    from dataclasses import dataclass
+
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+
+    from zo_optim.integrations.hf import ZOTrainerMixin
+
+    class ZOSeq2SeqTrainer(ZOTrainerMixin, Seq2SeqTrainer):
+        pass
+
+    @dataclass
+    class ZOSeq2SeqTrainingArguments(ZOTrainingArguments, Seq2SeqTrainingArguments):
+        pass
+
+    cfg = T5Config(vocab_size=T.VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg)
+    rows = [{**r, "labels": r["labels"][:6]} for r in T.causal_lm_rows(16).rows]
+    args = ZOSeq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4, max_steps=2,
+        learning_rate=1e-3, save_strategy="no", disable_tqdm=True, zo_optimizer_kwargs=REF,
+        zo_loss_weighting="tokens", gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=1,
+        predict_with_generate=True, generation_max_length=5)
+    trainer = ZOSeq2SeqTrainer(model=model, args=args, train_dataset=T.ListDataset(rows),
+                               eval_dataset=T.ListDataset(rows[:4]))
+    trainer.train()
+    assert trainer.zo_optimizer.step_count == 2 and not trainer._zo_loss_shifts_labels()
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
+    assert all(p.grad is None for p in model.parameters())
