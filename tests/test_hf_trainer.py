@@ -135,6 +135,26 @@ def test_plain_training_arguments_get_the_defaults(tmp_path):
     assert isinstance(trainer.zo_optimizer, zo_optim.MeZO) and trainer.zo_optimizer.step_count == 1
 
 
+def test_defaults_are_quiet_and_an_unused_optim_is_named(tmp_path, caplog):
+    """ZOTrainingArguments default max_grad_norm to 0 (no warning on every run); a chosen args.optim is
+    not used, and one warning says so (none when the optimizer is passed in)."""
+    with caplog.at_level(logging.WARNING, logger="zo_optim"):
+        args = T.zo_args(tmp_path, max_grad_norm=ZOTrainingArguments.max_grad_norm)  # the default, spelled out
+        ZOTrainer(model=T.tiny_gpt2(), args=args, train_dataset=T.causal_lm_rows(8))
+    assert args.max_grad_norm == 0.0 and "zo-optim" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="zo_optim"):
+        ZOTrainer(model=T.tiny_gpt2(), args=T.zo_args(tmp_path, optim="adamw_torch", zo_optimizer="hiso"),
+                  train_dataset=T.causal_lm_rows(8))
+    assert caplog.text.count("optim='adamw_torch' is not used") == 1 and "zo_optimizer='hiso'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zo_optim"):
+        model = T.tiny_gpt2()
+        opt = zo_optim.MeZO(model.parameters(), lr=1e-3, backend="reference")
+        ZOTrainer(model=model, args=T.zo_args(tmp_path, optim="adamw_torch"), train_dataset=T.causal_lm_rows(8),
+                  optimizers=(opt, None))
+    assert "is not used" not in caplog.text
+
+
 def test_fp16_is_refused_with_a_bf16_recommendation(tmp_path):
     args = T.zo_args(tmp_path, fp16=True)
     with pytest.raises(ValueError, match=r"fp16=True.*bf16=True.*transient"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -85,6 +85,22 @@ def zo_settings(args: Any) -> dict[str, Any]:
     return s
 
 
+# TrainingArguments' own default of ``optim``: any other value was chosen by the user, and is not used
+_DEFAULT_OPTIM = next(f.default for f in fields(TrainingArguments) if f.name == "optim")
+
+
+def warn_unused_optim(args: Any) -> None:
+    """Say so when ``args.optim`` names an optimizer: ZOTrainer builds a zeroth-order one instead."""
+    optim = getattr(args, "optim", _DEFAULT_OPTIM)
+    name = getattr(optim, "value", optim)  # TrainingArguments turns the string into an OptimizerNames member
+    if name != _DEFAULT_OPTIM:
+        chosen = getattr(args, "zo_optimizer", "mezo")
+        logger.warning(
+            "zo-optim: optim=%r is not used: ZOTrainer trains with a zeroth-order optimizer (zo_optimizer=%r; "
+            "choose it with zo_optimizer or pass optimizers=(opt, None))", name,
+            getattr(chosen, "__name__", chosen))
+
+
 def force_no_clipping(args: Any) -> None:
     """``max_grad_norm = 0`` (with a warning when it was set): there are no gradients to clip or measure."""
     if getattr(args, "max_grad_norm", 0) and args.max_grad_norm > 0:
@@ -98,7 +114,8 @@ def force_no_clipping(args: Any) -> None:
 class ZOArgumentsMixin:
     """The ``zo_*`` fields; combine with any ``TrainingArguments`` subclass (e.g. TRL's ``SFTConfig``).
 
-    ``max_grad_norm`` is forced to 0 (with a warning): a ZO step has no gradient to clip.
+    ``max_grad_norm`` defaults to 0 and is forced to 0 (with a warning when set): a ZO step has no
+    gradient to clip. ``optim`` is not used (a warning says so when it is set).
     """
 
     zo_optimizer: str = field(
@@ -125,6 +142,12 @@ class ZOArgumentsMixin:
     )
     zo_optimizer_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "extra optimizer constructor arguments (a dict, or JSON on the command line)"}
+    )
+    # TrainingArguments' default is 1.0, which would be ignored with a warning on every run; 0 says it as it is
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "always 0: a zeroth-order step has no gradient to clip (a value > 0 is ignored, with a "
+                          "warning)"},
     )
 
     def __post_init__(self) -> None:

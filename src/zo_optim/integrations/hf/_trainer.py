@@ -45,7 +45,7 @@ from transformers import Trainer
 
 from ... import rng
 from ...optim import ZOOptimizer
-from ._args import force_no_clipping, resolve_optimizer, zo_settings
+from ._args import force_no_clipping, resolve_optimizer, warn_unused_optim, zo_settings
 
 __all__ = ["ZOTrainer", "ZOTrainerMixin", "label_count", "unwrap_zo_optimizer"]
 
@@ -129,6 +129,8 @@ class ZOTrainerMixin:
         self.zo_settings = zo_settings(trainer.args)
         _refuse_fp16(trainer.args)
         force_no_clipping(trainer.args)
+        if trainer.optimizer is None and trainer.optimizer_cls_and_kwargs is None:
+            warn_unused_optim(trainer.args)  # with an optimizer passed in, args.optim is not the user's choice
         if trainer.optimizer is not None:
             unwrap_zo_optimizer(trainer.optimizer)  # refuse a first-order optimizer now, not at step 1
         if trainer.optimizer_cls_and_kwargs is not None:
