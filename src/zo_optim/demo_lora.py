@@ -100,12 +100,11 @@ def train(args: argparse.Namespace, lr: float, device: torch.device, progress: b
         return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
     # dataloader_drop_last stays False: True also drops a held-out set smaller than one eval batch.
-    # max_grad_norm=0: nothing to clip in a ZO step (ZOTrainingArguments would warn and force it).
     training_args = ZOTrainingArguments(
         output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0,
         logging_steps=args.steps, save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed,
-        use_cpu=device.type == "cpu", max_grad_norm=0.0,
+        use_cpu=device.type == "cpu",
         zo_optimizer=args.optimizer, zo_eps=args.zo_eps, zo_loss_weighting="mean",
         zo_optimizer_kwargs={"backend": args.backend},
     )

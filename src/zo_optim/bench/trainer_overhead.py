@@ -64,7 +64,7 @@ def _trainer_steps(make_model: Any, rows: list[dict[str, Any]], a: argparse.Name
 
     args = ZOTrainingArguments(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch_size,
                                learning_rate=a.lr, lr_scheduler_type="constant", logging_steps=a.steps,
-                               save_strategy="no", report_to=[], disable_tqdm=True, max_grad_norm=0.0, seed=0,
+                               save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
                                use_cpu=not torch.cuda.is_available(), zo_optimizer=a.optimizer, zo_eps=1e-3)
     trainer = ZOTrainer(model=make_model(), args=args, train_dataset=rows, data_collator=default_data_collator,
                         callbacks=[Clock()])
