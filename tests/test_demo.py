@@ -188,3 +188,22 @@ def test_optimizer_missing_from_this_build(monkeypatch):
     monkeypatch.delattr(zo_optim, "HiSo")
     with pytest.raises(ValueError, match=r"zo_optim.HiSo is not in this version"):
         demo._optimizer_class("hiso")
+
+
+def test_memory_probe_uses_the_runs_backend(tmp_path, monkeypatch):
+    """The printed one-step peak is the backend's own: the zo probe runs with --backend (numba's runtime is
+    part of what the cpu backend costs; chunked has none)."""
+    from zo_optim import step_memory
+
+    calls = []
+    monkeypatch.setattr(step_memory, "measure_in_fresh_process",
+                        lambda method, train, **kw: calls.append((method, kw)) or {"peak_rss_mb": 1.0})
+    argv = [a for a in TINY if a != "--no-memory-probe"]
+    assert demo.main([*argv, "--steps", "1", "--backend", "chunked", "--out", str(tmp_path)]) == 0
+    assert [(m, kw.get("backend")) for m, kw in calls] == [("zo", "chunked"), ("backprop", None)]
+    # and the probe really runs on it: no numba in a chunked zo step's process
+    code = ("import sys; from zo_optim import step_memory; "
+            "step_memory.main(['--method', 'zo', '--batch-size', '2', '--max-len', '8', '--backend', 'chunked']); "
+            "print('numba' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert res.stdout.strip().splitlines()[-1] == "False", res.stdout

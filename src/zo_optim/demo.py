@@ -319,7 +319,8 @@ def _one_step_peaks(args: argparse.Namespace, device: torch.device) -> dict[str,
     common = {"batch_size": args.batch_size, "max_len": args.max_len, "k": args.k, "device": str(device),
               "seed": args.seed}
     return {
-        "zo": measure_in_fresh_process("zo", args.train, optimizer=args.optimizer, **common),
+        # the run's backend: numba's runtime is part of what the cpu backend costs (~100 MiB), chunked has none
+        "zo": measure_in_fresh_process("zo", args.train, optimizer=args.optimizer, backend=args.backend, **common),
         "backprop": measure_in_fresh_process("backprop", args.train, **common),
     }
 

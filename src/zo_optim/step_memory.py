@@ -89,7 +89,7 @@ def _build(train: str, k: int, seed: int) -> tuple[torch.nn.Module, Any]:
 
 
 def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_size: int = 32, max_len: int = 64,
-            k: int = 1, device: str = "cpu", seed: int = 0) -> dict[str, float]:
+            k: int = 1, device: str = "cpu", seed: int = 0, backend: str = "auto") -> dict[str, float]:
     """Run one ``method`` step in THIS process and return its peak memory (call it in a fresh process)."""
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (choose one of {', '.join(METHODS)})")
@@ -114,7 +114,7 @@ def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_
     elif method == "zo":
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (choose one of {', '.join(OPTIMIZERS)})")
-        opt = _optimizer_class(optimizer)(params, lr=1e-4, seed=seed)
+        opt = _optimizer_class(optimizer)(params, lr=1e-4, seed=seed, backend=backend)
         opt.step(lambda: loss_fn(batch))
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -154,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", help="zo-optim backend of the zo step (its runtime counts too)")
     a = p.parse_args(argv)
     print(json.dumps(measure(a.method, a.train, optimizer=a.optimizer, batch_size=a.batch_size, max_len=a.max_len,
-                             k=a.k, device=a.device, seed=a.seed)))
+                             k=a.k, device=a.device, seed=a.seed, backend=a.backend)))
     return 0
 
 
