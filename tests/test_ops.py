@@ -496,6 +496,24 @@ def test_missing_triton_backend_gives_install_hint(monkeypatch):
     _unchanged(before, params)
 
 
+def test_a_failed_backend_import_is_not_retried_on_every_dispatch(no_numba, monkeypatch):
+    """Python does not cache a failed import: retrying it on every op of backend="auto" cost 4 ms a dispatch."""
+    real_import = importlib.import_module
+    tries = []
+
+    def counting_import(name, *args, **kwargs):
+        tries.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", counting_import)
+    params = _good()
+    for _ in range(3):
+        ops.perturb_(params, [0, 1], 1, 1e-3, backend="auto")
+        with pytest.raises(ImportError, match=r"backend 'cpu' is unavailable .*numba.*zo-optim\[cpu\]"):
+            ops.load_backend("cpu")
+    assert tries.count("zo_optim.ops.cpu") == 1
+
+
 def test_import_zo_optim_does_not_import_numba_or_triton():
     code = "import sys, zo_optim, zo_optim.ops; assert 'numba' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

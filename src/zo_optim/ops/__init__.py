@@ -60,7 +60,10 @@ _MODULES = {
 }
 # The backends built from the reference's code: any dtype (float64 math for float64 tensors), any device.
 _PLAIN_TORCH = ("reference", "chunked")
-_loaded: dict[str, ModuleType] = {}
+# name -> the imported module, or the ImportError its import raised. A failure is remembered: a failed
+# import is not cached by Python, so every later try re-ran the module's import (4 ms per try without numba,
+# measured on the CI machine) on every op dispatch of backend="auto" before it fell back to chunked.
+_loaded: dict[str, ModuleType | ImportError] = {}
 
 
 def load_backend(name: str) -> ModuleType:
@@ -70,9 +73,13 @@ def load_backend(name: str) -> ModuleType:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
         except ImportError as exc:
-            hint = _INSTALL_HINT[name]
-            raise ImportError(f"backend {name!r} is unavailable ({exc}); install it with: {hint}") from exc
-    return _loaded[name]
+            _loaded[name] = exc
+    got = _loaded[name]
+    if isinstance(got, ImportError):
+        # a new error each time (re-raising the stored one would grow its traceback on every call)
+        hint = _INSTALL_HINT[name]
+        raise ImportError(f"backend {name!r} is unavailable ({got}); install it with: {hint}") from got
+    return got
 
 
 def _importable(name: str) -> bool:
