@@ -4,7 +4,7 @@ Providers, in one process over the same tensors:
 
 * ``mezo-loop`` — MeZO's own loop (:class:`zo_optim.bench.baselines.MezoLoop`):
   ``torch.manual_seed`` + per-tensor ``torch.normal`` + out-of-place add;
-* ``reference`` / ``cpu`` / ``triton`` — zo-optim's backends (:mod:`zo_optim.ops`),
+* ``reference`` / ``chunked`` / ``cpu`` / ``triton`` — zo-optim's backends (:mod:`zo_optim.ops`),
   called directly after one validated call through the public API.
 
 Ops (one pass each unless said): ``perturb`` (θ += s·z), the fused restore+update of

@@ -145,7 +145,7 @@ def our_optimizer(model: torch.nn.Module, backend: str, seed: int, transient: bo
     except (ImportError, RuntimeError) as exc:
         return str(exc)
     numel = sum(p.numel() for p in params)
-    if resolved in ("reference", "chunked") and backend != resolved and numel > REFERENCE_MAX_NUMEL:
+    if resolved in ops._PLAIN_TORCH and backend != resolved and numel > REFERENCE_MAX_NUMEL:
         return (f"backend {backend!r} resolves to the slow plain-torch {resolved!r} here (is the cpu/triton backend "
                 f"installed?); pass --backend {resolved} to time it on {numel / 1e6:.0f}M parameters anyway")
     extra = {"module": model} if transient else {}
