@@ -84,6 +84,17 @@ def test_task_survives_save_and_load(tmp_path):
     assert torch.equal(back.batch_index(2, 5), task.batch_index(2, 5))
 
 
+def test_weights_checksum_hashes_0_dim_buffers():
+    """BatchNorm's num_batches_tracked is a 0-dim int64: it has no uint8 view until flattened (was an error)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    before = weights_checksum(model)
+    model[1].num_batches_tracked += 1
+    assert weights_checksum(model) != before
+    model[1].num_batches_tracked -= 1
+    assert weights_checksum(model) == before
+
+
 def test_simulated_run_trains_the_head_and_replicas_agree():
     import zo_optim
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .replica import _hash_tensor
 from .split import dirichlet_split
 
 __all__ = ["TweetTask", "encode_tweets", "load_task", "weights_checksum"]
@@ -36,9 +37,8 @@ def weights_checksum(model: torch.nn.Module) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes, raw bytes, in name order)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, t)  # flat first: a 0-dim int64 (BatchNorm's num_batches_tracked) has no uint8 view
     return h.hexdigest()
 
 
