@@ -62,7 +62,7 @@ _MODULES = {
 _PLAIN_TORCH = ("reference", "chunked")
 # name -> the imported module, or the ImportError its import raised. A failure is remembered: a failed
 # import is not cached by Python, so every later try re-ran the module's import (4 ms per try without numba,
-# measured on the CI machine) on every op dispatch of backend="auto" before it fell back to chunked.
+# measured on a 2-core dev machine like CI's) on every op dispatch of backend="auto" before it fell back to chunked.
 _loaded: dict[str, ModuleType | ImportError] = {}
 
 
