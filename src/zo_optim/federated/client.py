@@ -30,7 +30,8 @@ import torch
 
 from .. import rng
 from ..optim.base import ZOOptimizer
-from .protocol import PROTOCOL_VERSION, Hello, ProtocolError, Reply, Task, Welcome, pack_scalars
+from ._contract import contract_mismatches
+from .protocol import Hello, ProtocolError, Reply, Task, Welcome, pack_scalars
 from .replica import GapError, Replica, config_digest
 
 __all__ = ["FederatedWrapper", "StepClosure"]
@@ -134,18 +135,7 @@ class FederatedWrapper:
     # ------------------------------------------------------------------ protocol
 
     def _check_task(self, task: Task) -> None:
-        opt = self.optimizer
-        wrong = []
-        if task.version != PROTOCOL_VERSION:
-            wrong.append(f"protocol version {task.version} (ours {PROTOCOL_VERSION})")
-        if task.rng_version != rng.RNG_VERSION:
-            wrong.append(f"RNG contract {task.rng_version!r} (ours {rng.RNG_VERSION!r})")
-        if task.algorithm != opt.algorithm:
-            wrong.append(f"algorithm {task.algorithm!r} (ours {opt.algorithm!r})")
-        if task.num_queries != opt.num_queries:
-            wrong.append(f"num_queries {task.num_queries} (ours {opt.num_queries})")
-        if task.local_steps != self.local_steps:
-            wrong.append(f"local_steps {task.local_steps} (ours {self.local_steps})")
+        wrong = contract_mismatches(task, self.optimizer, self.local_steps, "ours")
         if task.client_id != self.client_id:
             wrong.append(f"client id {task.client_id} (ours {self.client_id})")
         if wrong:

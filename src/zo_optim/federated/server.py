@@ -28,6 +28,7 @@ import torch
 
 from .. import rng
 from ..optim.base import ZOOptimizer
+from ._contract import contract_mismatches
 from .log import RoundLog
 from .protocol import (
     PROTOCOL_VERSION,
@@ -245,18 +246,7 @@ class Server:
             if not isinstance(msg, Hello):
                 return self.welcome_for(0, False, f"expected a hello, got a {msg.kind}")
             hello = msg
-        opt = self.optimizer
-        wrong = []
-        if hello.version != PROTOCOL_VERSION:
-            wrong.append(f"protocol version {hello.version} (server {PROTOCOL_VERSION})")
-        if hello.rng_version != rng.RNG_VERSION:
-            wrong.append(f"RNG contract {hello.rng_version!r} (server {rng.RNG_VERSION!r})")
-        if hello.algorithm != opt.algorithm:
-            wrong.append(f"algorithm {hello.algorithm!r} (server {opt.algorithm!r})")
-        if hello.num_queries != opt.num_queries:
-            wrong.append(f"num_queries {hello.num_queries} (server {opt.num_queries})")
-        if hello.local_steps != self.replica.local_steps:
-            wrong.append(f"local_steps {hello.local_steps} (server {self.replica.local_steps})")
+        wrong = contract_mismatches(hello, self.optimizer, self.replica.local_steps, "server")
         if hello.config_digest != self.digest:
             wrong.append(f"optimizer configuration digest {hello.config_digest} (server {self.digest}): "
                          "hyper-parameters or parameter shapes differ")
