@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Context, Message
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from zo_optim.federated import flower as zo_flower
+from zo_optim.federated.flower import client_app as zo_client_app
 
 N_WORKERS = 3
 
@@ -70,7 +70,7 @@ class InProcessBackend(Backend):
                 n = self.counts[("before", *key)] = self.counts.get(("before", *key), 0) + 1
             type(self).before(context, *key, n)
         if self.fresh_process:
-            zo_flower._PARTICIPANTS.clear()
+            zo_client_app._PARTICIPANTS.clear()
         out = self.app_fn()(message, context)
         with self.lock:
             self.seen.append(("reply", *kinds(out)))

@@ -38,8 +38,8 @@ from flwr.app import Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from zo_optim.federated import flower as zo_flower  # noqa: E402
 from zo_optim.federated.flower import RECORD_KEY, ZOStrategy, make_client_app, make_server_app  # noqa: E402
+from zo_optim.federated.flower import client_app as zo_client_app  # noqa: E402
 
 TESTS = str(pathlib.Path(__file__).resolve().parent)
 N_NODES = 3
@@ -224,8 +224,8 @@ def test_a_client_that_lost_its_state_answers_a_gap_and_catches_up_from_a_snapsh
 
     def before(context: Context, partition: int, message_type: str, n: int) -> None:
         if partition == 0 and message_type == "train" and n == 4:  # node 0 restarts with nothing (disk lost)
-            del context.state[zo_flower.STATE_KEY]
-            zo_flower._PARTICIPANTS.clear()
+            del context.state[zo_client_app.STATE_KEY]
+            zo_client_app._PARTICIPANTS.clear()
 
     in_process.before = before
     strategy, _ = strategy_for(rounds, m, log_limit=2)  # snapshots every round; the log holds 2 rounds

@@ -1,0 +1,287 @@
+"""The Flower ServerApp side: :class:`ZOStrategy`, a Flower ``Strategy`` whose rounds are our ``Server``'s.
+
+The round logic lives here: settings, Flower's ``Strategy`` interface, and the driver
+(:meth:`ZOStrategy.start`: handshake, rounds with a deadline each, final sync). The messages it
+sends and the replies it dispatches are in :mod:`~zo_optim.federated.flower.messaging`, its base
+class. The Flower facts both are built around are listed in :mod:`zo_optim.federated.flower`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from ...optim.base import ZOOptimizer
+from ..protocol import Hello
+from ..server import RoundRecord, Server
+from ._environment import flower_environment
+from .messaging import _Messaging, _Pending
+
+__all__ = ["ZOStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class ZOStrategy(_Messaging, Strategy):
+    """A Flower ``Strategy`` whose rounds are our :class:`~zo_optim.federated.Server`'s rounds.
+
+    It implements Flower's ``Strategy`` interface (``configure_train`` builds the round's task
+    messages, ``aggregate_train`` validates the replies and closes the round) and overrides
+    ``start`` with a driver that needs what ``Strategy.start`` cannot give: a handshake before
+    round 1, a deadline per round with late replies dropped, retries after a client's gap
+    answer, and never a second message to a node that owes a reply. Use it through
+    :func:`make_server_app` or call ``strategy.start(grid, num_rounds=...)`` from a ServerApp's
+    main.
+
+    Args:
+        optimizer: the server replica's optimizer (same class and settings as every client's,
+            on a model built the same way; checked at the handshake by digests of the configuration
+            and of the weights).
+        clients_per_round: m, sampled among the registered clients that owe no reply.
+        local_steps: τ.
+        server_seed: uint64 every round's seeds derive from (default: random).
+        min_nodes: SuperNodes to wait for before the handshake (default: ``clients_per_round``).
+        round_timeout: seconds a round stays open; later replies are dropped (default 600).
+        message_ttl: Flower TTL of each message (default ``3 * round_timeout``): after it the
+            SuperLink refuses the reply and the client may be sampled again.
+        handshake_timeout: seconds to wait for ``min_nodes`` nodes and their hellos (and for the
+            final sync).
+        poll_interval: seconds between pulls.
+        sync_at_end: bring every client to the final position after the last round
+            (``"query.sync"`` tasks, no compute) and collect their checksums.
+        **server_kwargs: passed to :class:`Server` (``aggregation``, ``log_limit``,
+            ``snapshot_every``, ``max_abs_scalar``, ``extras``, ...).
+
+    After :meth:`start`: ``server`` (the :class:`Server`: ``history``, ``rejections``, ``late``,
+    ``checksum()``), ``node_of`` (client id → node id), ``refused`` (node id → reason),
+    ``client_checksums`` (client id → checksum from the final sync), ``errors``, ``wire_up`` /
+    ``wire_down`` (Flower record bytes per round, keys included; the final sync under round
+    ``-1``).
+    """
+
+    def __init__(
+        self,
+        optimizer: ZOOptimizer,
+        *,
+        clients_per_round: int,
+        local_steps: int = 1,
+        server_seed: int | None = None,
+        min_nodes: int | None = None,
+        round_timeout: float = 600.0,
+        message_ttl: float | None = None,
+        handshake_timeout: float = 300.0,
+        poll_interval: float = 0.05,
+        sync_at_end: bool = True,
+        **server_kwargs: Any,
+    ) -> None:
+        for name in ("clients", "release_after"):
+            if name in server_kwargs:
+                raise ValueError(f"Invalid argument: {name} (the strategy sets it: clients register at the "
+                                 "handshake, a client is released when its message is answered or expires)")
+        if min_nodes is None:
+            min_nodes = clients_per_round
+        if not isinstance(min_nodes, int) or min_nodes < 1:
+            raise ValueError(f"Invalid min_nodes: {min_nodes!r} (an int >= 1)")
+        if not round_timeout > 0:
+            raise ValueError(f"Invalid round_timeout: {round_timeout!r} (seconds > 0)")
+        if message_ttl is None:
+            message_ttl = 3.0 * round_timeout
+        if not message_ttl >= round_timeout:
+            raise ValueError(f"Invalid message_ttl: {message_ttl!r} (seconds >= round_timeout {round_timeout})")
+        if not handshake_timeout > 0:
+            raise ValueError(f"Invalid handshake_timeout: {handshake_timeout!r} (seconds > 0)")
+        if not poll_interval > 0:
+            raise ValueError(f"Invalid poll_interval: {poll_interval!r} (seconds > 0)")
+        # clients=(): ids come from the handshake; release_after: never by round count, the engine releases a client
+        # when its message is answered, fails or expires (a node must never hold two messages)
+        self.server = Server(optimizer, clients=(), clients_per_round=clients_per_round, local_steps=local_steps,
+                             server_seed=server_seed, round_timeout=round_timeout, release_after=2**62,
+                             **server_kwargs)
+        self.min_nodes = min_nodes
+        self.round_timeout = float(round_timeout)
+        self.message_ttl = float(message_ttl)
+        self.handshake_timeout = float(handshake_timeout)
+        self.poll_interval = float(poll_interval)
+        self.sync_at_end = sync_at_end
+        self.node_of: dict[int, int] = {}
+        self.client_of: dict[int, int] = {}
+        self.refused: dict[int, str] = {}
+        self.client_checksums: dict[int, str] = {}
+        self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
+        self.wire_up: dict[int, int] = {}
+        self.wire_down: dict[int, int] = {}
+        self._known_nodes: set[int] = set()
+        self._pending: dict[str, _Pending] = {}
+        self._hellos: list[tuple[int, Hello]] = []
+        self._deferred_hellos = False
+        self._grid: Grid | None = None
+
+    # ------------------------------------------------------------------ Strategy interface
+
+    def summary(self) -> None:
+        s = self.server
+        log.info("ZOStrategy: %s, P=%d, tau=%d, m=%d, aggregation=%s, round timeout %.1fs, server seed %d",
+                 s.optimizer.algorithm, s.optimizer.num_queries, s.replica.local_steps, s.clients_per_round,
+                 s.aggregation, self.round_timeout, s.server_seed)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
+                        grid: Grid) -> Iterable[Message]:
+        """Open round ``server_round - 1`` (Flower counts from 1) and return its task messages.
+
+        ``arrays`` and ``config`` are ignored: weights never travel, and the task is the whole
+        configuration of a round.
+        """
+        self._grid = grid
+        if self.server.position != server_round - 1:
+            raise ValueError(f"Invalid server_round: {server_round} (the next round is {self.server.position + 1})")
+        tasks = self.server.open_round()
+        return [self._message(grid, "train", t, self.node_of[c]) for c, t in tasks.items()]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate ``replies`` (gap retries are sent and awaited until the deadline), close the round.
+
+        Returns no arrays (there are none) and the round's metrics.
+        """
+        for msg in replies:
+            self._on_reply(msg)
+        if self._grid is not None:
+            self._pump(self._grid, lambda: self.server.all_replied or self.server.deadline_passed())
+        return None, self._close_round()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
+                           grid: Grid) -> Iterable[Message]:
+        """No federated evaluation messages: evaluate the server replica locally (``evaluate_fn``)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # ------------------------------------------------------------------ driver
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Handshake, ``num_rounds`` rounds, final sync; returns Flower's ``Result`` (metrics per round).
+
+        ``initial_arrays`` must be None or empty: every participant builds the initial weights
+        itself; ``train_config`` / ``evaluate_config`` are ignored (a task is the whole
+        configuration of a round). ``timeout`` overrides ``handshake_timeout``. ``evaluate_fn(round, arrays)`` gets
+        the server replica's parameters as an ArrayRecord (built locally, never sent), before
+        round 1 and after each round.
+        """
+        flower_environment()
+        if initial_arrays is not None and len(initial_arrays):
+            raise ValueError("Invalid initial_arrays: ZOStrategy sends no weights; every participant builds the "
+                             "initial model itself (pass None)")
+        if not isinstance(num_rounds, int) or num_rounds < 0:
+            raise ValueError(f"Invalid num_rounds: {num_rounds!r} (an int >= 0)")
+        self._grid = grid
+        wait = self.handshake_timeout if timeout is None else float(timeout)
+        self.summary()
+        result = Result()
+        if evaluate_fn is not None:
+            res = evaluate_fn(0, self._arrays())
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        self.handshake(grid, timeout=wait)
+        for server_round in range(1, num_rounds + 1):
+            self._discover(grid)
+            msgs = list(self.configure_train(server_round, None, None, grid))
+            self._push(grid, msgs)
+            self._pump(grid, lambda: self.server.all_replied or self.server.deadline_passed())
+            metrics = self._close_round()
+            result.train_metrics_clientapp[server_round] = metrics
+            if evaluate_fn is not None:
+                res = evaluate_fn(server_round, self._arrays())
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+        if self.sync_at_end:
+            self.sync(grid, timeout=wait)
+        return result
+
+    def handshake(self, grid: Grid, timeout: float | None = None) -> None:
+        """Wait for ``min_nodes`` nodes, send each a hello query and register the clients that match.
+
+        Hellos are registered in client-id order, so the sampling sequence does not depend on
+        which node started first (the same sequence as :func:`simulate` with the same ids).
+        Raises ``RuntimeError`` if fewer than ``min_nodes`` nodes appear in time or none is accepted.
+        """
+        timeout = self.handshake_timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
+        # flwr.serverapp.strategy.strategy_utils.sample_nodes waits the same way, but 1 s per poll and forever
+        while len(list(grid.get_node_ids())) < self.min_nodes:
+            if time.monotonic() >= end:
+                raise RuntimeError(f"{len(list(grid.get_node_ids()))} SuperNodes connected within {timeout:.0f}s, "
+                                   f"min_nodes is {self.min_nodes}")
+            time.sleep(self.poll_interval)
+        self._deferred_hellos = True
+        try:
+            self._discover(grid)
+            self._pump(grid, lambda: not any(p.kind == "hello" for p in self._pending.values()), deadline=end)
+        finally:
+            self._deferred_hellos = False
+        for node, hello in sorted(self._hellos, key=lambda nh: nh[1].client_id):
+            self._register(node, hello)
+        self._hellos = []
+        if not self.node_of:
+            raise RuntimeError(f"no SuperNode passed the handshake: {self.refused or 'no hello arrived in time'}")
+
+    def sync(self, grid: Grid, timeout: float | None = None) -> None:
+        """Bring every registered client to the server's position (no compute) and collect checksums.
+
+        A client whose real position differs (it lost its state) answers a gap and gets a task
+        from there (at most twice). Clients that still owe a reply are skipped.
+        """
+        timeout = self.handshake_timeout if timeout is None else timeout
+        busy = {p.node_id for p in self._pending.values()}
+        msgs = [self._message(grid, "query.sync", self.server.sync_task(c), n, round_=-1)
+                for c, n in self.node_of.items() if n not in busy]
+        self._push(grid, msgs, kind="sync")
+        self._pump(grid, lambda: not any(p.kind == "sync" for p in self._pending.values()),
+                   deadline=time.monotonic() + timeout)
+
+    def replicas_identical(self) -> bool:
+        """Every client that reported at the final sync holds the server's weights and state, bit for bit."""
+        ref = self.server.checksum()
+        return bool(self.client_checksums) and all(c == ref for c in self.client_checksums.values())
+
+    # ------------------------------------------------------------------ round metrics, evaluation
+
+    def _close_round(self) -> MetricRecord:
+        rec: RoundRecord = self.server.close_round()
+        metrics: dict[str, int | float] = {
+            "round": rec.round,
+            "participants": len(rec.participants),
+            "sampled": len(rec.sampled),
+            "rejected": len(rec.rejected),
+            "bytes_up": rec.bytes_up,
+            "bytes_down": rec.bytes_down,
+            "wire_bytes_up": self.wire_up.get(rec.round, 0),
+            "wire_bytes_down": self.wire_down.get(rec.round, 0),
+        }
+        if math.isfinite(rec.loss):
+            metrics["loss"] = rec.loss
+        log.info("round %d: %d/%d participants, loss %s, payload %d B up / %d B down", rec.round,
+                 len(rec.participants), len(rec.sampled), f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "n/a",
+                 rec.bytes_up, rec.bytes_down)
+        return MetricRecord(metrics)
+
+    def _arrays(self) -> ArrayRecord:
+        params = [p.detach().cpu().numpy() for g in self.server.optimizer.param_groups for p in g["params"]]
+        return ArrayRecord(params)
+
