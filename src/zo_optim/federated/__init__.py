@@ -33,6 +33,7 @@ Engines: :func:`simulate` (in-process), :mod:`zo_optim.federated.distributed`
 See ``docs/federated.md``.
 """
 
+from .aggregation import AGGREGATIONS, aggregate
 from .client import FederatedWrapper, StepClosure
 from .log import RoundLog
 from .protocol import (
@@ -52,7 +53,7 @@ from .protocol import (
     unpack_scalars,
 )
 from .replica import GapError, Replica, config_digest
-from .server import AGGREGATIONS, Receipt, RoundRecord, Server, aggregate
+from .server import Receipt, RoundRecord, Server
 from .simulate import SimulationResult, simulate
 from .split import dirichlet_split
 

@@ -29,6 +29,7 @@ import torch
 from .. import rng
 from ..optim.base import ZOOptimizer
 from ._contract import contract_mismatches
+from .aggregation import AGGREGATIONS, _invalid_aggregation, aggregate
 from .log import RoundLog
 from .protocol import (
     PROTOCOL_VERSION,
@@ -46,34 +47,7 @@ from .protocol import (
 )
 from .replica import Replica, config_digest
 
-__all__ = ["AGGREGATIONS", "Receipt", "RoundRecord", "Server", "aggregate"]
-
-AGGREGATIONS = ("mean", "median", "trimmed_mean")
-
-
-def aggregate(values: np.ndarray, weights: np.ndarray, how: str = "mean", trim_fraction: float = 0.2) -> np.ndarray:
-    """Aggregate [n, V] values per column in float64, rounded once to float32.
-
-    ``"mean"``: weighted by ``weights`` (n_examples). ``"median"``: per column (mean of the two middle
-    values for even n; unweighted). ``"trimmed_mean"``: drop ``floor(trim_fraction·n)`` smallest and
-    largest values per column, unweighted mean of the rest.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if how == "mean":
-        w = np.asarray(weights, dtype=np.float64)
-        out = (w[:, None] * x).sum(axis=0) / w.sum()
-    elif how == "median":
-        out = np.median(x, axis=0)
-    elif how == "trimmed_mean":
-        n = x.shape[0]
-        k = math.floor(trim_fraction * n)
-        if 2 * k >= n:
-            k = (n - 1) // 2
-        out = np.sort(x, axis=0)[k: n - k].mean(axis=0)
-    else:
-        raise ValueError(f"Invalid aggregation: {how!r} (choose from {', '.join(map(repr, AGGREGATIONS))})")
-    return out.astype(np.float32)
-
+__all__ = ["Receipt", "RoundRecord", "Server"]
 
 @dataclass(frozen=True)
 class Receipt:
@@ -145,7 +119,7 @@ class Server:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"Invalid aggregation: {aggregation!r} (choose from {', '.join(map(repr, AGGREGATIONS))})")
+            raise _invalid_aggregation(aggregation)
         if not 0.0 <= trim_fraction < 0.5:
             raise ValueError(f"Invalid trim_fraction: {trim_fraction!r} (in [0, 0.5))")
         if not (isinstance(max_abs_scalar, (int, float)) and max_abs_scalar > 0):
