@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..protocol import Hello, ProtocolError, Reply, Task, decode, reply_client_id
 from ..protocol import Message as ZOMessage
 from ..server import Server
-from .records import META_KEY, RECORD_KEY, message_content, record_data, wire_bytes
+from .records import META_KEY, RECORD_KEY, hello_query_content, message_content, record_data, wire_bytes
 
 __all__: list[str] = []
 
@@ -63,7 +63,7 @@ class _Messaging:
 
     def _message(self, grid: Grid, message_type: str, msg: ZOMessage | None, node_id: int,
                  round_: int | None = None) -> Message:
-        content = message_content(msg) if msg is not None else RecordDict({RECORD_KEY: ConfigRecord({"op": "hello"})})
+        content = message_content(msg) if msg is not None else hello_query_content()
         rnd = round_ if round_ is not None else (msg.round if isinstance(msg, Task) else -1)
         out = Message(content, node_id, message_type, ttl=self.message_ttl, group_id=str(rnd))
         return out

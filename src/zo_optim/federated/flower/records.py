@@ -16,7 +16,8 @@ from flwr.app import ConfigRecord, RecordDict
 from ..protocol import Message as ZOMessage
 from ..protocol import encode
 
-__all__ = ["META_KEY", "RECORD_KEY", "config_record", "message_content", "record_data", "wire_bytes"]
+__all__ = ["META_KEY", "RECORD_KEY", "config_record", "hello_query_content", "message_content", "record_data",
+           "wire_bytes"]
 
 #: the key of the one ConfigRecord every message carries
 RECORD_KEY = "zo"
@@ -32,6 +33,11 @@ def config_record(msg: ZOMessage | dict[str, Any]) -> ConfigRecord:
 def message_content(msg: ZOMessage, **more: ConfigRecord) -> RecordDict:
     """A Flower message's content: ``msg`` under :data:`RECORD_KEY`, and ``more`` records beside it."""
     return RecordDict({RECORD_KEY: config_record(msg), **more})
+
+
+def hello_query_content() -> RecordDict:
+    """The handshake query's content: ``{"op": "hello"}`` (no protocol message; the client answers with its hello)."""
+    return RecordDict({RECORD_KEY: ConfigRecord({"op": "hello"})})
 
 
 def record_data(content: RecordDict) -> dict[str, Any] | None:
