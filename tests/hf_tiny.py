@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 VOCAB = 64
+# the optimizer kwargs of every ZOTrainer test: the plain-torch backend, no numba JIT warm-up in every test process
+REF: dict[str, Any] = {"backend": "reference"}
 
 
 class ListDataset(torch.utils.data.Dataset):

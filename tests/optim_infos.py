@@ -4,14 +4,20 @@ Each entry lists the class, constructor inputs that must work, inputs that must
 fail (with the exception and a regex of its message), the extra scalars of
 ``apply_update``, the state bytes per trainable parameter, and settings for the
 small convergence problems. Adding an optimizer = adding a row here.
+
+Also the helpers the optimizer test files share: the ``ALL`` / ``ALL_CONFIGS``
+parametrizations over the table, ``reference`` kwargs and ``make_optimizer``.
+Each test file pins its own seed (``make = partial(make_optimizer, seed=...)``):
+the values a test checks were recorded with that seed, so there is no default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 
 import zo_optim
@@ -129,6 +135,36 @@ OPTIMIZERS: list[OptimizerInfo] = [
 
 def ids(infos: list[OptimizerInfo]) -> list[str]:
     return [i.name for i in infos]
+
+
+# every optimizer with its default configuration (inputs[0]); ids are the class names
+ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+# every optimizer with every constructor input that must work; ids "MeZO-0", "MeZO-1", ...
+CONFIGS = [(info, i) for info in OPTIMIZERS for i in range(len(info.inputs))]
+ALL_CONFIGS = pytest.mark.parametrize(("info", "i"), CONFIGS, ids=[f"{info.name}-{i}" for info, i in CONFIGS])
+
+
+def richest(info: OptimizerInfo) -> int:
+    """The constructor input with the most state (MeZO: the one with momentum)."""
+    return max(range(len(info.inputs)), key=lambda i: (info.bytes_per_param[i], i))
+
+
+def reference(seed: int) -> dict[str, Any]:
+    """Constructor kwargs for the plain-torch backend (no numba JIT warm-up) with a fixed seed."""
+    return {"backend": "reference", "seed": seed}
+
+
+def make_optimizer(info: OptimizerInfo, params: torch.nn.Module | Iterable[Any], i: int | None = 0, *, seed: int,
+                   **extra: Any) -> ZOOptimizer:
+    """``info``'s optimizer with ``inputs[i]`` on the reference backend (``i=None``: the richest input).
+
+    ``params`` is a module (its ``parameters()``) or anything the optimizer takes; ``extra``
+    overrides the input's kwargs, the backend and the seed.
+    """
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    i = richest(info) if i is None else i
+    return info.cls(params, **{**info.inputs[i], **reference(seed), **extra})
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

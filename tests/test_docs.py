@@ -34,7 +34,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pages_built(site: Path) -> None:
-    for page in ("index", "optimizers", "rng", "backends", "benchmarks", "convergence", "demo", "changelog"):
+    pages = ("index", "optimizers", "rng", "backends", "benchmarks", "convergence", "demo", "extending", "changelog")
+    for page in pages:
         path = site / ("index.html" if page == "index" else f"{page}/index.html")
         assert path.is_file(), page
     assert "Keep a Changelog" in (site / "changelog" / "index.html").read_text()  # CHANGELOG.md, included

@@ -24,11 +24,12 @@ from transformers import TrainerCallback
 import hf_resume_common as C
 import hf_tiny as T
 from gloo import free_port
+from hf_tiny import REF
+from optim_infos import OPTIMIZERS
 from zo_optim.integrations.hf import ZOTrainer
 
 TESTS = Path(__file__).resolve().parent
-REF = {"backend": "reference"}
-ALL = ("mezo", "zoadam", "hizoo", "helene", "hiso")
+ALL = tuple(info.name.lower() for info in OPTIMIZERS)  # the names ZOTrainingArguments takes
 
 
 def _env() -> dict[str, str]:

@@ -9,9 +9,8 @@ pytest.importorskip("transformers")
 import torch
 
 import hf_tiny as T
+from hf_tiny import REF
 from zo_optim.integrations.hf import ZOTrainer
-
-REF = {"backend": "reference"}
 
 
 def _train_peft(model, tmp_path, **kw):

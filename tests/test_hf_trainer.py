@@ -18,9 +18,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 import hf_tiny as T
 import zo_optim
+from hf_tiny import REF
 from zo_optim.integrations.hf import ZOTrainer, ZOTrainingArguments, label_count
-
-REF = {"backend": "reference"}  # no numba JIT warm-up in every test process
 
 
 def _train(model, tmp_path, data=None, callbacks=None, **kw):

@@ -24,12 +24,10 @@ import time
 import pytest
 import torch
 
-from optim_infos import OPTIMIZERS, OptimizerInfo, ids, loss_closure, tiny_data, tiny_model
+from optim_infos import ALL, OPTIMIZERS, OptimizerInfo, loss_closure, tiny_data, tiny_model, weights
 from zo_optim import ops
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
-
-ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 
 
 class Boom(Exception):
@@ -50,10 +48,6 @@ def _build(info: OptimizerInfo, backend: str, mode: str, seed: int = 0):
     if mode == "transient":
         kwargs["module"] = model
     return model, info.cls(groups, **kwargs)
-
-
-def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def _states(opt) -> list[torch.Tensor]:
@@ -117,7 +111,7 @@ def _run_trials(
             if trial >= 3 and time.perf_counter() - start > budget_s:
                 break
             current = ("alarm", "boom", "sigint")[trial % 3]
-            before, before_state, t = _weights(model), _states(opt), opt.step_count
+            before, before_state, t = weights(model), _states(opt), opt.step_count
             delay = rnd.uniform(0.0, 0.6 * duration)
             timer = None
             try:
@@ -131,7 +125,7 @@ def _run_trials(
             if opt.step_count == t:
                 counts["interrupted"] += 1
                 assert opt.pending_seed is None
-                assert _close(_weights(model), before, exact=mode == "transient"), (trial, delay)
+                assert _close(weights(model), before, exact=mode == "transient"), (trial, delay)
                 assert _close(_states(opt), before_state, exact=True), trial
                 # re-synchronise bit for bit (the in-place round trip may have left a few ulp)
                 with torch.no_grad():
@@ -141,7 +135,7 @@ def _run_trials(
                 assert opt.step_count == t + 1, (trial, opt.step_count, t)
                 counts["completed"] += 1
                 ref.step(twin_closure)
-                assert _close(_weights(model), _weights(twin), exact=True), trial
+                assert _close(weights(model), weights(twin), exact=True), trial
                 assert _close(_states(opt), _states(ref), exact=True), trial
                 assert opt.skipped_steps == ref.skipped_steps
     finally:
@@ -208,13 +202,13 @@ def test_sigint_inside_a_pass_surfaces_at_a_consistent_point(info: OptimizerInfo
     opt = _interrupting(info)(groups, **info.inputs[0], backend="reference", seed=5)
     twin, twin_groups = _two_group_model()
     ref = info.cls(twin_groups, **info.inputs[0], backend="reference", seed=5)
-    before = _weights(model)
+    before = weights(model)
     opt.fire_in = "perturb"
     with pytest.raises(KeyboardInterrupt):
         opt.step(loss_closure(model, x, y))
     # the interrupt waited for the pass and its bookkeeping, then the step restored the weights
     assert opt.step_count == 0 and opt.pending_seed is None
-    assert _close(_weights(model), before, exact=False)
+    assert _close(weights(model), before, exact=False)
     with torch.no_grad():
         for p, b in zip(model.parameters(), before, strict=True):
             p.copy_(b)
@@ -224,7 +218,7 @@ def test_sigint_inside_a_pass_surfaces_at_a_consistent_point(info: OptimizerInfo
     # the update ran to the end, so the step counts, and it is the uninterrupted step
     ref.step(loss_closure(twin, x, y))
     assert opt.step_count == 1
-    assert _close(_weights(model), _weights(twin), exact=True)
+    assert _close(weights(model), weights(twin), exact=True)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -244,11 +238,11 @@ def test_exception_from_the_closure_at_each_probe(info: OptimizerInfo, mode: str
                 raise error("probe")
             return good()
 
-        before, state = _weights(model), _states(opt)
+        before, state = weights(model), _states(opt)
         with pytest.raises(error):
             opt.step(closure)
         assert opt.step_count == 1 and opt.pending_seed is None, k
-        assert _close(_weights(model), before, exact=mode == "transient"), k
+        assert _close(weights(model), before, exact=mode == "transient"), k
         assert _close(_states(opt), state, exact=True), k
     # a failing second micro-batch leaves the first one pending
     opt.estimate(good)
@@ -270,7 +264,7 @@ def test_exception_from_the_closure_at_each_probe(info: OptimizerInfo, mode: str
 def test_the_closure_stays_interruptible():
     model = tiny_model()
     opt = OPTIMIZERS[0].cls(model.parameters(), lr=1e-2, backend="reference", seed=0)
-    before = _weights(model)
+    before = weights(model)
 
     def slow_closure():
         deadline = time.perf_counter() + 5.0
@@ -291,7 +285,7 @@ def test_the_closure_stays_interruptible():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0.0)
         signal.signal(signal.SIGALRM, old)
-    assert _close(_weights(model), before, exact=False) and opt.step_count == 0
+    assert _close(weights(model), before, exact=False) and opt.step_count == 0
 
 
 def test_gate_defers_replays_once_and_puts_handlers_back():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,23 +17,22 @@ import torch.multiprocessing as mp
 
 from gloo import free_port, gloo_group
 from optim_infos import (
+    ALL,
     OPTIMIZERS,
     OptimizerInfo,
     assert_bitwise,
-    ids,
     loss_closure,
+    make_optimizer,
+    reference,
     tiny_data,
     tiny_model,
     weights,
 )
 from zo_optim import rng
 
-REF = dict(backend="reference", seed=1234)
-ALL = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-
-
-def make(info: OptimizerInfo, model: torch.nn.Module, i: int = 0, **extra):
-    return info.cls(model.parameters(), **{**info.inputs[i], **REF, **extra})
+SEED = 1234  # the values checked here were recorded with this seed
+REF = reference(SEED)
+make = partial(make_optimizer, seed=SEED)
 
 
 
