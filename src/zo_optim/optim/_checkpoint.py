@@ -6,7 +6,9 @@ estimator settings, the subclass's constructor settings and its runtime flags. A
 ``zo`` section, every param group and its hyper-parameters, every state tensor (shape, dtype,
 range) and the runtime flags first (the ``_checked_*`` helpers return what would be installed),
 then installs them, rolling back if anything still fails: a refused state dict leaves the
-optimizer exactly as it was.
+optimizer exactly as it was. The state dict is also the only way to copy an optimizer: pickling
+and ``copy``/``deepcopy`` are refused with a pointer to it (a copy would lose the seed, step
+counter, lock and hooks, and would not share the model's parameters).
 
 A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: it extends
 ``torch.optim.Optimizer.state_dict``/``load_state_dict`` through ``super()`` and calls the
@@ -29,7 +31,29 @@ __all__ = ["Checkpointing"]
 
 
 class Checkpointing:
-    """``state_dict`` and ``load_state_dict`` with their checks (mixed into :class:`~.base.ZOOptimizer`)."""
+    """State dicts, their checks, and the refusal of copies (mixed into :class:`~.base.ZOOptimizer`)."""
+
+    # ------------------------------------------------------------------ copies: refused, the state dict is the way
+
+    def _refuse_copy(self, how: str) -> TypeError:
+        name = type(self).__name__
+        return TypeError(
+            f"{name} cannot be {how}: a copy would lose the zeroth-order state (seed, step counter, lock, hooks) "
+            f"and would not share the model's parameters. Use the state dict instead: "
+            f"torch.save(opt.state_dict(), path), then opt2 = {name}(model2.parameters(), ...) and "
+            "opt2.load_state_dict(torch.load(path, weights_only=True)) (resumes bit for bit)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise self._refuse_copy("pickled (pickle.dumps, torch.save(opt))")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise self._refuse_copy("pickled or copied (pickle.dumps, torch.save(opt), copy.copy)")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise self._refuse_copy("deep-copied (copy.deepcopy)")
+
+    # ------------------------------------------------------------------ state dict
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (tensors and Python scalars only; loadable with ``weights_only=True``).

@@ -1,4 +1,4 @@
-r"""Probe losses → projected-gradient scalars, and their accumulation across micro-batches.
+r"""Estimates: the forwards of a step, probe losses → projected-gradient scalars, and their accumulation.
 
 For query :math:`k` with direction :math:`u_k` and scale :math:`\epsilon`:
 
@@ -13,7 +13,51 @@ difference of two losses near 1000 to 0). Whether the losses
 are per-example is decided by the closure's output rank, not by its length: a
 1-D output is per-example even when B = 1 (the last, short micro-batch of an
 epoch), so every micro-batch and every rank produces the same kinds of scalars.
-Everything stays on the device: no host sync here.
+:class:`Probes` and :class:`Accumulator` keep everything on the device (no host sync).
+
+:class:`MeasuredEstimate` runs the forwards of an estimate on the optimizer: the closure at each
+probe point of the schedule below, the scalars formed from its losses, the step's one host sync
+(the non-finite check), and the result added to the pending :class:`Accumulator`. It is a private
+mixin of :class:`~.base.ZOOptimizer` rather than a collaborator because it drives the optimizer's
+perturbation mode, seed, layout and subclass hooks (``_extras_from_probes``, ``_prepare``) as one
+sequence, with the restore-on-error of the whole estimate around them.
+
+Step schedule (in-place perturbation, ``q = num_queries``; a *pass* is one
+elementwise sweep over the trainable weights):
+
+==============================  ===========================  =====================
+estimator                       forwards per step            passes per step
+==============================  ===========================  =====================
+central (MeZO, ZOAdam, HELENE)  2q                           3q (+ε, −2ε, then +ε
+                                                             restore of all but the
+                                                             last query; the last
+                                                             restore is fused into
+                                                             the update)
+forward (HiSo default)          q + 1 (L0 first)             2q
+central + L0 (HiZOO)            2q + 1                       3q
+==============================  ===========================  =====================
+
+``estimate(closure)`` alone leaves the weights restored (one more pass) and
+``step()`` then runs the update pass. ``estimate(closure, restore=False)`` skips
+that pass: the weights stay at the last probe point until the next ``estimate``
+(which moves them on from there, −ε → +ε in one pass), ``step()`` (which fuses the
+restore into the update, as ``step(closure)`` does) or ``restore_weights()``; the
+split form then costs the passes of ``step(closure)`` (``ZOTrainer`` does this).
+
+Seeds: step ``t`` (steps already taken, skipped ones included) uses
+``rng.step_seed(base_seed, t)``; query ``k`` of that step is the contract's
+``query`` slot ``k``; the update pass stores low-precision weights with
+stochastic rounding slot 0 (perturbation passes round to nearest).
+
+Non-finite losses: with ``on_nonfinite="skip"`` the weights are restored, no
+state changes, ``skipped_steps`` grows by one and the step counter still
+advances (the skipped step's seed is consumed), so a run is a deterministic
+function of (base seed, data) whatever happens. With ``"raise"`` the weights are
+restored, the pending estimate is discarded and :class:`NonFiniteLossError` is
+raised; the counter does not advance. "Non-finite" covers the losses and every
+scalar derived from them (g_k, HiZOO's curvature, ...), checked in one host sync.
+In data parallel the flag travels in the same all-reduce as the scalars, so all
+ranks skip, or restore and raise, together (at ``step``, not inside ``estimate``).
 """
 
 from __future__ import annotations

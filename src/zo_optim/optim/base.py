@@ -33,7 +33,7 @@ Where the parts live (each module's docstring says why it is a mixin or a collab
 :mod:`._passes`         the perturbation passes and the update pass
 :mod:`._perturbation`   in-place or transient perturbation of the weights
                         (``attach``, ``detach``, ``restore_weights``)
-:mod:`._checkpoint`     ``state_dict`` / ``load_state_dict``, validated whole first
+:mod:`._checkpoint`     ``state_dict`` / ``load_state_dict`` (validated whole first); no copies
 :mod:`._distributed`    data parallel: seed broadcast, scalar all-reduce
 ======================  ==========================================================
 
@@ -184,26 +184,6 @@ class ZOOptimizer(
         if module is not None:
             self.attach(module)
 
-    # ------------------------------------------------------------------ copies
-
-    def _refuse_copy(self, how: str) -> TypeError:
-        name = type(self).__name__
-        return TypeError(
-            f"{name} cannot be {how}: a copy would lose the zeroth-order state (seed, step counter, lock, hooks) "
-            f"and would not share the model's parameters. Use the state dict instead: "
-            f"torch.save(opt.state_dict(), path), then opt2 = {name}(model2.parameters(), ...) and "
-            "opt2.load_state_dict(torch.load(path, weights_only=True)) (resumes bit for bit)"
-        )
-
-    def __getstate__(self) -> dict[str, Any]:
-        raise self._refuse_copy("pickled (pickle.dumps, torch.save(opt))")
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise self._refuse_copy("pickled or copied (pickle.dumps, torch.save(opt), copy.copy)")
-
-    def __deepcopy__(self, memo: Any) -> Any:
-        raise self._refuse_copy("deep-copied (copy.deepcopy)")
-
     # ------------------------------------------------------------------ hooks for subclasses
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -235,6 +215,8 @@ class ZOOptimizer(
 
     def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
         """Restore what :meth:`_runtime_state` saved (missing keys: older state dicts, keep the current value)."""
+
+    # (``_check_runtime_state``, the hook that validates a loaded ``zo["runtime"]``, is in :mod:`._checkpoint`)
 
     def _prepare(self) -> None:
         """Validate per-tensor settings of every group before the first pass of a step.
@@ -340,7 +322,7 @@ class ZOOptimizer(
     def step(  # type: ignore[override]
         self, closure: Closure | None = None, *, seed: int | None = None, weight: Any = None
     ) -> torch.Tensor | None:
-        """One ZO step: ``estimate(closure, seed=seed, weight=weight)`` (if given), then apply the estimate.
+        """One ZO step: ``estimate(closure, seed=seed, weight=weight)`` (if given), then the update from the estimate.
 
         Returns the loss estimate of this call's closure (None without closure).
         """

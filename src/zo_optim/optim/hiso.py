@@ -44,8 +44,9 @@ class HiSo(ZOOptimizer):
       the reference seeds a ``torch.Generator`` per direction on the device,
       so a CPU/GPU mix diverges.
 
-    The federated wrapper freezes K within a round; set ``opt.freeze_precond =
-    True`` to stop K updates entirely (``k_interval`` counts steps otherwise).
+    The federated wrapper freezes K within a round (``can_freeze_precond`` tells it
+    this class has the flag); set ``opt.freeze_precond = True`` to stop K updates
+    entirely (``k_interval`` counts steps otherwise).
     ``freeze_precond`` is saved by ``state_dict()`` and restored by ``load_state_dict``;
     ``k_interval`` is a constructor setting (recorded in ``state_dict()["zo"]["settings"]``
     for information): pass the same value when resuming.
