@@ -6,7 +6,9 @@
   RNG contract's per-tensor word);
 * chunks: the trainable parameters of one group on one device, the unit one fused op runs on;
 * state: the per-parameter float32 buffers that the subclass's ``_buffers`` hook names, created
-  on first use.
+  on first use (``state_bytes`` counts them);
+* ``add_param_group``: ``(name, tensor)`` pairs become names, and a group whose hyper-parameters
+  or memory (a tensor twice, overlapping views) are refused is not kept.
 
 A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: it reads and fills the
 ``torch.optim.Optimizer`` fields ``param_groups`` and ``state`` directly, and its methods are
