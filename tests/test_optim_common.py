@@ -653,7 +653,7 @@ def test_fused_update_failing_on_a_later_chunk_restores_each_chunk_once(info: Op
     model, groups = _two_group_model()
     opt = info.cls(groups, **{**info.inputs[0], **REF, "lr": 0.0})
     before = weights(model)
-    real = opt._apply
+    real = opt._fused_update
     calls = 0
 
     def failing_second_chunk(*args, **kwargs):
@@ -663,7 +663,7 @@ def test_fused_update_failing_on_a_later_chunk_restores_each_chunk_once(info: Op
             raise RuntimeError("chunk 2 failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(opt, "_apply", failing_second_chunk)
+    monkeypatch.setattr(opt, "_fused_update", failing_second_chunk)
     with pytest.raises(RuntimeError, match="chunk 2 failed"):
         opt.step(loss_closure(model, x, y))
     for a, b in zip(before, weights(model), strict=True):  # lr = 0: chunk 1 restored by the op, chunk 2 by a pass

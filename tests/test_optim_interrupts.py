@@ -186,8 +186,8 @@ def _interrupting(info: OptimizerInfo):
                 self.fire_in = ""
                 signal.raise_signal(signal.SIGINT)
 
-        def _apply(self, *args, **kwargs):
-            super()._apply(*args, **kwargs)
+        def _fused_update(self, *args, **kwargs):
+            super()._fused_update(*args, **kwargs)
             if self.fire_in == "update":
                 self.fire_in = ""
                 signal.raise_signal(signal.SIGINT)

@@ -196,7 +196,7 @@ class FederatedWrapper:
         tau = self.local_steps
         need_copy = tau > 1 or self.exact == "restore"
         saved = rep.save_local() if need_copy else None
-        has_k = hasattr(opt, "freeze_precond")
+        has_k = opt.can_freeze_precond
         user_freeze = bool(getattr(opt, "freeze_precond", False))
         grads: list[torch.Tensor] = []
         extras: dict[str, list[torch.Tensor]] = {n: [] for n in streams}

@@ -187,7 +187,7 @@ class Replica:
     def apply_steps(self, round_idx: int, grads: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
         """Apply the τ steps of round ``round_idx`` from [τ, P] scalars (K updated on the last step only)."""
         opt = self.optimizer
-        has_k = hasattr(opt, "freeze_precond")
+        has_k = opt.can_freeze_precond
         tau = grads.shape[0]
         try:
             for k in range(1, tau + 1):

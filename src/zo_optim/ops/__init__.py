@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -44,22 +45,55 @@ __all__ = [
     "slow_fallback_notice",
 ]
 
-BACKENDS = ("auto", "triton", "cpu", "chunked", "reference")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_F32_MAX = torch.finfo(torch.float32).max
 
-_INSTALL_HINT = {
-    "triton": 'pip install "zo-optim[triton]" (Linux; CPU tensors need TRITON_INTERPRET=1 set before importing triton)',
-    "cpu": 'pip install "zo-optim[cpu]" (installs numba)',
-}
-_MODULES = {
-    "reference": "zo_optim.ops.reference",
-    "chunked": "zo_optim.ops.chunked",
-    "cpu": "zo_optim.ops.cpu",
-    "triton": "zo_optim.ops.triton",
-}
+
+@dataclass(frozen=True)
+class Backend:
+    """One concrete backend: where it runs, where its code lives and how to install it."""
+
+    name: str
+    module: str
+    #: device types ``"auto"`` picks it for, in table order; () for the plain-torch backends (any device)
+    devices: tuple[str, ...] = ()
+    #: ``pip install`` line for a backend with an optional dependency (None: always importable)
+    install_hint: str | None = None
+    #: what the hint installs, as the slow-fallback notice names it
+    kernels: str = ""
+    #: why tensors on a device cannot run here (None: they can), checked after the import succeeded
+    refuses: Callable[[torch.device], str | None] = lambda device: None
+
+    @property
+    def plain_torch(self) -> bool:
+        """Built from the reference's code: any dtype (float64 math for float64 tensors), any device."""
+        return self.install_hint is None
+
+
+def _triton_refuses(device: torch.device) -> str | None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("backend 'triton' runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='cpu'/'auto'")
+    return None
+
+
+def _cpu_refuses(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"backend 'cpu' runs CPU tensors, got tensors on {device}; use backend='triton' or 'auto'"
+    return None
+
+
+# The one table of backends, in the order of BACKENDS (after "auto") and of auto's preference.
+_TABLE: dict[str, Backend] = {b.name: b for b in (
+    Backend("triton", "zo_optim.ops.triton", ("cuda",), 'pip install "zo-optim[triton]" (Linux; CPU tensors need '
+            'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses),
+    Backend("cpu", "zo_optim.ops.cpu", ("cpu",), 'pip install "zo-optim[cpu]" (installs numba)', "numba's kernels",
+            _cpu_refuses),
+    Backend("chunked", "zo_optim.ops.chunked"),
+    Backend("reference", "zo_optim.ops.reference"),
+)}
+BACKENDS = ("auto", *_TABLE)
 # The backends built from the reference's code: any dtype (float64 math for float64 tensors), any device.
-_PLAIN_TORCH = ("reference", "chunked")
+_PLAIN_TORCH = tuple(name for name, b in _TABLE.items() if b.plain_torch)
 # name -> the imported module, or the ImportError its import raised. A failure is remembered: a failed
 # import is not cached by Python, so every later try re-ran the module's import (4 ms per try without numba,
 # measured on a 2-core dev machine like CI's) on every op dispatch of backend="auto" before it fell back to chunked.
@@ -71,13 +105,13 @@ def load_backend(name: str) -> ModuleType:
     _checks.check_choice("backend", name, BACKENDS[1:])
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            _loaded[name] = importlib.import_module(_TABLE[name].module)
         except ImportError as exc:
             _loaded[name] = exc
     got = _loaded[name]
     if isinstance(got, ImportError):
         # a new error each time (re-raising the stored one would grow its traceback on every call)
-        hint = _INSTALL_HINT[name]
+        hint = _TABLE[name].install_hint
         raise ImportError(f"backend {name!r} is unavailable ({got}); install it with: {hint}") from got
     return got
 
@@ -113,10 +147,9 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
     if name == "auto":
         if exotic:
             return "chunked"
-        if device.type == "cuda" and _importable("triton"):
-            return "triton"
-        if device.type == "cpu" and _importable("cpu"):
-            return "cpu"
+        for b in _TABLE.values():
+            if device.type in b.devices and _importable(b.name):
+                return b.name
         return "chunked"
     if name in _PLAIN_TORCH:
         return name
@@ -127,13 +160,9 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
             f"use backend='reference' for {other}"
         )
     load_backend(name)
-    if name == "cpu" and device.type != "cpu":
-        raise RuntimeError(f"backend 'cpu' runs CPU tensors, got tensors on {device}; use backend='triton' or 'auto'")
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend 'triton' runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before triton is imported, or use backend='cpu'/'auto'"
-        )
+    refusal = _TABLE[name].refuses(device)
+    if refusal is not None:
+        raise RuntimeError(refusal)
     return name
 
 
@@ -148,10 +177,9 @@ def slow_fallback_notice(name: str, device: torch.device, dtypes: Sequence[torch
         return None
     if resolve_backend(name, device, dtypes) != "chunked":
         return None
-    if device.type == "cpu":
-        fix = f"for numba's kernels: {_INSTALL_HINT['cpu']}"
-    elif device.type == "cuda":
-        fix = f"for the Triton kernels: {_INSTALL_HINT['triton']}"
+    fast = [b for b in _TABLE.values() if device.type in b.devices]
+    if fast:
+        fix = f"for {fast[0].kernels}: {fast[0].install_hint}"
     else:
         fix = f"zo-optim has no fast backend for {device.type} tensors yet"
     # A MeZO step of MiniLM-L6 on 2 CPU cores, `zo-optim bench step`: 2884 ms (chunked) vs 126 ms (cpu), 23x
@@ -294,8 +322,8 @@ def precond_sgd_update_(params, tensor_ids, seed, coeffs, *, lr, precond, rule, 
     """
     _checks.check_precond_rule(rule, update_precond, precond_coeffs)
     precond_min = float(precond_min)
-    if not 0.0 <= precond_min <= _F32_MAX:
-        raise ValueError(f"Invalid precond_min: {precond_min!r} (a finite floor in [0, {_F32_MAX:.4g}])")
+    if not 0.0 <= precond_min <= _checks.F32_MAX:
+        raise ValueError(f"Invalid precond_min: {precond_min!r} (a finite floor in [0, {_checks.F32_MAX:.4g}])")
     _dispatch(
         "precond_sgd_update_", params, tensor_ids, backend, {"precond": precond},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), rule=rule, update_precond=bool(update_precond),
@@ -317,8 +345,8 @@ def helene_update_(params, tensor_ids, seed, coeffs, *, lr, alpha, beta1, beta2,
     for i, c in enumerate(clip):
         # The backends clamp in float32: a λ beyond its range (or inf/nan) means no clamp on
         # one backend and an error midway on another, so refuse it before anything is written.
-        if not 0.0 <= c <= _F32_MAX:
-            raise ValueError(f"Invalid clip[{i}]: {c!r} (a finite λ in [0, {_F32_MAX:.4g}], the float32 range)")
+        if not 0.0 <= c <= _checks.F32_MAX:
+            raise ValueError(f"Invalid clip[{i}]: {c!r} (a finite λ in [0, {_checks.F32_MAX:.4g}], the float32 range)")
     _dispatch(
         "helene_update_", params, tensor_ids, backend, {"exp_avgs": exp_avgs, "hessians": hessians},
         dict(seed=seed, coeffs=coeffs, lr=float(lr), alpha=float(alpha), beta1=float(beta1), beta2=float(beta2),

@@ -12,6 +12,9 @@ from .. import rng
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DISTRIBUTIONS = ("gaussian", "rademacher")
 ROUNDINGS = ("nearest", "stochastic")
+#: the largest float32: the bound of the ops' float32 scalars and of their clamps (the numba kernels keep their own
+#: numpy scalar of it, ``ops.cpu._kernels._F32_MAX``, so that the JIT module needs no torch)
+F32_MAX = torch.finfo(torch.float32).max
 # tensors sharing memory are told apart element by element up to this size; larger ambiguous layouts are refused
 _EXACT_OVERLAP_LIMIT = 2**24
 
@@ -176,10 +179,11 @@ def check_scalars(name: str, t: torch.Tensor | None, device: torch.device, lengt
     return t.numel()
 
 
-def check_u32(name: str, value: object) -> None:
-    """An int counter word of the RNG contract (query, restore_query, rounding_slot)."""
+def check_u32(name: str, value: object) -> int:
+    """An int counter word of the RNG contract (query, restore_query, rounding_slot, tensor_id), returned."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= rng.MASK32:
         raise ValueError(f"Invalid {name}: {value!r} (an int in [0, 2**32))")
+    return value
 
 
 def check_precond_rule(rule: str, update_precond: bool, precond_coeffs: object) -> None:

@@ -32,10 +32,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import rng
-from ._checks import check_precond_rule
+from ._checks import F32_MAX, check_precond_rule
 
 Tensors = Sequence[torch.Tensor]
-_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _z(
@@ -251,7 +250,7 @@ def precond_sgd_update_(
                 new = old * curv
             else:
                 new = g * g + hessian_eps
-            precond[i].copy_(torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=_F32_MAX))
+            precond[i].copy_(torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=F32_MAX))
         _store(p, new_theta, seed, tid, rounding, rounding_slot, offset)
 
 

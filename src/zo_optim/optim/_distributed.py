@@ -10,8 +10,14 @@ same all-reduce and are summed instead of averaged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # (the estimate mixin in _estimate imports this module)
+    from ._estimate import Accumulator
 
 
 def world_size() -> int:
@@ -38,3 +44,29 @@ def broadcast_seed(seed: int, device: torch.device) -> int:
     dist.broadcast(words, src=0)
     lo, hi = (int(w) for w in words.tolist())
     return lo | (hi << 32)
+
+
+def active(enabled: bool) -> bool:
+    """Whether an optimizer with ``data_parallel=enabled`` is one replica of a data-parallel step now."""
+    return enabled and world_size() > 1
+
+
+def mean_across_ranks(
+    acc: Accumulator, summed: frozenset[str], ungated: Callable[..., Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """The pending estimate's scalars averaged across micro-batches AND ranks, and the any-rank non-finite flag.
+
+    One all-reduce (SUM) of the weighted sums Σ w·g, Σ w·x (Σ x for the ``summed`` extras), Σ w and
+    the non-finite flag, run through ``ungated`` (the wait may block: Ctrl-C must interrupt it).
+    """
+    assert acc.grads is not None
+    names = sorted(acc.extras)
+    device = acc.grads.device
+    tail = torch.tensor([acc.weight, 1.0 if acc.nonfinite else 0.0], dtype=torch.float32, device=device)
+    packed = ungated(sum_across_ranks, torch.cat([acc.grads, *(acc.extras[k] for k in names), tail]))
+    q = acc.grads.numel()
+    total = packed[-2]
+    grads = packed[:q] / total
+    sums = {k: packed[q * (i + 1): q * (i + 2)] for i, k in enumerate(names)}
+    extras = {k: v if k in summed else v / total for k, v in sums.items()}
+    return grads, extras, bool(packed[-1] > 0)

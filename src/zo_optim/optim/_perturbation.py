@@ -28,6 +28,11 @@ Two modes, chosen with ``perturbation=`` on every optimizer:
     closure) would be seen unperturbed, so its share of the estimate would
     silently be zero: the first estimate after :meth:`attach` watches every
     torch call of the forwards (a ``TorchFunctionMode``) and refuses such a use.
+
+The two modes are collaborators of the optimizer (each owns its offset, hooks and pass count);
+:class:`PerturbationModes` is the private mixin of :class:`~.base.ZOOptimizer` that switches
+between them (``attach``/``detach``) and brings deferred offsets back (``restore_weights``): it
+needs the optimizer's call guard and trainable parameters, so it is a mixin, not a collaborator.
 """
 
 from __future__ import annotations
@@ -236,3 +241,61 @@ class TransientPerturbation:
 
     def mark_restored(self) -> None:
         self.scale = 0.0
+
+
+class PerturbationModes:
+    """``attach``/``detach`` and the in-place offset's public view (mixed into :class:`~.base.ZOOptimizer`)."""
+
+    @property
+    def perturbation(self) -> str:
+        return self._perturbation.mode
+
+    def attach(self, module: torch.nn.Module, *, check_uses: bool = True) -> None:
+        """Switch to ``perturbation="transient"``: perturb ``module``'s sub-modules one at a time from hooks.
+
+        Every optimised parameter must be registered on a module inside ``module``, and must be
+        read only inside the forward of a module that registers it (there it is perturbed): with
+        ``check_uses=True`` the first estimate after this call watches the forwards' torch calls
+        and raises ``ValueError`` (weights untouched, no estimate recorded) when one reads an
+        optimised parameter elsewhere, e.g. ``nn.MultiheadAttention``'s ``out_proj.weight`` or a
+        tied ``F.linear(h, emb.weight)``, whose share of the estimate would silently be zero.
+        ``check_uses=False`` skips the check (a hook that only logs a parameter's values).
+        """
+        owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
+        missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
+                "on any sub-module of the attached module; attach the model that owns all of them"
+            )
+        # not while a step is in flight (from a closure): switching modes would strand its perturbation
+        with self._guard.exclusive("attach"):
+            self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
+            if self._transient.attached:
+                self._transient.detach()
+            self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+            self._transient.attach(module.modules())
+            self._transient.checked = not check_uses
+            self._perturbation = self._transient
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach` and return to in-place perturbation."""
+        with self._guard.exclusive("detach"):
+            self._inplace.restore()
+            self._transient.detach()
+            self._perturbation = self._inplace
+
+    @property
+    def weights_perturbed(self) -> bool:
+        """Whether the stored weights are off θ now (after ``estimate(..., restore=False)``, before ``step()``)."""
+        return self._inplace.scale != 0.0
+
+    def restore_weights(self) -> None:
+        """Bring the weights back to θ if ``estimate(..., restore=False)`` left them perturbed (else nothing).
+
+        One pass over the trainable weights; the pending estimate is kept, and ``step()``
+        then applies it with a separate update pass. Call it before reading or saving the
+        weights between a deferred-restore estimate and ``step()``.
+        """
+        with self._guard.exclusive("restore_weights"):
+            self._inplace.restore()

@@ -10,7 +10,8 @@ import torch
 
 from .. import ops
 from ._estimate import Probes
-from .base import ZOOptimizer, _check_betas, _check_positive
+from ._validation import check_betas, check_positive
+from .base import ZOOptimizer
 
 __all__ = ["HELENE"]
 
@@ -112,7 +113,7 @@ class HELENE(ZOOptimizer):
         estimator: str = "central",
         **kwargs: Any,
     ) -> None:
-        _check_positive("anneal_T", anneal_T)
+        check_positive("anneal_T", anneal_T)
         if not isinstance(hessian_interval, int) or isinstance(hessian_interval, bool) or hessian_interval < 1:
             raise ValueError(f"Invalid hessian_interval: {hessian_interval!r} (an int >= 1)")
         if lambda_mode not in ("const", "dim"):
@@ -141,11 +142,11 @@ class HELENE(ZOOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_betas(group["betas"])
-        _check_positive("gamma", group["gamma"])
-        _check_positive("epsilon value", group["eps"], allow_zero=True)
+        check_betas(group["betas"])
+        check_positive("gamma", group["gamma"])
+        check_positive("epsilon value", group["eps"], allow_zero=True)
         if group["clip_lambda"] is not None:
-            _check_positive("clip_lambda", group["clip_lambda"], allow_zero=True)
+            check_positive("clip_lambda", group["clip_lambda"], allow_zero=True)
         elif self._clip_fn is None:
             # a group holds None only when clip_lambda is a callable (kept off the state dict): a state dict
             # saved by such an optimizer names no λ, so it needs the callable again
@@ -186,7 +187,7 @@ class HELENE(ZOOptimizer):
             out.append(lam / math.sqrt(max(p.numel(), 1)) if self.lambda_mode == "dim" else float(lam))
         return out
 
-    def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
+    def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         beta1, beta2 = group["betas"]
         alpha = beta1 + (1.0 - beta1) * math.exp(-step / self.anneal_T)
         sq = extras.get("sq_grad_sum")

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import ops
-from .base import ZOOptimizer, _check_positive
+from ._validation import as_precond_floor, check_positive
+from .base import ZOOptimizer
 
 __all__ = ["HiSo"]
 
@@ -43,8 +44,9 @@ class HiSo(ZOOptimizer):
       the reference seeds a ``torch.Generator`` per direction on the device,
       so a CPU/GPU mix diverges.
 
-    The federated wrapper freezes K within a round; set ``opt.freeze_precond =
-    True`` to stop K updates entirely (``k_interval`` counts steps otherwise).
+    The federated wrapper freezes K within a round (``can_freeze_precond`` tells it
+    this class has the flag); set ``opt.freeze_precond = True`` to stop K updates
+    entirely (``k_interval`` counts steps otherwise).
     ``freeze_precond`` is saved by ``state_dict()`` and restored by ``load_state_dict``;
     ``k_interval`` is a constructor setting (recorded in ``state_dict()["zo"]["settings"]``
     for information): pass the same value when resuming.
@@ -57,6 +59,7 @@ class HiSo(ZOOptimizer):
 
     algorithm = "hiso"
     precond_buffer = "hessian"
+    can_freeze_precond = True
 
     def __init__(
         self,
@@ -75,10 +78,8 @@ class HiSo(ZOOptimizer):
     ) -> None:
         if not isinstance(k_interval, int) or isinstance(k_interval, bool) or k_interval < 1:
             raise ValueError(f"Invalid k_interval: {k_interval!r} (an int >= 1)")
-        if not isinstance(hessian_min, (int, float)) or isinstance(hessian_min, bool) or not 0.0 < hessian_min <= 1.0:
-            raise ValueError(f"Invalid hessian_min: {hessian_min!r} (a floor of K in (0, 1]; K starts at 1)")
         self.k_interval = k_interval
-        self.hessian_min = float(hessian_min)
+        self.hessian_min = as_precond_floor(hessian_min, "K")
         self.freeze_precond = False
         defaults = dict(lr=lr, beta=beta, hessian_eps=hessian_eps, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
@@ -105,12 +106,12 @@ class HiSo(ZOOptimizer):
         b = group["beta"]
         if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta: {b!r} (in [0, 1))")
-        _check_positive("hessian_eps", group["hessian_eps"], allow_zero=True)
+        check_positive("hessian_eps", group["hessian_eps"], allow_zero=True)
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"hessian": 1.0}
 
-    def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
+    def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         beta = group["beta"]
         ops.precond_sgd_update_(
             params, ids, seed, coeffs, lr=group["lr"], precond=[self.state[p]["hessian"] for p in params],

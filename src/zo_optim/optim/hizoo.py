@@ -9,7 +9,8 @@ import torch
 
 from .. import ops
 from ._estimate import Probes
-from .base import ZOOptimizer, _check_positive
+from ._validation import as_precond_floor, check_positive
+from .base import ZOOptimizer
 
 __all__ = ["HiZOO"]
 
@@ -79,9 +80,7 @@ class HiZOO(ZOOptimizer):
         estimator: str = "central",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(hessian_min, (int, float)) or isinstance(hessian_min, bool) or not 0.0 < hessian_min <= 1.0:
-            raise ValueError(f"Invalid hessian_min: {hessian_min!r} (a floor of Σ in (0, 1]; Σ starts at 1)")
-        self.hessian_min = float(hessian_min)
+        self.hessian_min = as_precond_floor(hessian_min, "Σ")
         defaults = dict(lr=lr, hessian_smooth=hessian_smooth, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
 
@@ -91,7 +90,7 @@ class HiZOO(ZOOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         a = group["hessian_smooth"]
-        _check_positive("hessian_smooth", a, allow_zero=True)
+        check_positive("hessian_smooth", a, allow_zero=True)
         if a >= 1.0:  # α = 1 would replace Σ by h·Σ⊙z², which is 0 wherever h or z is
             raise ValueError(f"Invalid hessian_smooth: {a} (in [0, 1))")
 
@@ -114,7 +113,7 @@ class HiZOO(ZOOptimizer):
                 "is >= 0 (a negative one would shrink Σ towards zero or below); nothing was applied"
             )
 
-    def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
+    def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         alpha = group["hessian_smooth"]
         ops.precond_sgd_update_(
             params, ids, seed, coeffs, lr=group["lr"], precond=[self.state[p]["hessian"] for p in params],

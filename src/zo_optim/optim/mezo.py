@@ -68,7 +68,7 @@ class MeZO(ZOOptimizer):
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"momentum_buffer": 0.0} if group["momentum"] != 0.0 else {}
 
-    def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
+    def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         momentum = group["momentum"]
         bufs = [self.state[p]["momentum_buffer"] for p in params] if momentum != 0.0 else None
         ops.sgd_update_(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],

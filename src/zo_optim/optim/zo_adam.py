@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from .. import ops
-from .base import ZOOptimizer, _check_betas, _check_positive
+from ._validation import check_betas, check_positive
+from .base import ZOOptimizer
 
 __all__ = ["ZOAdam"]
 
@@ -59,13 +60,13 @@ class ZOAdam(ZOOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_positive("epsilon value", group["eps"], allow_zero=True)
-        _check_betas(group["betas"])
+        check_positive("epsilon value", group["eps"], allow_zero=True)
+        check_betas(group["betas"])
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _apply(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
+    def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         beta1, beta2 = group["betas"]
         ops.adamw_update_(params, ids, seed, coeffs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"], step=step,

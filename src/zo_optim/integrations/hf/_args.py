@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ...optim import HELENE, HiSo, HiZOO, MeZO, ZOAdam, ZOOptimizer
+from ...optim._validation import PERTURBATIONS, check_choice
 
 __all__ = [
     "LOSS_WEIGHTINGS",
@@ -31,7 +32,6 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 }
 LOSS_WEIGHTINGS = ("mean", "tokens")
 ZO_DROPOUT = ("off", "shared")
-PERTURBATIONS = ("inplace", "transient")
 
 #: the zo_* fields and their defaults (also used when a plain TrainingArguments / SFTConfig reaches a ZO trainer)
 ZO_DEFAULTS: dict[str, Any] = {
@@ -71,8 +71,7 @@ def zo_settings(args: Any) -> dict[str, Any]:
         raise ValueError(f"Invalid zo_num_queries: {q!r} (an int >= 1)")
     for name, choices in (("zo_perturbation", PERTURBATIONS), ("zo_loss_weighting", LOSS_WEIGHTINGS),
                           ("zo_dropout", ZO_DROPOUT)):
-        if s[name] not in choices:
-            raise ValueError(f"Invalid {name}: {s[name]!r} (choose from {', '.join(map(repr, choices))})")
+        check_choice(name, s[name], choices)
     kw = s["zo_optimizer_kwargs"]
     if isinstance(kw, str):  # from the command line (HfArgumentParser): a JSON object
         try:

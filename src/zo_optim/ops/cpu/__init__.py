@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ... import rng
-from .._checks import check_precond_rule
+from .._checks import check_precond_rule, check_u32
 from . import _kernels
 from ._numerics import BF16, F16, F32
 
@@ -72,12 +72,6 @@ def _f32(x: float) -> np.float32:
 def _key(seed: int) -> tuple[int, int]:
     seed &= rng.MASK64
     return seed & rng.MASK32, seed >> 32
-
-
-def _check_u32(name: str, value: int) -> int:
-    if not isinstance(value, int) or not 0 <= value <= rng.MASK32:
-        raise ValueError(f"Invalid {name}: {value!r} (an int in [0, 2**32))")
-    return value
 
 
 def _scalars(t: torch.Tensor | None) -> np.ndarray:
@@ -102,7 +96,7 @@ def _table(params: Tensors, tensor_ids: Sequence[int], *states: Tensors | None) 
         table[row, _kernels.ADDR] = p.data_ptr() if n else 0
         table[row, _kernels.NUMEL] = n
         table[row, _kernels.FMT] = fmt
-        table[row, _kernels.TID] = _check_u32("tensor_id", tid)
+        table[row, _kernels.TID] = check_u32("tensor_id", tid)
         for col, state in zip((_kernels.STATE0, _kernels.STATE1), states, strict=False):
             if state is None:
                 continue
@@ -137,11 +131,11 @@ def _launch(kernel, table: np.ndarray, blocks: np.ndarray, *args) -> None:
 
 def _common(seed: int, distribution: str, rounding: str, rounding_slot: int) -> tuple[int, int, bool, bool, int]:
     k0, k1 = _key(seed)
-    return k0, k1, distribution == "rademacher", rounding == "stochastic", _check_u32("rounding_slot", rounding_slot)
+    return k0, k1, distribution == "rademacher", rounding == "stochastic", check_u32("rounding_slot", rounding_slot)
 
 
 def _restore(restore_scale: float, restore_query: int) -> tuple[bool, np.float32, int]:
-    return restore_scale != 0.0, _f32(restore_scale), _check_u32("restore_query", restore_query)
+    return restore_scale != 0.0, _f32(restore_scale), check_u32("restore_query", restore_query)
 
 
 def perturb_(
@@ -158,7 +152,7 @@ def perturb_(
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
-    query = _check_u32("query", query)
+    query = check_u32("query", query)
     table, blocks = _table(params, tensor_ids, precond)
     _launch(_kernels.perturb_kernel, table, blocks, k0, k1, query, rad, _f32(scale), sr, slot)
 

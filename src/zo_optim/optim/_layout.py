@@ -1,0 +1,136 @@
+"""Which parameters a step touches, how they are numbered and chunked, and their state buffers.
+
+* trainable parameters: those with ``requires_grad`` now (a closure or a user may freeze some
+  between steps, so every step recomputes the layout);
+* ``tensor_id``: a trainable parameter's position among the trainable ones across groups (the
+  RNG contract's per-tensor word);
+* chunks: the trainable parameters of one group on one device, the unit one fused op runs on;
+* state: the per-parameter float32 buffers that the subclass's ``_buffers`` hook names, created
+  on first use (``state_bytes`` counts them);
+* ``add_param_group``: ``(name, tensor)`` pairs become names, and a group whose hyper-parameters
+  or memory (a tensor twice, overlapping views) are refused is not kept.
+
+A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: it reads and fills the
+``torch.optim.Optimizer`` fields ``param_groups`` and ``state`` directly, and its methods are
+called by every other part of the optimizer as ``self._chunks()`` and friends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..ops import _checks as ops_checks
+
+__all__ = ["ParamLayout"]
+
+
+class ParamLayout:
+    """Parameter layout and state initialisation (mixed into :class:`~.base.ZOOptimizer`)."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
+    _tensor_ids: dict[int, int]
+    _buffers: Any  # the subclass hook (base.py)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # (name, tensor) pairs become "params" + "param_names" here rather than in torch, whose
+        # Optimizer learned named_parameters() only in 2.6 (pytorch/pytorch#134107); this keeps
+        # torch >= 2.4 working and gives the same groups as torch's own handling.
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, set)):
+            items = list(param_group["params"])
+            named = [isinstance(it, tuple) for it in items]
+            if any(named):
+                if not all(named):
+                    raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+                param_group = {**param_group, "params": [t for _, t in items], "param_names": [n for n, _ in items]}
+            else:
+                param_group = {**param_group, "params": items}
+        with self._guard.exclusive("add_param_group"):
+            super().add_param_group(param_group)
+            try:
+                self._check_group(self.param_groups[-1])
+                self._check_memory()
+            except BaseException:
+                self.param_groups.pop()  # a refused group is not kept
+                raise
+
+    def state_bytes(self) -> int:
+        """Bytes held in per-parameter optimizer state (all fp32 buffers)."""
+        self._ensure_state()
+        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self._all_params() if p.requires_grad]
+
+    def _require_trainable(self) -> None:
+        if not self._trainable():
+            raise ValueError(
+                f"{type(self).__name__}: no trainable parameters: every parameter of this optimizer has "
+                "requires_grad=False (frozen after construction); unfreeze some (p.requires_grad_(True)) "
+                "before estimate()/step()/apply_update()"
+            )
+
+    def _layout(self) -> tuple[int, ...]:
+        """Which parameters are trainable, as positions in the optimizer's parameter list."""
+        return tuple(i for i, p in enumerate(self._all_params()) if p.requires_grad)
+
+    def _check_layout(self, layout: tuple[int, ...], what: str) -> None:
+        """A pending estimate applies only to the parameters it perturbed (requires_grad unchanged since)."""
+        now = self._layout()
+        if now == layout:
+            return
+        frozen = sorted(set(layout) - set(now))
+        unfrozen = sorted(set(now) - set(layout))
+        changes = "; ".join(
+            text for text in (f"frozen since: parameters {frozen}" if frozen else "",
+                              f"unfrozen or added since: parameters {unfrozen}" if unfrozen else "") if text
+        )
+        raise RuntimeError(
+            f"{type(self).__name__}.{what}(): requires_grad changed since the pending estimate was measured "
+            f"({changes}; positions in the optimizer's parameter list): its directions cover other parameters, so "
+            "it can neither be applied nor accumulated. Nothing was applied (the weights are restored). Put "
+            "requires_grad back and retry, or drop the estimate with opt.take_estimate() and estimate again"
+        )
+
+    def _chunks(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group, params, tensor_ids) per group and device, trainable params only."""
+        out = []
+        for group in self.param_groups:
+            by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+            for p in group["params"]:
+                if id(p) in self._tensor_ids:
+                    ps, ids = by_device.setdefault(p.device, ([], []))
+                    ps.append(p)
+                    ids.append(self._tensor_ids[id(p)])
+            out.extend((group, ps, ids) for ps, ids in by_device.values())
+        return out
+
+    def _refresh_layout(self) -> None:
+        """tensor_id = position among trainable params across groups (recomputed: freezing may change)."""
+        self._tensor_ids = {id(p): i for i, p in enumerate(self._trainable())}
+
+    def _ensure_state(self) -> None:
+        for group in self.param_groups:
+            for name, init in self._buffers(group).items():
+                for p in group["params"]:
+                    if p.requires_grad and name not in self.state[p]:
+                        self.state[p][name] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
+
+    def _check_memory(self) -> None:
+        """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views."""
+        params = self._all_params()
+        try:
+            for i, p in enumerate(params):
+                ops_checks.check_self_overlap(f"params[{i}]", p)
+            ops_checks.check_no_overlap(params, "params")
+        except ValueError as e:
+            raise ValueError(
+                f"{type(self).__name__}: {e} (params[i] = position in the optimizer's parameter list); "
+                "nothing was written"
+            ) from None
