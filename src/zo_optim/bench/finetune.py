@@ -1,12 +1,13 @@
 """``zo-optim bench finetune``: a real fine-tune through ``transformers.Trainer``: accuracy, memory.
 
-The packaged all-MiniLM-L6-v2 (22.7M parameters) on the packaged tweet sentiment task, LoRA (peft)
-and full-parameter, every zo-optim optimizer (at the lr its class recommends for the mode,
+The packaged all-MiniLM-L6-v2 (22.7M parameters) on the packaged tweet sentiment task, LoRA (peft) and
+full-parameter, every zo-optim optimizer (at the lr its class recommends for the mode,
 ``finetune/<mode>``, and, with ``--lr-grid``, a small grid) through
-:class:`~zo_optim.integrations.hf.ZOTrainer`, and first-order AdamW with backprop on the same Trainer as the reference. Each (config, seed) runs in a
-fresh process, so peak-memory high-water marks never mix: process RSS high-water mark on CPU, the
-CUDA allocator's peak on GPU. Each worker also records its peak right after one inference-only
-forward of a training batch (before any training step), the "inference" baseline of the same process.
+:class:`~zo_optim.integrations.hf.ZOTrainer`, and first-order AdamW with backprop on the same Trainer
+as the reference. Each (config, seed) runs in a fresh process, so peak-memory high-water marks never
+mix: process RSS high-water mark on CPU, the CUDA allocator's peak on GPU. Each worker also records
+its peak right after one inference-only forward of a training batch (before any training step), the
+"inference" baseline of the same process.
 
 Output (``--out``): ``finetune.csv`` (long format, :mod:`zo_optim.bench.report`), ``finetune.png``
 (held-out accuracy vs forwards and vs wall-clock, mean over seeds), ``env.json``; the terminal shows
