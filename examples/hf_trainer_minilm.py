@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from zo_optim import assets
+from zo_optim.apps import assets
 
 assets.set_offline()  # before transformers is imported
 

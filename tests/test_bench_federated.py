@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from zo_optim import assets, cli
+from zo_optim import cli
+from zo_optim.apps import assets
 from zo_optim.bench import federated, report
 
 
@@ -45,7 +46,7 @@ def test_rounds_to_target():
 def test_decomfl_keeps_k_at_one_and_hiso_moves_it():
     import torch
 
-    from zo_optim.federated.tweets import TweetTask
+    from zo_optim.apps.tweets import TweetTask
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 2, (64,), generator=gen)

@@ -9,6 +9,7 @@ pytest.importorskip("peft")
 
 from zo_optim import cli
 from zo_optim.bench import finetune, report
+from zo_optim.optim.registry import recommended_lr
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_bench_finetune_ci_size(tmp_path, capsys):
                      "--train-examples", "16", "--eval-examples", "16", "--out", str(tmp_path)]) == 0
     rows = report.read_csv(tmp_path / "finetune.csv")
     names = {r["name"] for r in rows}
-    assert names == {f"lora/mezo/lr={finetune.ZO_LR['lora']['mezo']:g}", "lora/adamw/lr=0.001"}
+    assert names == {f"lora/mezo/lr={recommended_lr('mezo', 'finetune/lora'):g}", "lora/adamw/lr=0.001"}
     metrics = {(r["name"], r["metric"]): r["value"] for r in rows}
     for name in names:
         assert 0.0 <= metrics[(name, "final_accuracy")] <= 1.0

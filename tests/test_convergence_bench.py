@@ -11,6 +11,7 @@ import zo_optim
 from zo_optim.bench import convergence as C
 from zo_optim.bench import problems as P
 from zo_optim.bench import report
+from zo_optim.optim.registry import recommended_lr
 
 
 def _loss(inst: P.Instance) -> float:
@@ -57,7 +58,7 @@ def test_closure_sees_the_same_batch_until_the_next_step():
 def test_mezo_decreases_the_quadratic():
     inst = P.build("quadratic", "ci", seed=0)
     start = inst.evaluate()
-    opt = zo_optim.MeZO(inst.params, lr=C.BASE_LR["quadratic"]["mezo"], seed=0)
+    opt = zo_optim.MeZO(inst.params, lr=recommended_lr("mezo", "convergence/quadratic"), seed=0)
     closure = inst.closure_for_step()
     with torch.no_grad():
         for _ in range(300):

@@ -14,7 +14,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
-from zo_optim import assets, cli, demo
+from zo_optim import cli
+from zo_optim.apps import assets, common, demo
+from zo_optim.optim.registry import OPTIMIZERS, recommended_lr
 
 # --no-memory-probe: the one-step probes start two interpreters each run; test_memory_probe_line runs them once.
 TINY = ["--steps", "4", "--batch-size", "4", "--train-examples", "8", "--eval-examples", "8", "--max-len", "24",
@@ -26,7 +28,7 @@ def _keep_process_settings(monkeypatch):
     """The demo switches HF offline and pins numba to one thread for the whole process; not for other tests."""
     for key in assets.offline_env():
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(demo, "_serial_numba", lambda: None)
+    monkeypatch.setattr(demo, "serial_numba", lambda: None)
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -47,7 +49,7 @@ def test_smoke_head(tmp_path, capsys):
     assert summary["steps"] == 4 and summary["steps_per_s"] > 0 and summary["peak_rss_mb"] > 0
     assert summary["trainable_params"] == 384 * 2 + 2 and summary["optimizer"] == "MeZO"
     assert summary["eval_examples"] == 8 and summary["train_examples"] == 8
-    assert summary["lr"] == demo.DEFAULT_LR["mezo"]["head"]
+    assert summary["lr"] == recommended_lr("mezo", "demo/head")
     text = capsys.readouterr().out
     assert "held-out accuracy before" in text and "steps/s" in text and str(tmp_path / "out") in text
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # the demo switched the HF libraries offline
@@ -55,7 +57,7 @@ def test_smoke_head(tmp_path, capsys):
 
 @pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("2", "2")])
 def test_serial_numba_sets_the_variable_before_numba_loads(preset, expected):
-    code = "import os, sys; from zo_optim import demo; demo._serial_numba(); "
+    code = "import os, sys; from zo_optim.apps import common; common.serial_numba(); "
     code += "assert 'numba' not in sys.modules; print(os.environ['NUMBA_NUM_THREADS'])"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
     if preset is not None:
@@ -66,10 +68,10 @@ def test_serial_numba_sets_the_variable_before_numba_loads(preset, expected):
     assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("name", sorted(demo.OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_runs(tmp_path, name):
     summary = _run(tmp_path, "--optimizer", name, "--steps", "2")
-    assert summary["optimizer"] == demo.OPTIMIZERS[name]
+    assert summary["optimizer"] == OPTIMIZERS[name].__name__
 
 
 @pytest.mark.parametrize(("mode", "k", "n_params"), [("last-k", 1, 1_774_464 + 770), ("all", 1, 22_565_376 + 770)])
@@ -84,7 +86,7 @@ def test_smoke_lora_through_zotrainer(tmp_path, capsys):
     summary = _run(tmp_path, "--train", "lora", "--steps", "2")
     # rank-8 LoRA on query and value of 6 layers (6 * 2 * 2 * 384 * 8) + the 2-class head (384 * 2 + 2)
     assert summary["trainable_params"] == 6 * 2 * 2 * 384 * 8 + 770
-    assert summary["train"] == "lora" and summary["lr"] == demo.DEFAULT_LR["mezo"]["lora"]
+    assert summary["train"] == "lora" and summary["lr"] == recommended_lr("mezo", "demo/lora")
     assert summary["eval_examples"] == 8 and 0.0 <= summary["accuracy_after"] <= 1.0
     assert "MeZO (lora, ZOTrainer)" not in capsys.readouterr().out  # --no-progress: no bar
 
@@ -102,11 +104,9 @@ def test_memory_probe_line(tmp_path, capsys):
 
 def test_probe_reports_its_own_peak_not_its_parents():
     """Linux keeps ru_maxrss across fork+exec; the probe must not inherit a bigger parent's peak."""
-    from zo_optim import step_memory
-
     ballast = b"\x01" * (600 * 2**20)  # written pages are resident (calloc'd zeros would not be)
-    parent = step_memory.peak_rss_mb()
-    code = "from zo_optim.step_memory import peak_rss_mb; print(peak_rss_mb())"
+    parent = common.peak_rss_mb()
+    code = "from zo_optim.apps.common import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  timeout=120).stdout)
     del ballast
@@ -120,9 +120,9 @@ def test_training_changes_only_trainable_params_and_cache_is_exact():
     texts, labels = ["great crew, thanks!", "delayed 3 hours", "meh", "love it"], [1, 0, 0, 1]
     frozen_before = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("encoder.encoder.layer.5")
                      and not n.startswith("head")}
-    start = demo.select_trainable(model, "last-k", 1)
+    start = common.select_trainable(model, "last-k", 1)
     assert start == 5
-    cached = demo._encode_cached(model, tok, texts, labels, start, 32, torch.device("cpu"), "", False)
+    cached = common.encode_cached(model, tok, texts, labels, start, 32, torch.device("cpu"), "", False)
     import zo_optim
 
     opt = zo_optim.MeZO([p for p in model.parameters() if p.requires_grad], lr=1e-3, seed=0, backend="reference")
@@ -159,9 +159,9 @@ def test_bad_arguments_exit_with_a_clear_message(argv, match, capsys):
 def test_select_trainable_checks_k_against_the_model():
     model = assets.load_minilm_classifier()
     with pytest.raises(ValueError, match=r"Invalid k: 9 \(the encoder has 6 layers"):
-        demo.select_trainable(model, "last-k", 9)
+        common.select_trainable(model, "last-k", 9)
     with pytest.raises(ValueError, match="Invalid train mode"):
-        demo.select_trainable(model, "some", 1)
+        common.select_trainable(model, "some", 1)
 
 
 def test_bad_device_is_an_error_not_a_traceback(tmp_path, capsys):
@@ -182,18 +182,17 @@ def test_backend_that_cannot_run_is_an_error_before_any_work(tmp_path, capsys, m
     assert "--backend triton: backend 'triton' runs CPU tensors only" in capsys.readouterr().err
 
 
-def test_optimizer_missing_from_this_build(monkeypatch):
-    import zo_optim
+def test_optimizer_not_in_the_registry():
+    from zo_optim.optim.registry import optimizer_class
 
-    monkeypatch.delattr(zo_optim, "HiSo")
-    with pytest.raises(ValueError, match=r"zo_optim.HiSo is not in this version"):
-        demo._optimizer_class("hiso")
+    with pytest.raises(ValueError, match=r"Invalid optimizer: 'sgd' \(choose one of helene, hiso, hizoo, mezo, zoadam"):
+        optimizer_class("sgd")
 
 
 def test_memory_probe_uses_the_runs_backend(tmp_path, monkeypatch):
     """The printed one-step peak is the backend's own: the zo probe runs with --backend (numba's runtime is
     part of what the cpu backend costs; chunked has none)."""
-    from zo_optim import step_memory
+    from zo_optim.apps import step_memory
 
     calls = []
     monkeypatch.setattr(step_memory, "measure_in_fresh_process",
@@ -202,7 +201,7 @@ def test_memory_probe_uses_the_runs_backend(tmp_path, monkeypatch):
     assert demo.main([*argv, "--steps", "1", "--backend", "chunked", "--out", str(tmp_path)]) == 0
     assert [(m, kw.get("backend")) for m, kw in calls] == [("zo", "chunked"), ("backprop", None)]
     # and the probe really runs on it: no numba in a chunked zo step's process
-    code = ("import sys; from zo_optim import step_memory; "
+    code = ("import sys; from zo_optim.apps import step_memory; "
             "step_memory.main(['--method', 'zo', '--batch-size', '2', '--max-len', '8', '--backend', 'chunked']); "
             "print('numba' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)

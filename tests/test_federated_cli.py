@@ -10,9 +10,11 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
-from zo_optim import assets, cli, federated_cli
+from zo_optim import cli
+from zo_optim.apps import assets
+from zo_optim.apps import federated as federated_cli
+from zo_optim.apps.tweets import TweetTask, load_task, weights_checksum
 from zo_optim.federated import simulate
-from zo_optim.federated.tweets import TweetTask, load_task, weights_checksum
 
 TINY = ["--rounds", "3", "--clients", "3", "--clients-per-round", "2", "--batch-size", "8", "--train-examples", "48",
         "--eval-examples", "16", "--max-len", "24", "--no-progress"]

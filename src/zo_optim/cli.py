@@ -10,15 +10,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("zo_optim.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
-    "federated": ("zo_optim.federated_cli", "federated fine-tune of the MiniLM head exchanging only scalars"),
+    "demo": ("zo_optim.apps.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
+    "federated": ("zo_optim.apps.federated", "federated fine-tune of the MiniLM head exchanging only scalars"),
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),
     "bench step": ("zo_optim.bench.step", "per-step time (forwards vs optimizer) and peak memory vs MeZO's loop"),
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
     "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
     "bench finetune": ("zo_optim.bench.finetune", "MiniLM tweet fine-tune through the HF Trainer: accuracy, memory"),
     "bench trainer-overhead": ("zo_optim.bench.trainer_overhead", "a ZOTrainer step vs the raw opt.step(closure) loop"),
-    "bench memory": ("zo_optim.bench.memory", "peak memory: MeZO via ZOTrainer vs inference vs AdamW (issue 11)"),
+    "bench memory": ("zo_optim.bench.memory", "peak memory: MeZO via ZOTrainer vs inference vs AdamW"),
     "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),
 }
 

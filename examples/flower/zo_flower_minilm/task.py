@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import zo_optim
-from zo_optim import assets
+from zo_optim.apps import assets
 from zo_optim.federated import dirichlet_split
 
 #: the defaults of ``[tool.flwr.app.config]`` in pyproject.toml (a run config overrides them; the

@@ -1,1 +1,15 @@
-"""Benchmarks behind ``zo-optim bench``: kernels, step, convergence (DESIGN §9)."""
+"""Benchmarks behind ``zo-optim bench`` (docs: benchmarks.md), one module per command.
+
+* :mod:`~zo_optim.bench.kernels` (``bench kernels``): ms and GB/s per parameter pass against MeZO's loop;
+* :mod:`~zo_optim.bench.step` (``bench step``): per-step time (forwards vs optimizer) and peak memory;
+* :mod:`~zo_optim.bench.convergence` (``bench convergence``): forward passes to a target per optimizer,
+  on the problems of :mod:`~zo_optim.bench.problems`;
+* :mod:`~zo_optim.bench.sass` (``bench sass``): the Triton kernels compiled for sm_90 offline;
+* :mod:`~zo_optim.bench.finetune` (``bench finetune``): the MiniLM tweet fine-tune through the HF Trainer;
+* :mod:`~zo_optim.bench.trainer_overhead` (``bench trainer-overhead``): a ZOTrainer step vs the raw loop;
+* :mod:`~zo_optim.bench.memory` (``bench memory``): peak memory, MeZO via ZOTrainer vs inference vs AdamW;
+* :mod:`~zo_optim.bench.federated` (``bench federated``): HiSo vs DeComFL, rounds and bytes.
+
+Shared: :mod:`~zo_optim.bench.report` (CSV, tables, plots, environment), :mod:`~zo_optim.bench.timing`,
+:mod:`~zo_optim.bench.shapes` (real models' parameter lists), :mod:`~zo_optim.bench.baselines` (MeZO's loop).
+"""

@@ -34,30 +34,22 @@ from typing import Any
 
 import torch
 
+from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
 from . import problems as P
 from . import report
 
-OPTIMIZER_NAMES = ("mezo", "zoadam", "hizoo", "helene", "hiso")
-_CLASS_NAMES = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
-
-# Base learning rate per (problem, optimizer): the centre of the grid. The grid is
-# base * 2**k for k in LR_STEPS (CI: the base only). Chosen from exploratory runs so that the
+# The optimizers compared: every registered one, by its registry name. The centre of each one's
+# learning-rate grid on each problem is its class's recommended "convergence/<problem>" lr; the grid is
+# base * 2**k for k in LR_STEPS_FULL (CI: the base only). Chosen from exploratory runs so that the
 # best value lies inside the grid; docs/convergence.md lists the winners.
-BASE_LR: dict[str, dict[str, float]] = {
-    "quadratic": {"mezo": 0.3, "zoadam": 0.03, "hizoo": 0.3, "helene": 0.03, "hiso": 0.1},
-    "rosenbrock": {"mezo": 1e-3, "zoadam": 0.05, "hizoo": 1e-3, "helene": 5e-4, "hiso": 6e-3},
-    "mlp": {"mezo": 3e-3, "zoadam": 3e-3, "hizoo": 1e-2, "helene": 3e-2, "hiso": 3e-3},
-    "minilm": {"mezo": 2e-3, "zoadam": 1e-3, "hizoo": 2e-3, "helene": 3e-3, "hiso": 2e-3},
-}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 LR_STEPS_FULL = (-1, 0, 1)
 
 # Extra hyper-parameters swept with --sweep (each combined with every learning rate).
+# An optimizer not named here sweeps nothing but the learning rate.
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "mezo": [{}],
-    "zoadam": [{}],
     "hizoo": [{"hessian_smooth": a} for a in (1e-6, 1e-4, 1e-3)],
     "helene": [{}, {"lambda_mode": "dim"}, {"hessian_bias_correction": True}],
-    "hiso": [{}],
 }
 
 
@@ -94,21 +86,18 @@ OptimizerFactory = Callable[[list[torch.Tensor], list[str], str, dict[str, Any],
 
 def zo_optim_factory(params: list[torch.Tensor], names: list[str], optimizer: str, kwargs: dict[str, Any],
                      seed: int) -> torch.optim.Optimizer:
-    """Build ``optimizer`` (a key of :data:`OPTIMIZER_NAMES`) from :mod:`zo_optim` with ``kwargs``."""
-    import zo_optim
-
-    cls = getattr(zo_optim, _CLASS_NAMES[optimizer])
-    return cls(params, seed=seed, **kwargs)
+    """Build ``optimizer`` (a registered name, :data:`OPTIMIZER_NAMES`) with ``kwargs``."""
+    return optimizer_class(optimizer)(params, seed=seed, **kwargs)
 
 
 def configs(problem: str, optimizer: str, full: bool, sweep: bool,
             lr_factors: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """The hyper-parameter grid of ``optimizer`` on ``problem`` (``lr_factors`` multiply the base lr)."""
-    base = BASE_LR[problem][optimizer]
+    base = recommended_lr(optimizer, f"convergence/{problem}")
     if lr_factors is None:
         lr_factors = [2.0**k for k in (LR_STEPS_FULL if full else (0,))]
     lrs = [float(f"{base * f:.3g}") for f in lr_factors]
-    extras = SWEEPS[optimizer] if sweep else [{}]
+    extras = SWEEPS.get(optimizer, [{}]) if sweep else [{}]
     return [{"lr": lr, **extra} for extra in extras for lr in lrs]
 
 
@@ -264,7 +253,7 @@ def _plot(path: Path, spec: P.ProblemSpec, results: dict[str, list[ConfigResult]
             continue
         xs = [statistics.fmean(r.forwards[i] for r in cfg.runs) for i in range(n)]
         cols = [[r.values[i] for r in cfg.runs] for i in range(n)]
-        label = f"{_CLASS_NAMES[opt]} ({cfg.label})"
+        label = f"{OPTIMIZERS[opt].__name__} ({cfg.label})"
         series[label] = (xs, [statistics.fmean(c) for c in cols])
         bands[label] = ([min(c) for c in cols], [max(c) for c in cols])
     report.plot_lines(path, series, bands=bands, title=f"{spec.name}: {spec.description}", xlabel="forward passes",
@@ -275,7 +264,7 @@ def format_summary(spec: P.ProblemSpec, size: str, summaries: list[Summary], bud
     target = spec.target[size]
     headers = ["optimizer", "best config", f"forwards to {spec.metric} {'≥' if spec.higher_is_better else '≤'} "
                f"{target:g}", "reached", f"final {spec.metric}", "to MeZO final (× budget)"]
-    rows = [[_CLASS_NAMES[s.optimizer], s.label, _fmt_ms(*s.ftt), f"{s.reached}/{s.seeds}", _fmt_ms(*s.final, 4),
+    rows = [[OPTIMIZERS[s.optimizer].__name__, s.label, _fmt_ms(*s.ftt), f"{s.reached}/{s.seeds}", _fmt_ms(*s.final, 4),
              f"{_fmt_ms(*s.to_mezo_final)} ({s.reached_mezo}/{s.seeds})"] for s in summaries]
     title = f"{spec.name} [{size}; budget {budget or spec.budget[size]} forwards; {spec.description}]"
     return report.format_table(headers, rows, title=title)
@@ -293,7 +282,7 @@ def run_problem(spec: P.ProblemSpec, size: str, optimizers: Sequence[str], seeds
                 cfg.runs.append(run_one(spec, size, opt, kwargs, seed, factory, budget))
             finals = ", ".join(f"{r.final:.4g}" for r in cfg.runs)
             secs = sum(r.seconds for r in cfg.runs)
-            log(f"  {spec.name:<10} {_CLASS_NAMES[opt]:<7} {cfg.label:<40} final [{finals}]  ({secs:.1f}s)")
+            log(f"  {spec.name:<10} {OPTIMIZERS[opt].__name__:<7} {cfg.label:<40} final [{finals}]  ({secs:.1f}s)")
             results[opt].append(cfg)
     return results
 

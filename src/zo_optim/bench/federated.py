@@ -1,6 +1,6 @@
 """``zo-optim bench federated``: HiSo vs DeComFL on a non-IID federated fine-tune, rounds and bytes.
 
-The task is the one ``zo-optim federated`` runs (:mod:`zo_optim.federated.tweets`): the packaged
+The task is the one ``zo-optim federated`` runs (:mod:`zo_optim.apps.tweets`): the packaged
 MiniLM's 2-class head on the packaged tweets, encoded once, split among M clients with
 Dirichlet(α) class proportions; m clients per round, τ local steps, P directions per step.
 
@@ -106,16 +106,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zo_optim import assets
-    from zo_optim.demo import _serial_numba
-    from zo_optim.federated.tweets import encode_tweets
+    from zo_optim.apps import assets
+    from zo_optim.apps.common import serial_numba
+    from zo_optim.apps.tweets import encode_tweets
 
     a = _parser().parse_args(argv)
     if a.full:
         a.rounds, a.seeds, a.lrs, a.eval_every = FULL["rounds"], FULL["seeds"], FULL["lrs"], FULL["eval_every"]
         a.train_examples, a.eval_examples = 2000, 1000
     assets.set_offline()
-    _serial_numba()
+    serial_numba()
     env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "federated", *argv])
     base = encode_tweets(clients=a.clients, alpha=a.alpha, train_examples=a.train_examples,
                          eval_examples=a.eval_examples, batch_size=a.batch_size, seed=0)

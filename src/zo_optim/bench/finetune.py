@@ -1,12 +1,13 @@
-"""``zo-optim bench finetune``: a real fine-tune through ``transformers.Trainer`` (issue 11 item 7).
+"""``zo-optim bench finetune``: a real fine-tune through ``transformers.Trainer``: accuracy, memory.
 
-The packaged all-MiniLM-L6-v2 (22.7M parameters) on the packaged tweet sentiment task, LoRA (peft)
-and full-parameter, every zo-optim optimizer (at its default lr for the mode, :data:`ZO_LR`, and,
-with ``--lr-grid``, a small grid) through :class:`~zo_optim.integrations.hf.ZOTrainer`, and
-first-order AdamW with backprop on the same Trainer as the reference. Each (config, seed) runs in a
-fresh process, so peak-memory high-water marks never mix: process RSS high-water mark on CPU, the
-CUDA allocator's peak on GPU. Each worker also records its peak right after one inference-only
-forward of a training batch (before any training step), the "inference" baseline of the same process.
+The packaged all-MiniLM-L6-v2 (22.7M parameters) on the packaged tweet sentiment task, LoRA (peft) and
+full-parameter, every zo-optim optimizer (at the lr its class recommends for the mode,
+``finetune/<mode>``, and, with ``--lr-grid``, a small grid) through
+:class:`~zo_optim.integrations.hf.ZOTrainer`, and first-order AdamW with backprop on the same Trainer
+as the reference. Each (config, seed) runs in a fresh process, so peak-memory high-water marks never
+mix: process RSS high-water mark on CPU, the CUDA allocator's peak on GPU. Each worker also records
+its peak right after one inference-only forward of a training batch (before any training step), the
+"inference" baseline of the same process.
 
 Output (``--out``): ``finetune.csv`` (long format, :mod:`zo_optim.bench.report`), ``finetune.png``
 (held-out accuracy vs forwards and vs wall-clock, mean over seeds), ``env.json``; the terminal shows
@@ -27,15 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..optim import registry
 from . import report
 
-OPTIMIZERS = ("mezo", "zoadam", "hizoo", "helene", "hiso")
+OPTIMIZERS = tuple(registry.OPTIMIZERS)  # every registered ZO optimizer, by its registry name
 MODES = ("lora", "full")
-# default lr per mode and ZO optimizer: the best held-out mean of 3 seeds at the --full size among the lrs
-# recorded (LoRA 1e-3 / 1e-2, full 1e-5 / 3e-4; benchmarks/results/2026-12-04-cpu-minilm-finetune-full-size/
-# and …-tuned-lr/; chosen on the held-out set they are reported on). MeZO at full 1e-3 and LoRA 3e-2 diverged.
-ZO_LR = {"lora": {"mezo": 1e-2, "zoadam": 1e-3, "hizoo": 1e-2, "helene": 1e-3, "hiso": 1e-3},
-         "full": {"mezo": 3e-4, "zoadam": 3e-4, "hizoo": 1e-5, "helene": 1e-5, "hiso": 3e-4}}
+# The default lr per mode and ZO optimizer is its class's recommended "finetune/<mode>" lr: the best held-out
+# mean of 3 seeds at the --full size among the lrs recorded (LoRA 1e-3 / 1e-2, full 1e-5 / 3e-4;
+# benchmarks/results/2026-12-04-cpu-minilm-finetune-full-size/ and …-tuned-lr/; chosen on the held-out set they
+# are reported on). MeZO at full 1e-3 and LoRA 3e-2 diverged.
 # and for the AdamW reference
 ADAMW_LR = {"lora": 1e-3, "full": 5e-5}
 LR_GRID = (0.3, 3.0)  # multipliers of the default with --lr-grid
@@ -47,14 +48,14 @@ def _peak_mib(device: str) -> float:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    from ..step_memory import peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak across fork + exec
+    from ..apps.common import peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak across fork + exec
 
     return peak_rss_mb()
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """One (mode, optimizer, lr, seed) run in this process; returns its curve and peaks."""
-    from .. import assets
+    from ..apps import assets
 
     assets.set_offline()
     import torch
@@ -144,7 +145,7 @@ def _configs(modes, optimizers, lr_grid: bool, zo_lrs: list[float] | None = None
     out = []
     for mode in modes:
         for name in optimizers:
-            base = zo_lrs or [ZO_LR[mode][name]]
+            base = zo_lrs or [registry.recommended_lr(name, f"finetune/{mode}")]
             lrs = base + ([lr * m for lr in base for m in LR_GRID] if lr_grid else [])
             out += [(mode, name, lr) for lr in lrs]
         out.append((mode, "adamw", ADAMW_LR[mode]))
@@ -158,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     p.add_argument("--lr-grid", action="store_true", help=f"also lr × {LR_GRID}")
     p.add_argument("--zo-lr", type=float, nargs="+", default=None, metavar="LR",
-                   help="the ZO optimizers' lr(s) instead of their per-mode defaults (ZO_LR in this module; AdamW "
+                   help="the ZO optimizers' lr(s) instead of their per-mode defaults (each class's recommended; AdamW "
                         f"keeps {ADAMW_LR})")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
@@ -268,7 +269,7 @@ def curves_from_csv(path: Path) -> Curves:
 
 
 def _offline() -> dict[str, str]:
-    from .. import assets
+    from ..apps import assets
 
     return assets.offline_env()
 

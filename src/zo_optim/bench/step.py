@@ -166,7 +166,7 @@ def measure_provider(provider: str, model: torch.nn.Module, closure: Callable[[]
         opt = our_optimizer(model, backend, seed, transient=provider == "zo-optim-transient")
         if isinstance(opt, str):
             return opt
-        grad_mode = torch.no_grad  # the protocol of zo_optim's step (DESIGN §5)
+        grad_mode = torch.no_grad  # the protocol of zo_optim's step (docs/optimizers.md, "Using them")
 
     def forward(i: int) -> None:
         with grad_mode():

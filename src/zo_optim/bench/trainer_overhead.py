@@ -7,7 +7,7 @@ and logging included) and once as ``for batch in batches: opt.step(lambda: model
 Per-step wall time is measured from one step's start to the next (the Trainer's ``on_step_begin``
 callback; the loop's own clock), the first ``--warmup`` steps dropped. The two are interleaved
 ``--repeats`` times so that machine load hits both alike; the table shows medians and the ratio.
-Target (issue 11): Trainer ≤ 1.1× raw.
+Target: Trainer ≤ 1.1× raw (docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import sys
 import time
 from typing import Any
 
+from ..optim.registry import OPTIMIZERS, optimizer_class
 from . import report
 
 
 def _setup(mode: str, n: int, batch_size: int, max_len: int) -> tuple[Any, list[dict[str, Any]]]:
     from transformers import AutoModelForSequenceClassification
 
-    from .. import assets
+    from ..apps import assets
 
     assets.set_offline()
     tok = assets.load_minilm_tokenizer()
@@ -76,13 +77,10 @@ def _raw_steps(make_model: Any, rows: list[dict[str, Any]], a: argparse.Namespac
     import torch
     from transformers import default_data_collator
 
-    import zo_optim
-    from zo_optim.demo import OPTIMIZERS
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = make_model().to(device)
     model.eval()  # ZOTrainer's default zo_dropout="off" runs the probes without dropout too
-    cls = getattr(zo_optim, OPTIMIZERS[a.optimizer])
+    cls = optimizer_class(a.optimizer)
     opt = cls([p for p in model.parameters() if p.requires_grad], lr=a.lr, zo_eps=1e-3, seed=0)
     times = []
     for k in range(a.steps):
@@ -94,13 +92,7 @@ def _raw_steps(make_model: Any, rows: list[dict[str, Any]], a: argparse.Namespac
     return times[a.warmup:]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
-    import torch
-
-    from zo_optim.demo import OPTIMIZERS
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-optim bench trainer-overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("lora", "full"), default="lora")
@@ -112,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    import torch
+
+    a = build_parser().parse_args(argv)
     if not 0 <= a.warmup < a.steps:
         raise SystemExit(f"zo-optim bench trainer-overhead: --warmup {a.warmup} must be in [0, --steps {a.steps})")
     if a.threads:
@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             hf += _trainer_steps(make_model, rows, a, out)
     r, t = statistics.median(raw), statistics.median(hf)
     env = report.environment()
+    name = OPTIMIZERS[a.optimizer].__name__
     print(report.format_table(
         ["path", "median s/step", "steps timed"],
         [["raw opt.step(closure)", r, len(raw)], ["ZOTrainer", t, len(hf)]], digits=4,
-        title=f"bench trainer-overhead ({a.mode}, {OPTIMIZERS[a.optimizer]}, batch {a.batch_size}x{a.max_len}, "
+        title=f"bench trainer-overhead ({a.mode}, {name}, batch {a.batch_size}x{a.max_len}, "
               f"{a.repeats} repeats; {env.device})"))
     print(f"ZOTrainer / raw loop: {t / r:.3f}x (target <= 1.1x)")
     return 0

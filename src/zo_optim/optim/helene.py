@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +90,14 @@ class HELENE(ZOOptimizer):
     """
 
     algorithm = "helene"
+    #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "demo/head": {"lr": 1e-3}, "demo/last-k": {"lr": 3e-4}, "demo/all": {"lr": 1e-5},
+        "demo/lora": {"lr": 1e-4}, "federated/head": {"lr": 1e-3},
+        "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 1e-5},
+        "convergence/quadratic": {"lr": 3e-2}, "convergence/rosenbrock": {"lr": 5e-4},
+        "convergence/mlp": {"lr": 3e-2}, "convergence/minilm": {"lr": 3e-3},
+    }
     extra_scalars: ClassVar[dict[str, bool]] = {"sq_grad_sum": False}
     summed_extras: ClassVar[frozenset[str]] = frozenset({"sq_grad_sum"})
     buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"hessian": (0.0, False)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import ops
 from ._validation import as_precond_floor, check_positive
@@ -58,6 +58,14 @@ class HiSo(ZOOptimizer):
     """
 
     algorithm = "hiso"
+    #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "demo/head": {"lr": 3e-3}, "demo/last-k": {"lr": 1e-3}, "demo/all": {"lr": 1e-4},
+        "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
+        "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 3e-4},
+        "convergence/quadratic": {"lr": 0.1}, "convergence/rosenbrock": {"lr": 6e-3},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3},
+    }
     precond_buffer = "hessian"
     can_freeze_precond = True
 

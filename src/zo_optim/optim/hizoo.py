@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -62,6 +62,14 @@ class HiZOO(ZOOptimizer):
     """
 
     algorithm = "hizoo"
+    #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
+        "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
+        "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 1e-5},
+        "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
+        "convergence/mlp": {"lr": 1e-2}, "convergence/minilm": {"lr": 2e-3},
+    }
     precond_buffer = "hessian"
     needs_center_loss = True
     estimators = ("central",)

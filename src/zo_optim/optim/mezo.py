@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from .. import ops
 from .base import ZOOptimizer
@@ -43,6 +43,14 @@ class MeZO(ZOOptimizer):
     """
 
     algorithm = "mezo"
+    #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
+        "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
+        "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 3e-4},
+        "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3},
+    }
 
     def __init__(
         self,

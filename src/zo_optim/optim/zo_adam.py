@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from .. import ops
@@ -40,6 +40,14 @@ class ZOAdam(ZOOptimizer):
     """
 
     algorithm = "zo_adam"
+    #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "demo/head": {"lr": 3e-3}, "demo/last-k": {"lr": 1e-3}, "demo/all": {"lr": 1e-4},
+        "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 3e-3},
+        "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 3e-4},
+        "convergence/quadratic": {"lr": 3e-2}, "convergence/rosenbrock": {"lr": 5e-2},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 1e-3},
+    }
     buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"exp_avg_sq": (0.0, False)}
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The ``zo_*`` training arguments and the name → optimizer-class table."""
+"""The ``zo_*`` training arguments; ``zo_optimizer`` names a class of the registry (:mod:`zo_optim.optim.registry`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ...optim import HELENE, HiSo, HiZOO, MeZO, ZOAdam, ZOOptimizer
+from ...optim import ZOOptimizer
 from ...optim._validation import PERTURBATIONS, check_choice
+from ...optim.registry import OPTIMIZERS
 
 __all__ = [
     "LOSS_WEIGHTINGS",
@@ -23,13 +24,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    "mezo": MeZO,
-    "zoadam": ZOAdam,
-    "hizoo": HiZOO,
-    "helene": HELENE,
-    "hiso": HiSo,
-}
 LOSS_WEIGHTINGS = ("mean", "tokens")
 ZO_DROPOUT = ("off", "shared")
 
@@ -46,7 +40,7 @@ ZO_DEFAULTS: dict[str, Any] = {
 
 
 def resolve_optimizer(spec: Any) -> type[ZOOptimizer]:
-    """A ZO optimizer class from a name (``"mezo" | "zoadam" | "hizoo" | "helene" | "hiso"``) or a class."""
+    """A ZO optimizer class from a registered name (``"mezo"``, ``"zoadam"``, ... :data:`OPTIMIZERS`) or a class."""
     if isinstance(spec, str):
         key = spec.lower().replace("-", "").replace("_", "")
         if key not in OPTIMIZERS:
@@ -119,7 +113,7 @@ class ZOArgumentsMixin:
 
     zo_optimizer: str = field(
         default="mezo",
-        metadata={"help": "zeroth-order optimizer: mezo | zoadam | hizoo | helene | hiso (in Python, also a "
+        metadata={"help": f"zeroth-order optimizer: {' | '.join(OPTIMIZERS)} (in Python, also a "
                           "zo_optim.ZOOptimizer subclass)"},
     )
     zo_eps: float = field(default=1e-3, metadata={"help": "perturbation scale epsilon"})

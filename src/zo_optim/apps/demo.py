@@ -1,6 +1,6 @@
 """``zo-optim demo``: fine-tune the packaged all-MiniLM-L6-v2 on tweet sentiment with a ZO optimizer.
 
-Everything comes from installed packages (:mod:`zo_optim.assets`); nothing is downloaded.
+Everything comes from installed packages (:mod:`zo_optim.apps.assets`); nothing is downloaded.
 The run prints the held-out accuracy before and after training, steps/s and peak memory,
 and writes ``loss_curve.png``, ``losses.csv`` and ``summary.json`` to ``--out``.
 
@@ -19,48 +19,30 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import assets, ops
-from .step_memory import peak_memory_mb
-
-OPTIMIZERS = {"mezo": "MeZO", "zoadam": "ZOAdam", "hizoo": "HiZOO", "helene": "HELENE", "hiso": "HiSo"}
-TRAIN_MODES = ("head", "last-k", "all", "lora")
-
-# Default learning rate per (optimizer, train mode). "head": the best held-out loss of a sweep
-# (2000 steps, batch 32, 3 seeds; docs/demo.md). "last-k" / "all" / "lora": one short run each, not tuned.
-DEFAULT_LR: dict[str, dict[str, float]] = {
-    "mezo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4, "lora": 1e-3},
-    "zoadam": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4, "lora": 1e-3},
-    "hizoo": {"head": 1e-2, "last-k": 3e-3, "all": 1e-4, "lora": 1e-3},
-    "helene": {"head": 1e-3, "last-k": 3e-4, "all": 1e-5, "lora": 1e-4},
-    "hiso": {"head": 3e-3, "last-k": 1e-3, "all": 1e-4, "lora": 1e-3},
-}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+from .. import ops
+from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
+from . import assets
+from .common import (
+    TRAIN_MODES,
+    Cached,
+    encode_cached,
+    peak_memory_mb,
+    positive_float,
+    positive_int,
+    select_trainable,
+    serial_numba,
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,19 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="mezo", help="zeroth-order optimizer")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: per optimizer and --train; the table is in docs/demo.md)")
-    p.add_argument("--zo-eps", type=_positive_float, default=1e-3, help="perturbation scale ε")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="examples per step")
+    p.add_argument("--zo-eps", type=positive_float, default=1e-3, help="perturbation scale ε")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
     p.add_argument("--train", choices=TRAIN_MODES, default="head",
                    help="what trains: the linear head, the last --k encoder layers + head, every parameter, "
                         "or LoRA adapters (peft) through ZOTrainer")
-    p.add_argument("--k", type=_positive_int, default=1, help="encoder layers trained with --train last-k")
-    p.add_argument("--train-examples", type=_positive_int, default=2000,
+    p.add_argument("--k", type=positive_int, default=1, help="encoder layers trained with --train last-k")
+    p.add_argument("--train-examples", type=positive_int, default=2000,
                    help="size of the (class-balanced) training pool; batches are drawn from it epoch by epoch")
-    p.add_argument("--eval-examples", type=_positive_int, default=1000, help="held-out examples (class-balanced)")
-    p.add_argument("--max-len", type=_positive_int, default=64, help="tokens per tweet (longer ones are cut)")
+    p.add_argument("--eval-examples", type=positive_int, default=1000, help="held-out examples (class-balanced)")
+    p.add_argument("--max-len", type=positive_int, default=64, help="tokens per tweet (longer ones are cut)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", choices=("auto", "triton", "cpu", "chunked", "reference"), default="auto",
                    help="zo-optim kernel backend")
@@ -101,36 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory-probe", action="store_true",
                    help="skip measuring one ZO step and one backprop step in fresh processes (saves ~10 s)")
     return p
-
-
-@dataclass
-class Cached:
-    """Per-example inputs of the trainable suffix, computed once by the frozen prefix.
-
-    ``rows[i]`` is, depending on ``start`` (the number of frozen encoder layers): the token ids
-    (``start == 0``, nothing frozen), the hidden states entering layer ``start`` (unpadded,
-    ``[len_i, H]``), or, when only the head trains, the mean-pooled sentence vector ``[H]``
-    (pooling has no parameters, so caching its output is exact).
-    """
-
-    rows: list[torch.Tensor]
-    labels: torch.Tensor  # [N] int64
-    pooled: bool
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(
-        self, index: torch.Tensor, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        rows = [self.rows[i] for i in index.tolist()]
-        y = self.labels[index].to(device)
-        if self.pooled:
-            return torch.stack(rows).to(device), None, y
-        lengths = torch.tensor([r.shape[0] for r in rows])
-        padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        mask = (torch.arange(padded.shape[1])[None, :] < lengths[:, None]).long()
-        return padded.to(device), mask.to(device), y
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -143,85 +95,6 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Invalid device: {name!r} (CUDA is not available here; use --device cpu)")
     return device
-
-
-def _optimizer_class(name: str) -> type:
-    import zo_optim
-
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Invalid optimizer: {name!r} (choose one of {', '.join(sorted(OPTIMIZERS))})")
-    cls = getattr(zo_optim, OPTIMIZERS[name], None)
-    if cls is None:
-        raise ValueError(
-            f"Invalid optimizer: {name!r} (zo_optim.{OPTIMIZERS[name]} is not in this version of zo-optim)"
-        )
-    return cls
-
-
-def _serial_numba() -> None:
-    """Keep the cpu backend's numba kernels on the calling thread (used with ``--train head`` on CPU).
-
-    numba's OpenMP pool spin-waits after its parallel regions and takes the cores from torch's
-    pool between two forward passes. Measured on the 2-core machine (load ~2-7), ``--train head``,
-    MeZO on the cpu backend: 32 ms per step with numba's default 2 threads, 0.74 ms with
-    ``NUMBA_NUM_THREADS=1``, 1.1 ms with ``OMP_WAIT_POLICY=PASSIVE``, still 32 ms with
-    ``numba.set_num_threads(1)`` (the pool is already running). The variable must be set before
-    numba is first imported, and numba and torch share libgomp here, so once numba has launched,
-    ``torch.get_num_threads()`` drops to 1 too: harmless for the head (the encoder has run by
-    then; a head step is two tiny matmuls) but not for ``last-k``/``all``, where the forwards
-    dominate and numba's default threads cost nothing measurable (0.33 s per step with 2 numba
-    threads vs 0.40 s with ``numba.set_num_threads(1)``, ``--train last-k --k 1``). Hence only
-    for the head, and never over a value the user set.
-    """
-    if "numba" not in sys.modules:
-        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-        return
-    import numba
-
-    numba.set_num_threads(1)
-
-
-def select_trainable(model: assets.SentenceClassifier, mode: str, k: int) -> int:
-    """Freeze everything except what ``mode`` trains; return the number of frozen leading encoder layers."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"Invalid train mode: {mode!r} (choose one of {', '.join(TRAIN_MODES)})")
-    n_layers = model.num_layers
-    if mode == "last-k" and not 1 <= k <= n_layers:
-        raise ValueError(f"Invalid k: {k} (the encoder has {n_layers} layers; use 1 <= --k <= {n_layers})")
-    model.requires_grad_(mode == "all")
-    model.head.requires_grad_(True)
-    if mode == "last-k":
-        for layer in model.layers[n_layers - k :]:
-            layer.requires_grad_(True)
-    return model.frozen_prefix_layers()
-
-
-def _encode_cached(model, tokenizer, texts, labels, start, max_len, device, desc, progress) -> Cached:
-    from tqdm.auto import tqdm
-
-    pooled = start == model.num_layers
-    rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-    # encode in chunks of similar length: less padding, ~1.5x faster than file order on tweets
-    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunk = 64
-    with torch.no_grad(), tqdm(total=len(texts), desc=desc, unit="tweet", disable=not progress, leave=False) as bar:
-        for first in range(0, len(texts), chunk):
-            index = by_length[first : first + chunk]
-            enc = assets.encode(tokenizer, [texts[i] for i in index], max_len)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            lengths = mask.sum(1).tolist()
-            if start == 0:  # nothing frozen: the trainable part starts at the embeddings
-                out = [ids[j, :n] for j, n in enumerate(lengths)]
-            else:
-                h = model.features(ids.to(device), mask.to(device), stop=start)
-                if pooled:
-                    out = list(model.pool(h, mask.to(device)))
-                else:
-                    out = [h[j, :n] for j, n in enumerate(lengths)]
-            for i, row in zip(index, out, strict=True):
-                rows[i] = row.clone()  # own storage: a view would keep the whole padded chunk alive
-            bar.update(len(index))
-    return Cached(rows, torch.tensor(labels, dtype=torch.long), pooled)
 
 
 def _logits(model: assets.SentenceClassifier, x: torch.Tensor, mask: torch.Tensor | None, start: int) -> torch.Tensor:
@@ -285,9 +158,9 @@ def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: to
     n_trainable = sum(p.numel() for p in params)
 
     t0 = time.perf_counter()
-    train = _encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, args.max_len, device,
+    train = encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, args.max_len, device,
                            "encoding training tweets", progress)
-    held_out = _encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, args.max_len, device,
+    held_out = encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, args.max_len, device,
                               "encoding held-out tweets", progress)
     encode_s = time.perf_counter() - t0
 
@@ -297,7 +170,7 @@ def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: to
     opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
     t0 = time.perf_counter()
     losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
-                        desc=f"{OPTIMIZERS[args.optimizer]} ({args.train})", progress=progress)
+                        desc=f"{OPTIMIZERS[args.optimizer].__name__} ({args.train})", progress=progress)
     train_s = time.perf_counter() - t0
 
     acc_after, loss_after = evaluate(model, held_out, start, device)
@@ -332,7 +205,7 @@ def _step_peaks_line(peaks: dict[str, dict[str, float]] | None, args: argparse.N
     what = "CUDA allocated" if key.startswith("peak_cuda") else "process RSS high-water mark"
     zo, bp = peaks["zo"][key], peaks["backprop"][key]
     return (f"one step on a batch of {args.batch_size} ({args.train}, fresh process each, {what}): "
-            f"{OPTIMIZERS[args.optimizer]} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)")
+            f"{OPTIMIZERS[args.optimizer].__name__} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)")
 
 
 def _plot(losses: list[float], path: Path, title: str, eval_loss: tuple[float, float]) -> None:
@@ -372,10 +245,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except RuntimeError as exc:
         raise ValueError(f"--backend {args.backend}: {exc}") from exc
     if device.type == "cpu" and args.train == "head":
-        _serial_numba()
+        serial_numba()
     torch_threads = torch.get_num_threads()
-    opt_cls = _optimizer_class(args.optimizer)
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer][args.train]
+    opt_cls = optimizer_class(args.optimizer)
+    name = opt_cls.__name__  # as the summary and the plot title spell it
+    lr = args.lr if args.lr is not None else recommended_lr(opt_cls, f"demo/{args.train}")
     t_start = time.perf_counter()
 
     if args.train == "lora":  # the Hugging Face path: peft adapters, the stock Trainer loop, ZOTrainer
@@ -396,11 +270,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         writer = csv.writer(f)
         writer.writerow(["step", "loss"])
         writer.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
-    title = (f"{OPTIMIZERS[args.optimizer]} on all-MiniLM-L6-v2, train={args.train}, lr={lr:g}, bs={args.batch_size}: "
+    title = (f"{name} on all-MiniLM-L6-v2, train={args.train}, lr={lr:g}, bs={args.batch_size}: "
              f"held-out acc {acc_before:.1%} → {acc_after:.1%}")
     _plot(losses, png, title, (loss_before, loss_after))
     summary = {
-        "optimizer": OPTIMIZERS[args.optimizer],
+        "optimizer": name,
         "train": args.train,
         "k": args.k if args.train == "last-k" else None,
         "trainable_params": n_trainable,
@@ -433,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks = peak_memory_mb(device).items()
     mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MiB" for k, v in peaks)
     print(
-        f"\n{OPTIMIZERS[args.optimizer]} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "
+        f"\n{name} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "
         f"in {train_s:.1f} s ({summary['steps_per_s']:.1f} steps/s); whole run {total_s:.1f} s on {device}.\n"
         f"held-out accuracy {acc_before:.1%} -> {acc_after:.1%}; peak memory of this run: {mem}.\n"
         f"{_step_peaks_line(step_peaks, args)}\n"

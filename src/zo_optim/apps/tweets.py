@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .replica import _hash_tensor
-from .split import dirichlet_split
+from ..federated import dirichlet_split
+from ..federated.replica import _hash_tensor  # the library's tensor hash (Replica's digests), private on purpose
 
 __all__ = ["TweetTask", "encode_tweets", "load_task", "weights_checksum"]
 
@@ -123,7 +123,7 @@ def load_task(path: str | Path) -> TweetTask:
 
 
 def _head_state(hidden: int, classes: int, seed: int) -> dict[str, torch.Tensor]:
-    from ..assets import init_head_
+    from .assets import init_head_
 
     head = init_head_(torch.nn.Linear(hidden, classes), seed)
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -136,8 +136,8 @@ def encode_tweets(*, clients: int = 8, alpha: float = 0.5, train_examples: int =
 
     Needs the ``demo`` extra (transformers, the packaged model and corpus); runs offline.
     """
-    from .. import assets
-    from ..demo import _encode_cached
+    from . import assets
+    from .common import encode_cached
 
     dev = torch.device(device)
     data = assets.load_tweet_sentiment(n_train=train_examples, n_eval=eval_examples, seed=0)
@@ -145,9 +145,9 @@ def encode_tweets(*, clients: int = 8, alpha: float = 0.5, train_examples: int =
     model = assets.load_minilm_classifier(num_labels=len(assets.LABELS), seed=seed).to(dev)
     start = model.num_layers  # everything frozen but the head: cache the pooled vectors
     with torch.no_grad():
-        train = _encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, max_len, dev,
+        train = encode_cached(model, tokenizer, data.train_texts, data.train_labels, start, max_len, dev,
                                "encoding training tweets", progress)
-        held_out = _encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, max_len, dev,
+        held_out = encode_cached(model, tokenizer, data.eval_texts, data.eval_labels, start, max_len, dev,
                                   "encoding held-out tweets", progress)
     train_x, eval_x = torch.stack(train.rows).float().cpu(), torch.stack(held_out.rows).float().cpu()
     base = TweetTask(train_x, train.labels, eval_x, held_out.labels, [], {}, batch_size, seed)

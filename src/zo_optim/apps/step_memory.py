@@ -12,7 +12,7 @@ interpreter per method, so neither run inherits the other's high-water mark:
 On CPU the number is the process's RSS high-water mark (``VmHWM``; ``ru_maxrss`` off Linux), which
 also counts the interpreter, torch and the loaded weights; on CUDA it is ``torch.cuda.max_memory_allocated``.
 
-    python -m zo_optim.step_memory --method backprop --train all --batch-size 32
+    python -m zo_optim.apps.step_memory --method backprop --train all --batch-size 32
 """
 
 from __future__ import annotations
@@ -20,44 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..optim.registry import OPTIMIZERS, optimizer_class
+from .common import TRAIN_MODES, peak_memory_mb
+
 METHODS = ("inference", "zo", "backprop")
-TRAIN_MODES = ("head", "last-k", "all", "lora")
-
-
-def proc_status_mb() -> dict[str, float]:
-    """``VmHWM`` (RSS high-water mark) and ``VmRSS`` (RSS now) of this process in MiB; empty off Linux."""
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key = line.split(":", 1)[0]
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return out
-
-
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark in MiB.
-
-    On Linux ``ru_maxrss`` is inherited across fork and kept across exec, so a probe started by a
-    bigger process would report its parent's peak (seen: the demo's 829 MiB for both probes);
-    ``VmHWM`` in ``/proc/self/status`` belongs to the new address space alone.
-    """
-    hwm = proc_status_mb().get("VmHWM")
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def _build(train: str, k: int, seed: int) -> tuple[torch.nn.Module, Any]:
@@ -76,7 +49,7 @@ def _build(train: str, k: int, seed: int) -> tuple[torch.nn.Module, Any]:
             return model(**batch).loss
 
         return model, loss_fn
-    from .demo import select_trainable
+    from .common import select_trainable
 
     model = assets.load_minilm_classifier(num_labels=len(assets.LABELS), seed=seed)
     select_trainable(model, train, k)
@@ -96,7 +69,6 @@ def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_
     if train not in TRAIN_MODES:
         raise ValueError(f"Invalid train mode: {train!r} (choose one of {', '.join(TRAIN_MODES)})")
     from . import assets
-    from .demo import OPTIMIZERS, _optimizer_class
 
     dev = torch.device(device)
     model, loss_fn = _build(train, k, seed)
@@ -114,7 +86,7 @@ def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_
     elif method == "zo":
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (choose one of {', '.join(OPTIMIZERS)})")
-        opt = _optimizer_class(optimizer)(params, lr=1e-4, seed=seed, backend=backend)
+        opt = optimizer_class(optimizer)(params, lr=1e-4, seed=seed, backend=backend)
         opt.step(lambda: loss_fn(batch))
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -123,17 +95,9 @@ def measure(method: str, train: str = "head", *, optimizer: str = "mezo", batch_
     return peak_memory_mb(dev)
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """This process's peaks so far: ``peak_rss_mb``, and ``peak_cuda_allocated_mb`` on a CUDA device."""
-    out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-    if device.type == "cuda":
-        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
-
-
 def measure_in_fresh_process(method: str, train: str, **kwargs: Any) -> dict[str, float]:
     """:func:`measure` in a new interpreter (its high-water mark is its own); raises with its stderr if it fails."""
-    cmd = [sys.executable, "-m", "zo_optim.step_memory", "--method", method, "--train", train]
+    cmd = [sys.executable, "-m", "zo_optim.apps.step_memory", "--method", method, "--train", train]
     for key, value in kwargs.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -144,7 +108,7 @@ def measure_in_fresh_process(method: str, train: str, **kwargs: Any) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zo_optim.step_memory", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m zo_optim.apps.step_memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--train", choices=TRAIN_MODES, default="head")

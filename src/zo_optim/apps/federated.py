@@ -28,13 +28,10 @@ from typing import Any
 
 import torch
 
-from .demo import OPTIMIZERS, _optimizer_class, _positive_float, _positive_int, _serial_numba
+from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
+from .common import positive_float, positive_int, serial_numba
 
 ENGINES = ("simulate", "flower")
-
-# Default lr per optimizer for the federated head task (P = 5, τ = 1, 4 of 8 clients per round):
-# `zo-optim bench federated` sweeps {1e-3, 3e-3, 1e-2, 3e-2}; see docs/federated.md.
-DEFAULT_LR = {"mezo": 1e-2, "zoadam": 3e-3, "hizoo": 1e-2, "helene": 1e-3, "hiso": 1e-2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,20 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what moves the messages: in process, or Flower's simulation runtime (one SuperNode per "
                         "client, Ray actors; needs zo-optim[flower])")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="hiso", help="the ZO optimizer of every replica")
-    p.add_argument("--rounds", type=_positive_int, default=300, help="communication rounds")
-    p.add_argument("--clients", type=_positive_int, default=8, help="M, clients holding a share of the tweets")
-    p.add_argument("--clients-per-round", type=_positive_int, default=4, help="m, clients sampled per round")
-    p.add_argument("--local-steps", type=_positive_int, default=1, help="τ, local ZO steps per round")
-    p.add_argument("--num-queries", type=_positive_int, default=5, help="P, directions per step (scalars per step)")
-    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration of the non-IID split")
+    p.add_argument("--rounds", type=positive_int, default=300, help="communication rounds")
+    p.add_argument("--clients", type=positive_int, default=8, help="M, clients holding a share of the tweets")
+    p.add_argument("--clients-per-round", type=positive_int, default=4, help="m, clients sampled per round")
+    p.add_argument("--local-steps", type=positive_int, default=1, help="τ, local ZO steps per round")
+    p.add_argument("--num-queries", type=positive_int, default=5, help="P, directions per step (scalars per step)")
+    p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration of the non-IID split")
     p.add_argument("--aggregation", choices=("mean", "median", "trimmed_mean"), default="mean")
     p.add_argument("--dropout", type=float, default=0.0, help="probability that a sampled client never answers")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: per optimizer)")
-    p.add_argument("--zo-eps", type=_positive_float, default=1e-3, help="perturbation scale ε")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="examples per client per local step")
-    p.add_argument("--train-examples", type=_positive_int, default=2000, help="training pool shared out to clients")
-    p.add_argument("--eval-examples", type=_positive_int, default=1000, help="held-out tweets (server-side)")
-    p.add_argument("--max-len", type=_positive_int, default=64, help="tokens per tweet")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per optimizer)")
+    p.add_argument("--zo-eps", type=positive_float, default=1e-3, help="perturbation scale ε")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per client per local step")
+    p.add_argument("--train-examples", type=positive_int, default=2000, help="training pool shared out to clients")
+    p.add_argument("--eval-examples", type=positive_int, default=1000, help="held-out tweets (server-side)")
+    p.add_argument("--max-len", type=positive_int, default=64, help="tokens per tweet")
     p.add_argument("--seed", type=int, default=0, help="server seed: split, head init, sampling, perturbations")
     p.add_argument("--out", type=Path, default=Path("zo-optim-federated"), help="directory for the plot, CSV, summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,7 +75,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def optimizer_factory(name: str, lr: float, zo_eps: float, num_queries: int, seed: int) -> Any:
     """``optimizer_fn(model)`` for every replica: the same class and settings everywhere."""
-    cls = _optimizer_class(name)
+    cls = optimizer_class(name)
 
     def make(model: torch.nn.Module) -> Any:
         # "auto": numba's cpu kernels on CPU, 34 ms per round here against 223 ms for the reference
@@ -94,7 +91,7 @@ _TASKS: dict[str, Any] = {}
 
 
 def _flower_task() -> Any:
-    from .federated.tweets import load_task
+    from .tweets import load_task
 
     path = os.environ[_TASK_ENV]
     if path not in _TASKS:
@@ -134,7 +131,7 @@ def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -
         import ray
         from flwr.simulation import run_simulation
 
-        from .federated.flower import ZOStrategy, flower_environment, make_client_app, make_server_app
+        from ..federated.flower import ZOStrategy, flower_environment, make_client_app, make_server_app
     except ImportError as exc:
         hint = 'pip install "zo-optim[flower]"'
         raise ImportError(f"--engine flower needs Flower's simulation runtime: {hint} ({exc})") from exc
@@ -174,15 +171,17 @@ def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from ..federated import simulate
     from . import assets
-    from .federated import simulate
-    from .federated.tweets import encode_tweets, weights_checksum
+    from .tweets import encode_tweets, weights_checksum
 
     _check(args)
     assets.set_offline()
-    _serial_numba()  # numba's spinning threads would take the cores from torch between forwards (docs/demo.md)
+    serial_numba()  # numba's spinning threads would take the cores from torch between forwards (docs/demo.md)
     progress = not args.no_progress
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    # the default lr per optimizer for this head task (P = 5, τ = 1, 4 of 8 clients per round): the class's
+    # "federated/head" (`zo-optim bench federated` sweeps {1e-3, 3e-3, 1e-2, 3e-2}; see docs/federated.md)
+    lr = args.lr if args.lr is not None else recommended_lr(args.optimizer, "federated/head")
     t_start = time.perf_counter()
     task = encode_tweets(clients=args.clients, alpha=args.alpha, train_examples=args.train_examples,
                          eval_examples=args.eval_examples, max_len=args.max_len, batch_size=args.batch_size,
@@ -196,7 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     every = max(1, args.rounds // 20)
     curve: list[tuple[int, float, float]] = []
-    bar = tqdm(total=args.rounds, desc=f"{OPTIMIZERS[args.optimizer]} federated", unit="round", disable=not progress)
+    name = OPTIMIZERS[args.optimizer].__name__
+    bar = tqdm(total=args.rounds, desc=f"{name} federated", unit="round", disable=not progress)
 
     def on_round(rec: Any, server_model: torch.nn.Module) -> None:
         bar.update(1)
@@ -241,7 +241,7 @@ def _summary(args: argparse.Namespace, lr: float, result: Any, task: Any, acc_be
     up_round = sum(r.bytes_up for r in result.history)
     n_params = sum(p.numel() for p in result.server.parameters())
     return {
-        "engine": args.engine, "optimizer": OPTIMIZERS[args.optimizer], "lr": lr, "zo_eps": args.zo_eps,
+        "engine": args.engine, "optimizer": OPTIMIZERS[args.optimizer].__name__, "lr": lr, "zo_eps": args.zo_eps,
         "rounds": args.rounds, "clients": args.clients, "clients_per_round": args.clients_per_round,
         "local_steps": args.local_steps, "num_queries": args.num_queries, "alpha": args.alpha,
         "aggregation": args.aggregation, "dropout": args.dropout, "batch_size": args.batch_size, "seed": args.seed,

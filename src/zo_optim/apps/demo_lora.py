@@ -2,7 +2,7 @@
 
 This is the path users take: a Hugging Face model, ``peft.get_peft_model`` and a stock
 ``Trainer`` loop with the optimizer swapped for a zo-optim one (:mod:`zo_optim.integrations.hf`).
-Unlike the cached-prefix modes of :mod:`zo_optim.demo`, every ZO forward runs the whole encoder
+Unlike the cached-prefix modes of :mod:`zo_optim.apps.demo`, every ZO forward runs the whole encoder
 (LoRA adapters sit in every layer's query and value projections), so a step costs two full forwards.
 Needs ``pip install "zo-optim[demo,peft]"``.
 """
@@ -57,12 +57,12 @@ class _Tweets(torch.utils.data.Dataset):
 
 
 def train(args: argparse.Namespace, lr: float, device: torch.device, progress: bool) -> dict[str, Any]:
-    """Fine-tune with ``ZOTrainer``; the numbers :func:`zo_optim.demo.run` reports for every mode."""
+    """Fine-tune with ``ZOTrainer``; the numbers :func:`zo_optim.apps.demo.run` reports for every mode."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding, TrainerCallback
 
-    from .demo import OPTIMIZERS
-    from .integrations.hf import ZOTrainer, ZOTrainingArguments
+    from ..integrations.hf import ZOTrainer, ZOTrainingArguments
+    from ..optim.registry import optimizer_class
 
     losses: list[float] = []
 
@@ -74,8 +74,8 @@ def train(args: argparse.Namespace, lr: float, device: torch.device, progress: b
 
     class Bar(TrainerCallback):
         def __init__(self) -> None:
-            self.bar = tqdm(total=args.steps, desc=f"{OPTIMIZERS[args.optimizer]} (lora, ZOTrainer)", unit="step",
-                            disable=not progress)
+            name = optimizer_class(args.optimizer).__name__
+            self.bar = tqdm(total=args.steps, desc=f"{name} (lora, ZOTrainer)", unit="step", disable=not progress)
 
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             self.bar.update(1)
