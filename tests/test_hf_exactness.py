@@ -25,11 +25,11 @@ import hf_resume_common as C
 import hf_tiny as T
 from gloo import free_port
 from hf_tiny import REF
-from optim_infos import OPTIMIZERS
 from zo_optim.integrations.hf import ZOTrainer
+from zo_optim.optim.registry import OPTIMIZERS as REGISTRY
 
 TESTS = Path(__file__).resolve().parent
-ALL = tuple(info.name.lower() for info in OPTIMIZERS)  # the names ZOTrainingArguments takes
+ALL = tuple(REGISTRY)  # the names ZOTrainingArguments takes
 
 
 def _env() -> dict[str, str]:

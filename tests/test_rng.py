@@ -1,4 +1,4 @@
-"""The RNG contract (DESIGN §3): known answers, golden values, invariances."""
+"""The RNG contract (docs/rng.md): known answers, golden values, invariances."""
 
 import json
 import math

@@ -117,7 +117,7 @@ def test_philox_known_answers_and_random_counters():
         out = torch.empty_like(c, device=DEVICE)
         _philox_probe[(1,)](out, c.to(DEVICE), k.to(DEVICE), N=16)
         assert torch.equal(out.cpu(), rng.philox4x32_10(c, k)), key
-    # The Random123 known answers of DESIGN §3, spelled out.
+    # The Random123 known answers of docs/rng.md, spelled out.
     out = torch.empty_like(c, device=DEVICE)
     _philox_probe[(1,)](out, c.to(DEVICE), torch.tensor([0xA4093822, 0x299F31D0], device=DEVICE), N=16)
     assert " ".join(f"{int(v):08x}" for v in out[2].cpu()) == "d16cfe09 94fdcceb 5001e420 24126ea1"

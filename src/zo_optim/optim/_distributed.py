@@ -11,13 +11,10 @@ same all-reduce and are summed instead of averaged.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:  # (the estimate mixin in _estimate imports this module)
-    from ._estimate import Accumulator
 
 
 def world_size() -> int:
@@ -52,19 +49,24 @@ def active(enabled: bool) -> bool:
 
 
 def mean_across_ranks(
-    acc: Accumulator, summed: frozenset[str], ungated: Callable[..., Any]
+    grads: torch.Tensor,
+    extras: dict[str, torch.Tensor],
+    weight: float,
+    nonfinite: bool,
+    summed: frozenset[str],
+    ungated: Callable[..., Any],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-    """The pending estimate's scalars averaged across micro-batches AND ranks, and the any-rank non-finite flag.
+    """A pending estimate's scalars averaged across micro-batches AND ranks, and the any-rank non-finite flag.
 
-    One all-reduce (SUM) of the weighted sums Σ w·g, Σ w·x (Σ x for the ``summed`` extras), Σ w and
-    the non-finite flag, run through ``ungated`` (the wait may block: Ctrl-C must interrupt it).
+    ``grads``/``extras`` are this rank's weighted sums Σ w·g, Σ w·x (Σ x for the ``summed`` extras), ``weight``
+    its Σ w. One all-reduce (SUM) of all of them and the non-finite flag, run through ``ungated`` (the wait may
+    block: Ctrl-C must interrupt it).
     """
-    assert acc.grads is not None
-    names = sorted(acc.extras)
-    device = acc.grads.device
-    tail = torch.tensor([acc.weight, 1.0 if acc.nonfinite else 0.0], dtype=torch.float32, device=device)
-    packed = ungated(sum_across_ranks, torch.cat([acc.grads, *(acc.extras[k] for k in names), tail]))
-    q = acc.grads.numel()
+    names = sorted(extras)
+    device = grads.device
+    tail = torch.tensor([weight, 1.0 if nonfinite else 0.0], dtype=torch.float32, device=device)
+    packed = ungated(sum_across_ranks, torch.cat([grads, *(extras[k] for k in names), tail]))
+    q = grads.numel()
     total = packed[-2]
     grads = packed[:q] / total
     sums = {k: packed[q * (i + 1): q * (i + 2)] for i, k in enumerate(names)}

@@ -111,7 +111,9 @@ class UpdatePasses:
         seed = acc.seed
         if _distributed.active(self.data_parallel):
             # the mean is weighted across micro-batches AND ranks; the flag says whether any rank saw a non-finite
-            grads, extras, nonfinite = _distributed.mean_across_ranks(acc, self.summed_extras, self._guard.ungated)
+            grads, extras, nonfinite = _distributed.mean_across_ranks(
+                acc.grads, acc.extras, acc.weight, acc.nonfinite, self.summed_extras, self._guard.ungated
+            )
         else:
             (grads, extras), nonfinite = acc.mean(), acc.nonfinite
         if nonfinite:

@@ -45,7 +45,7 @@ non-finite losses are described in :mod:`._estimate`; what an error leaves behin
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -119,6 +119,8 @@ class ZOOptimizer(
     buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {}
     #: whether the preconditioner's updates can be stopped with the instance flag ``freeze_precond`` (HiSo)
     can_freeze_precond: ClassVar[bool] = False
+    #: recommended settings per use (``use → {"lr": ...}``; the uses are :data:`zo_optim.optim.registry.USES`)
+    recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(
         self,

@@ -64,7 +64,7 @@ def recommended(optimizer: str | type[ZOOptimizer], use: str) -> Mapping[str, An
     cls = optimizer_class(optimizer) if isinstance(optimizer, str) else optimizer
     if use not in USES:
         raise ValueError(f"Invalid use: {use!r} (choose one of {', '.join(USES)})")
-    table: Mapping[str, Mapping[str, Any]] = getattr(cls, "recommended", {})
+    table = cls.recommended
     if use not in table:
         raise ValueError(f"Invalid use: {use!r} ({cls.__name__} declares no recommended settings for it)")
     return table[use]

@@ -8,7 +8,7 @@ Layout: :mod:`._rng` (``@triton.jit`` Philox4x32-10, Box-Muller of all four word
 Rademacher bits, stochastic rounding), :mod:`.kernels` (one kernel per op) and
 :mod:`.launch` (tables, table cache, launches).
 
-Design (DESIGN §4):
+Design (see docs/backends.md):
 
 * **One launch per (device, dtype) group** over all tensors of the call: an int64
   slot table (address, numel, tensor_id, state addresses) and a block table
