@@ -30,6 +30,7 @@ def fresh(monkeypatch):
     """An empty self-check cache and warning record for this test (restored afterwards)."""
     monkeypatch.setattr(selfcheck, "_cache", {})
     monkeypatch.setattr(selfcheck, "_warned", set())
+    monkeypatch.setattr(selfcheck, "_passed", set())
 
 
 @pytest.fixture

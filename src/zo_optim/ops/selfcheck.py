@@ -193,6 +193,7 @@ def run_checks(backend: str, device: torch.device | str, dtype: torch.dtype | No
 _lock = threading.Lock()
 _cache: dict[tuple[str, str, str], list[Check]] = {}
 _warned: set[tuple[str, str]] = set()
+_passed: set[tuple[str, torch.device, frozenset[torch.dtype]]] = set()
 
 
 def verified(backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> list[Check]:
@@ -217,8 +218,12 @@ def gate(requested: str, backend: str, device: torch.device, dtypes: Iterable[to
     """The backend to run: ``backend`` when it passed its self-check on ``device`` for ``dtypes``, else
     :data:`FALLBACK` with one :class:`SelfCheckWarning` per (backend, device) when ``requested`` is
     ``"auto"``; a ``RuntimeError`` when ``backend`` was requested by name (nothing written yet)."""
-    failed = [c for c in verified(backend, device, dtypes) if not c.passed]
+    key = (backend, device, frozenset(dtypes))
+    if key in _passed:  # the per-op fast path once verified: one set lookup
+        return backend
+    failed = [c for c in verified(backend, device, key[2]) if not c.passed]
     if not failed:
+        _passed.add(key)
         return backend
     what = describe(failed)
     report = ("Please report it: run `zo-optim check` on this machine and attach its output (it names the "
