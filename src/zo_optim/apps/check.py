@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated backends to check where available (default: all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: %(default)s)")
     p.add_argument("--numel", type=int, default=None,
-                   help="elements of the bandwidth pass (default: 2**24 on CUDA, 2**20 on CPU, 2**14 interpreted)")
+                   help="elements of the bandwidth pass (default: 2**24 for triton on CUDA, 2**14 for triton "
+                   "interpreted, else 2**20)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the perturb-vs-copy timing")
     return p
 
@@ -80,6 +81,15 @@ def _devices(text: str | None) -> list[torch.device]:
 
 def _interpreted(backend: str, device: torch.device) -> bool:
     return backend == "triton" and device.type == "cpu"
+
+
+def _default_numel(backend: str, device: torch.device) -> int:
+    if _interpreted(backend, device):
+        return 1 << 14
+    if backend in ("chunked", "reference"):
+        # ~300 small torch ops per 2**16 elements: launch-bound on a GPU, a second or more per pass at 2**24
+        return 1 << 20
+    return 1 << 24 if device.type == "cuda" else 1 << 20
 
 
 @torch.no_grad()
@@ -129,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failures += [c for c in checks if not c.passed]
                 bw = ""
                 if not args.no_bandwidth:
-                    numel = args.numel or (1 << 14 if _interpreted(backend, device)
-                                           else 1 << 24 if device.type == "cuda" else 1 << 20)
+                    numel = args.numel or _default_numel(backend, device)
                     try:
                         got, copy = bandwidth(backend, device, dtype, numel)
                         bw = f"{got:.3g} / {copy:.3g} ({100 * got / copy:.2g}%)"
