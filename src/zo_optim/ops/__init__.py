@@ -13,7 +13,8 @@ Backends:
   bits with bounded temporaries, any device and dtype, no extra dependency.
 * ``cpu`` — numba-compiled loops that generate z in registers (extra ``cpu``).
 * ``triton`` — fused Triton kernels, one launch per (device, dtype) group
-  (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``.
+  (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``. Checked against the
+  reference before its first write per (device, dtype): :mod:`zo_optim.ops.selfcheck`.
 * ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
   tensors when numba imports, else ``chunked`` (also for float64 and other dtypes
   the fast backends do not compute).
