@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 10 minutes at most
-# (stage limits 200 + 140 + 110 + 150 s).
+# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 12 minutes at most
+# (stage limits 120 + 200 + 140 + 110 + 150 s).
 #
 #   bash benchmarks/gpu_check.sh                  # results under benchmarks/results/<date>-<device>/
 #   bash benchmarks/gpu_check.sh --print-commands # the commands it would run, one a line; checks nothing
 #
 # 1. Installs only what is missing (torch, triton, transformers, accelerate, pytest, hypothesis, numpy) with pip,
 #    never replacing the machine's CUDA torch; zo-optim itself runs from this checkout (PYTHONPATH=src).
-# 2. tests/test_triton_backend.py COMPILED on CUDA (ZO_OPTIM_TRITON_DEVICE=cuda: no interpreter) against
+# 2. zo-optim check first: every backend's self-check (Philox known answers, z, one perturb and one fused update per
+#    dtype against the reference) on every device, with a perturb-vs-copy GB/s figure per row (check.txt); then
+#    tests/test_triton_backend.py COMPILED on CUDA (ZO_OPTIM_TRITON_DEVICE=cuda: no interpreter) against
 #    the reference: Philox/Rademacher/rounding words bitwise, Gaussian z within 1e-6, bf16/fp16 rounding exact.
 # 3. zo-optim bench kernels on the OPT-1.3b parameter list, fp32 and bf16, with the measured copy bandwidth
 #    (the roofline, dst.copy_(src) timed in the same run); zo-optim bench step on OPT-1.3b bf16, batch 16x128,
@@ -32,16 +34,18 @@ KERNELS_ARGS=(--models opt-1.3b --dtypes fp32,bf16 --ops sgd --providers mezo-lo
 STEP_ARGS=(--model opt-1.3b --dtype bf16 --batch 16 --seq 128 --backend triton --warmup 2 --steps 10)
 MEMORY_ARGS=(--models bert-large opt-350m --batch-size 8 --max-len 64 --steps 2)
 PYTEST_ARGS=(tests/test_triton_backend.py -q -p no:cacheprovider)
+CHECK_ARGS=(--dtypes float32,bfloat16,float16)
 
 if [[ $# -gt 0 ]]; then
   case "$1" in
     --print-commands)
+      echo "zo-optim check ${CHECK_ARGS[*]}"
       echo "ZO_OPTIM_TRITON_DEVICE=cuda $PY -m pytest ${PYTEST_ARGS[*]}"
       echo "zo-optim bench kernels ${KERNELS_ARGS[*]} --out RESULTS_DIR"
       echo "zo-optim bench step ${STEP_ARGS[*]} --out RESULTS_DIR"
       echo "zo-optim bench memory ${MEMORY_ARGS[*]} --out RESULTS_DIR/memory"
       exit 0 ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 fi
@@ -137,6 +141,8 @@ stage() {  # stage NAME LIMIT_S LOG command...
 cd "$ROOT" || exit 1
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # kernels compile in parallel
+# first: the self-checks a user runs on a new machine (a failure here names the check; the tests below give detail)
+stage "zo-optim check (every backend, every device)" 120 "$OUT_DIR/check.txt" "${ZO[@]}" check "${CHECK_ARGS[@]}"
 stage "triton tests (compiled, CUDA)" 200 "$OUT_DIR/triton_tests.txt" \
   env ZO_OPTIM_TRITON_DEVICE=cuda "$PY" -m pytest "${PYTEST_ARGS[@]}" "${xdist[@]}"
 stage "bench kernels (OPT-1.3b fp32+bf16)" 140 "$OUT_DIR/kernels.txt" \

@@ -31,11 +31,22 @@ from zo_optim.ops.triton import _rng, launch  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
+
 # "cuda" (compiled kernels) or "cpu" (interpreter): resolved by conftest.py from ZO_OPTIM_TRITON_DEVICE.
 DEVICE = torch.device(os.environ.get("ZO_OPTIM_TRITON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SIZES = [0, 1, 3, 4, 5, 127, 128, 129, 256]  # 128 and 256 fill whole blocks of 128
 SEED = 0xDEADBEEF12345678
 MASK32 = 0xFFFFFFFF
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _self_checked():
+    """Run the backend's first-use self-check (zo_optim.ops.selfcheck) before these tests, so that the tests
+    that count launches or table-cache entries see only their own."""
+    from zo_optim.ops import selfcheck
+
+    checks = selfcheck.verified("triton", DEVICE, [torch.float32, torch.bfloat16, torch.float16])
+    assert all(c.passed for c in checks), selfcheck.describe(c for c in checks if not c.passed)
 
 
 def _i32(x: int) -> int:

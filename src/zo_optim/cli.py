@@ -1,4 +1,4 @@
-"""The ``zo-optim`` command: ``demo``, ``federated``, ``bench <name>`` (see :data:`COMMANDS`), ``--version``.
+"""The ``zo-optim`` command: ``check``, ``demo``, ``federated``, ``bench <name>`` (see :data:`COMMANDS`), ``--version``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and is
 imported only when used, so ``zo-optim --help`` stays fast.
@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "check": ("zo_optim.apps.check", "self-check every backend on every device (run first; attach to bug reports)"),
     "demo": ("zo_optim.apps.demo", "fine-tune the packaged MiniLM on tweet sentiment with a ZO optimizer"),
     "federated": ("zo_optim.apps.federated", "federated fine-tune of the MiniLM head exchanging only scalars"),
     "bench kernels": ("zo_optim.bench.kernels", "perturb / restore+update micro-benchmark (ms, GB/s, roofline)"),

@@ -54,6 +54,8 @@ import math
 
 import torch
 
+Device = torch.device | str | None
+
 __all__ = [
     "MAX_NUMEL",
     "RNG_VERSION",
@@ -159,16 +161,18 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), dim=-1)
 
 
-def _words(seed: int, tensor_id: int, n_counters: int, c2: int, c3: int, start: int = 0) -> torch.Tensor:
-    """Philox output words ``[n_counters, 4]`` for counters (start + j, tensor_id, c2, c3)."""
+def _words(
+    seed: int, tensor_id: int, n_counters: int, c2: int, c3: int, start: int = 0, device: Device = None
+) -> torch.Tensor:
+    """Philox output words ``[n_counters, 4]`` for counters (start + j, tensor_id, c2, c3), on ``device``."""
     if not 0 <= tensor_id <= MASK32 or not 0 <= c2 <= MASK32:
         raise ValueError(f"tensor_id/slot out of uint32 range: {tensor_id}/{c2}")
     seed &= MASK64
-    j = torch.arange(start, start + n_counters, dtype=torch.int64)
+    j = torch.arange(start, start + n_counters, dtype=torch.int64, device=device)
     counter = torch.stack(
         [j, torch.full_like(j, tensor_id), torch.full_like(j, c2), torch.full_like(j, c3)], dim=-1
     )
-    key = torch.tensor([seed & MASK32, seed >> 32], dtype=torch.int64)
+    key = torch.tensor([seed & MASK32, seed >> 32], dtype=torch.int64, device=device)
     return philox4x32_10(counter, key)
 
 
@@ -200,25 +204,35 @@ def _counter_span(numel: int, offset: int, per_counter: int) -> tuple[int, int, 
     return first, end - first, offset - first * per_counter
 
 
-def normal(seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0) -> torch.Tensor:
-    """Gaussian z of elements ``offset … offset + numel - 1`` of a tensor: float32 CPU tensor ``[numel]``."""
+def normal(
+    seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0, device: Device = None
+) -> torch.Tensor:
+    """Gaussian z of elements ``offset … offset + numel - 1`` of a tensor: float32 tensor ``[numel]`` on ``device``
+    (default CPU; on another device log/sin/cos are that device's, within the contract's float32 tolerance)."""
     first, n_counters, skip = _counter_span(numel, offset, 4)
-    z = box_muller4(_words(seed, tensor_id, n_counters, query, 0, start=first)).reshape(-1)
+    z = box_muller4(_words(seed, tensor_id, n_counters, query, 0, start=first, device=device)).reshape(-1)
     return z[skip:skip + numel]
 
 
-def rademacher(seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0) -> torch.Tensor:
-    """Rademacher z (+1/-1) of elements ``offset … offset + numel - 1``: float32 CPU tensor ``[numel]``."""
+def rademacher(
+    seed: int, tensor_id: int, numel: int, query: int = 0, offset: int = 0, device: Device = None
+) -> torch.Tensor:
+    """Rademacher z (+1/-1) of elements ``offset … offset + numel - 1``: float32 tensor ``[numel]`` on ``device``
+    (default CPU; integer work, the same bits on every device)."""
     first, n_counters, skip = _counter_span(numel, offset, 128)
-    words = _words(seed, tensor_id, n_counters, query, 0, start=first)  # [n, 4]
-    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [n, 4, 32]
+    words = _words(seed, tensor_id, n_counters, query, 0, start=first, device=device)  # [n, 4]
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64, device=words.device)) & 1  # [n, 4, 32]
     return (bits.reshape(-1)[skip:skip + numel].to(torch.float32) * 2.0) - 1.0
 
 
-def rounding_words(seed: int, tensor_id: int, numel: int, rounding_slot: int, offset: int = 0) -> torch.Tensor:
-    """The stochastic-rounding word of elements ``offset … offset + numel - 1``: int64 CPU tensor of uint32."""
+def rounding_words(
+    seed: int, tensor_id: int, numel: int, rounding_slot: int, offset: int = 0, device: Device = None
+) -> torch.Tensor:
+    """The stochastic-rounding word of elements ``offset … offset + numel - 1``: int64 tensor of uint32 on
+    ``device`` (default CPU; the same bits on every device)."""
     first, n_counters, skip = _counter_span(numel, offset, 4)
-    return _words(seed, tensor_id, n_counters, rounding_slot, 1, start=first).reshape(-1)[skip:skip + numel]
+    words = _words(seed, tensor_id, n_counters, rounding_slot, 1, start=first, device=device)
+    return words.reshape(-1)[skip:skip + numel]
 
 
 _SR_FORMATS = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}
@@ -238,7 +252,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -
     a = x32.abs().to(torch.float64)
     _, e = torch.frexp(a)  # a = m * 2**e, m in [0.5, 1)
     exp = torch.clamp(e.to(torch.int64) - 1, min=emin)
-    ulp = torch.pow(torch.tensor(2.0, dtype=torch.float64), (exp - mant_bits).to(torch.float64))
+    ulp = torch.pow(2.0, (exp - mant_bits).to(torch.float64))  # a Python base: on x's device, no CPU tensor
     q = a / ulp
     lo = torch.floor(q)
     frac = q - lo

@@ -13,7 +13,8 @@ Backends:
   bits with bounded temporaries, any device and dtype, no extra dependency.
 * ``cpu`` — numba-compiled loops that generate z in registers (extra ``cpu``).
 * ``triton`` — fused Triton kernels, one launch per (device, dtype) group
-  (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``.
+  (extra ``triton``); runs CPU tensors only under ``TRITON_INTERPRET=1``. Checked against the
+  reference before its first write per (device, dtype): :mod:`zo_optim.ops.selfcheck`.
 * ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
   tensors when numba imports, else ``chunked`` (also for float64 and other dtypes
   the fast backends do not compute).
@@ -62,6 +63,8 @@ class Backend:
     kernels: str = ""
     #: why tensors on a device cannot run here (None: they can), checked after the import succeeded
     refuses: Callable[[torch.device], str | None] = lambda device: None
+    #: checked against the reference on first use per (device, dtype) before it writes (zo_optim.ops.selfcheck)
+    self_checked: bool = False
 
     @property
     def plain_torch(self) -> bool:
@@ -85,7 +88,7 @@ def _cpu_refuses(device: torch.device) -> str | None:
 # The one table of backends, in the order of BACKENDS (after "auto") and of auto's preference.
 _TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", "zo_optim.ops.triton", ("cuda",), 'pip install "zo-optim[triton]" (Linux; CPU tensors need '
-            'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses),
+            'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses, True),
     Backend("cpu", "zo_optim.ops.cpu", ("cpu",), 'pip install "zo-optim[cpu]" (installs numba)', "numba's kernels",
             _cpu_refuses),
     Backend("chunked", "zo_optim.ops.chunked"),
@@ -218,6 +221,10 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
         if kwargs.get(sname) is not None:
             kwargs[sname] = kwargs[sname].contiguous()
     name = resolve_backend(backend, device, [p.dtype for p in params])
+    if _TABLE[name].self_checked:
+        # Kernels compiled for this machine are checked before their first write on it (cached per process):
+        # a failure raises for an explicit backend and falls back to "chunked" with a warning for "auto".
+        name = importlib.import_module("zo_optim.ops.selfcheck").gate(backend, name, device, [p.dtype for p in params])
     module = load_backend(name)
     if name in _PLAIN_TORCH:
         # float64 params are the reason to use these: compute in float64 too, or a

@@ -10,7 +10,9 @@ it slice by slice writes the same bits with temporaries bounded by one chunk, on
 and dtype, with no dependency beyond torch. ``backend="auto"`` falls back to it where neither
 numba nor Triton can run the tensors. It is as slow as the reference (one torch op per Philox
 round and element block; a MeZO step of MiniLM on 2 CPU cores: 2884 ms against 126 ms with
-numba); z is generated on the CPU and copied to the tensors' device, as in the reference.
+numba). z is generated on the tensors' device by the contract's device-generic torch code, as in the
+reference: on a GPU nothing runs on the CPU, which makes this the on-device fallback of a Triton
+backend that failed its self-check (:mod:`zo_optim.ops.selfcheck`).
 """
 
 from __future__ import annotations

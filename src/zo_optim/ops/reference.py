@@ -41,15 +41,17 @@ def _z(
     seed: int, tensor_id: int, like: torch.Tensor, query: int, distribution: str, dtype: torch.dtype, offset: int
 ) -> torch.Tensor:
     gen = rng.normal if distribution == "gaussian" else rng.rademacher
-    z = gen(seed, tensor_id, like.numel(), query, offset=offset)
-    return z.to(device=like.device, dtype=dtype).reshape(like.shape)
+    # Generated on the tensor's device (the contract's torch code is device-generic): no CPU pass and no
+    # host-to-device copy of z for CUDA tensors, which is what makes `chunked` a usable fallback on a GPU.
+    z = gen(seed, tensor_id, like.numel(), query, offset=offset, device=like.device)
+    return z.to(dtype=dtype).reshape(like.shape)
 
 
 def _store(
     param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int, offset: int
 ) -> None:
     if rounding == "stochastic" and param.dtype in (torch.bfloat16, torch.float16):
-        words = rng.rounding_words(seed, tensor_id, param.numel(), slot, offset=offset).to(param.device)
+        words = rng.rounding_words(seed, tensor_id, param.numel(), slot, offset=offset, device=param.device)
         param.copy_(rng.stochastic_round(value, param.dtype, words))
     else:
         # Through float32 like the fast backends: one rounding per store for fp32 weights.

@@ -61,6 +61,10 @@ for bf16" needs <~40 instr/element, out of reach with precise bm4 + Philox-10.
 Cheapest gains, to try on a GPU: one sincos with a shared Cody-Waite reduction for
 phi in [0, 2 pi) and no slow path (~-70 instr/counter), a log specialised to u in (0, 1).
 
+Self-check: before the first write on each (device, dtype), :mod:`zo_optim.ops.selfcheck` runs the Philox
+known answers (:mod:`.probes`), z and one perturb and one fused update against the reference; a mismatch
+raises for ``backend="triton"`` and falls back to ``chunked`` with a warning for ``"auto"``.
+
 Still to validate and tune on a GPU (no GPU was available when this was written):
 run ``tests/test_triton_backend.py`` and ``tests/test_ops.py`` on CUDA (they use
 CUDA tensors when available: Philox words, rounding decisions bit for bit, z within
