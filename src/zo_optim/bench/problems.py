@@ -346,6 +346,13 @@ def minilm(size: str, seed: int, problem_seed: int = 0, trainable: str = "head")
     return Instance(params, names, closure_for_step, evaluate, {"logits": logits, "test_x": test_x})
 
 
+def encoder(size: str, seed: int, problem_seed: int = 0) -> Instance:
+    """MiniLM's last encoder layer + head (:mod:`zo_optim.bench.encoder`, imported lazily: it imports this module)."""
+    from . import encoder as E
+
+    return E.encoder(size, seed, problem_seed)
+
+
 # --------------------------------------------------------------------------- registry
 
 _BUILDERS: dict[str, Callable[..., Instance]] = {
@@ -353,6 +360,7 @@ _BUILDERS: dict[str, Callable[..., Instance]] = {
     "rosenbrock": rosenbrock,
     "mlp": mlp,
     "minilm": minilm,
+    "encoder": encoder,
 }
 
 PROBLEMS: dict[str, ProblemSpec] = {
@@ -371,6 +379,10 @@ PROBLEMS: dict[str, ProblemSpec] = {
     "minilm": ProblemSpec(
         "minilm", "accuracy", "test accuracy", True, {"ci": 0.6, "full": 0.7}, {"ci": 300, "full": 2000}, 20,
         description="MiniLM-L6 tweet sentiment, pooler + classifier trainable",
+    ),
+    "encoder": ProblemSpec(
+        "encoder", "accuracy", "test accuracy", True, {"ci": 0.55, "full": 0.7}, {"ci": 100, "full": 1000}, 10,
+        description="MiniLM-L6 tweet sentiment, last encoder layer + pooler + classifier trainable (1.93 M)",
     ),
 }
 
