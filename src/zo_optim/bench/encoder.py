@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import problems as P
+from . import _problem_base as P
 
 __all__ = ["SIZES", "encoder", "layer_cls"]
 
