@@ -140,3 +140,51 @@ def test_minilm_trainable_part_matches_the_full_model(tmp_path, monkeypatch, tra
         got = inst.extras["logits"](inst.extras["test_x"][:4])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert sum(labels[int(i)] for i in test_idx) == 4  # class-balanced split
+
+
+def test_encoder_trainable_part_matches_the_full_model(tmp_path, monkeypatch):
+    """The cached-prefix, [CLS]-only forward of layer 5 + head equals BertForSequenceClassification's logits."""
+    transformers = pytest.importorskip("transformers")
+    from zo_optim.bench import encoder as E
+
+    monkeypatch.setenv("ZO_OPTIM_CACHE", str(tmp_path))
+    monkeypatch.setitem(E.SIZES, "ci", (8, 8))
+    inst = P.build("encoder", "ci", seed=0)
+    assert 1_900_000 < sum(p.numel() for p in inst.params) < 1_950_000  # layer 5 (1.78 M) + pooler/classifier
+    blocks = inst.extras["blocks"]
+    assert sorted(n for names in blocks.values() for n in names) == sorted(inst.names)  # a partition
+    assert [len(blocks[k]) for k in ("attention", "ffn", "head")] == [10, 6, 4]
+    texts, labels = P._tweets()
+    _, test_idx = P._split(labels, 8, 8, 0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(P._minilm_dir(), num_labels=2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(P._minilm_dir())
+    with torch.no_grad():
+        # padding=True (to the longest of these 4), not the cache's max_length padding: masking must make it equal
+        enc = tok([texts[int(i)] for i in test_idx[:4]], padding=True, truncation=True, max_length=E.MAX_LEN,
+                  return_tensors="pt")
+        expected = model(**enc).logits
+        te = inst.extras["data"]["test"]
+        got = inst.extras["logits"](te["h"][:4], te["mask"][:4])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert 0.0 <= inst.evaluate() <= 1.0
+
+
+def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch):
+    """The CI size of the encoder problem runs in seconds, for MeZO and its block-probe variant."""
+    pytest.importorskip("transformers")
+    from zo_optim.bench import encoder as E
+
+    monkeypatch.setenv("ZO_OPTIM_CACHE", str(tmp_path))
+    monkeypatch.setitem(E.SIZES, "ci", (32, 32))
+    spec = P.PROBLEMS["encoder"]
+    assert C.configs("encoder", "mezo+blocks", False, False) == [
+        {"lr": recommended_lr("mezo", "convergence/encoder"), "block_probes": True}]
+    for name in ("mezo", "mezo+blocks"):
+        kwargs = C.configs("encoder", name, False, False)[0]
+        r = C.run_one(spec, "ci", name, kwargs, 0, C.zo_optim_factory, budget=40)
+        assert r.forwards[-1] == 40 and r.steps == 20 and not r.diverged
+    groups = C._param_groups(P.build("encoder", "ci", seed=0))
+    assert [len(g["params"]) for g in groups] == [10, 6, 4]
+    quad = P.build("quadratic", "ci", seed=0)  # no blocks declared: one block per tensor
+    assert [g["params"][0] is p for g, p in zip(C._param_groups(quad), quad.params, strict=True)] == [True] * 4

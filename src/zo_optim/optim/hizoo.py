@@ -68,7 +68,7 @@ class HiZOO(ZOOptimizer):
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 1e-5},
         "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
-        "convergence/mlp": {"lr": 1e-2}, "convergence/minilm": {"lr": 2e-3},
+        "convergence/mlp": {"lr": 1e-2}, "convergence/minilm": {"lr": 2e-3}, "convergence/encoder": {"lr": 3e-4},
     }
     precond_buffer = "hessian"
     needs_center_loss = True

@@ -38,6 +38,11 @@ class MeZO(ZOOptimizer):
     of 4; weight decay applies to every parameter of a group (use param groups
     to exclude biases/LayerNorm as MeZO does).
 
+    Option ``block_probes=True`` (default ``False``): each step perturbs and updates one param group
+    (a block, drawn from the step seed ∝ the group's ``block_weight``, default 1), with the step
+    scaled by D/d_l (trainable parameters in all / in the block) — math, sources and cost in
+    :mod:`zo_optim.optim._subspace`; measured in docs/convergence.md. A step stays (seed, scalars).
+
     Scalars for :meth:`apply_update`: ``projected_grads`` = the q values g_k; no extras.
     State: ``momentum_buffer`` (fp32) only when ``momentum != 0`` — 0 or 4 bytes/param.
     """
@@ -49,7 +54,7 @@ class MeZO(ZOOptimizer):
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 3e-4},
         "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
-        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3}, "convergence/encoder": {"lr": 3e-4},
     }
 
     def __init__(
@@ -62,10 +67,12 @@ class MeZO(ZOOptimizer):
         zo_eps: float = 1e-3,
         num_queries: int = 1,
         estimator: str = "central",
+        block_probes: bool = False,
         **kwargs: Any,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
+        self._set_block_probes(block_probes)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

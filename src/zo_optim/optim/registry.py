@@ -48,6 +48,8 @@ USES: Mapping[str, str] = MappingProxyType({
     "convergence/rosenbrock": "zo-optim bench convergence: centre of the lr grid on Rosenbrock (docs/convergence.md)",
     "convergence/mlp": "zo-optim bench convergence: centre of the lr grid on the MLP (docs/convergence.md)",
     "convergence/minilm": "zo-optim bench convergence: centre of the lr grid on MiniLM (docs/convergence.md)",
+    "convergence/encoder": "zo-optim bench convergence: centre of the lr grid on MiniLM's last layer + head "
+                           "(docs/convergence.md; measured for MeZO and MeZO+blocks only)",
 })
 
 

@@ -46,7 +46,7 @@ class ZOAdam(ZOOptimizer):
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 3e-3},
         "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 3e-4},
         "convergence/quadratic": {"lr": 3e-2}, "convergence/rosenbrock": {"lr": 5e-2},
-        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 1e-3},
+        "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 1e-3}, "convergence/encoder": {"lr": 1e-4},
     }
     buffer_ranges: ClassVar[dict[str, tuple[float, bool]]] = {"exp_avg_sq": (0.0, False)}
 
