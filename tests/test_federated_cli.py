@@ -39,9 +39,12 @@ def test_cli_prints_accuracy_bytes_and_checksum_and_writes_files(tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     checksum = re.search(r"^checksum: ([0-9a-f]{64})$", text, re.M)
     assert checksum and checksum.group(1) == summary["checksum"]
-    assert "held-out accuracy before" in text and "payload per reply: 58 B up (5 float32 scalars" in text
+    # the replica check says what it compared (all 3 clients) and that nothing was left unchecked
+    assert "replicas: 3 replica(s) checked: all identical to the server" in text
+    assert summary["replicas"] == {"checked": [0, 1, 2], "differing": [], "unchecked": []}
+    assert "held-out accuracy before" in text and "payload per reply: 62 B up (5 float32 scalars" in text
     assert summary["rounds"] == 3 and summary["optimizer"] == "HiSo" and summary["trainable_params"] == 770
-    assert summary["participations"] == 6 and summary["bytes_up_per_reply"] == 58
+    assert summary["participations"] == 6 and summary["bytes_up_per_reply"] == 62
     assert sum(summary["client_examples"]) == 48 and min(summary["client_examples"]) >= 2
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (out / "rounds.csv").read_text().splitlines()

@@ -158,7 +158,7 @@ def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_p
     assert all(set(r.sampled) == {0, 1} for r in strategy.server.history)
     assert strategy.server.rejections["handshake"] == 1
     assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1]
-    # bytes up per reply: payload 8 + len("reply") + the 25 B packed header + 4·τ·P (docs/federated.md), and on
+    # bytes up per reply: payload 8 + len("reply") + the 29 B packed header + 4·τ·P (docs/federated.md), and on
     # Flower's record count the 24 B of keys on top (zo_fed, kind, h, scalars, extras)
     payload = 8 + len("reply") + REPLY_HEADER.size + 4 * TAU
     for r in strategy.server.history:

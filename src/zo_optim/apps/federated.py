@@ -119,10 +119,10 @@ class _FlowerResult:
     history: list[Any]
     bytes_up: int
     bytes_down: int
-    identical: bool
+    check: Any  # the strategy's ReplicaCheck
 
-    def replicas_identical(self) -> bool:
-        return self.identical
+    def replicas_identical(self) -> Any:
+        return self.check
 
 
 def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -> _FlowerResult:
@@ -223,12 +223,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(threads)
         bar.close()
     train_s = time.perf_counter() - t0
-    if not result.replicas_identical():
+    check = result.replicas_identical()
+    # what was compared and what could not be, both printed: an "identical" that skipped a client says so
+    print(f"replicas: {check.describe()}")
+    if not check.identical:
         raise RuntimeError("a client replica differs from the server after the final catch-up; please report this")
     acc_after, loss_after = task.evaluate(result.server)
     checksum = weights_checksum(result.server)
     summary = _summary(args, lr, result, task, acc_before, loss_before, acc_after, loss_after, curve, checksum,
                        encode_s, train_s, time.perf_counter() - t_start)
+    summary["replicas"] = {"checked": list(check.checked), "differing": list(check.differing),
+                           "unchecked": [[str(c), why] for c, why in check.unchecked]}
     _write(args.out, result.history, curve, summary)
     _report(summary)
     return summary

@@ -125,12 +125,29 @@ class FederatedWrapper:
                 "local_step_counter": self.local_step_counter, "snapshot": snap.payload}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; atomic: every key and type is checked, and the snapshot is
+        validated by :meth:`Replica.load_snapshot` (itself atomic), before anything is replaced."""
         from .protocol import Snapshot
 
-        self.replica.load_snapshot(Snapshot(int(state["position"]), state["snapshot"]))
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid state dict: expected FederatedWrapper.state_dict()'s dict, got "
+                             f"{type(state).__name__}")
+        missing = [k for k in ("position", "server_seed", "local_step_counter", "snapshot") if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state dict: missing {missing} (expected FederatedWrapper.state_dict()'s keys)")
+        position, seed, counter, blob = (state[k] for k in ("position", "server_seed", "local_step_counter",
+                                                               "snapshot"))
+        for name, v in (("position", position), ("local_step_counter", counter), ("server_seed", seed)):
+            if name == "server_seed" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64:
+                raise ValueError(f"Invalid state dict: {name} = {v!r} (an int in [0, 2**64))")
+        if not isinstance(blob, bytes):
+            raise ValueError(f"Invalid state dict: snapshot is a {type(blob).__name__}, expected bytes")
+        self.replica.load_snapshot(Snapshot(position, blob))  # validated first; raises before any write
         self.replica.snapshot_loads -= 1  # a restart, not a catch-up
-        self.replica.server_seed = state["server_seed"]
-        self.local_step_counter = int(state["local_step_counter"])
+        self.replica.server_seed = seed
+        self.local_step_counter = counter
 
     # ------------------------------------------------------------------ protocol
 

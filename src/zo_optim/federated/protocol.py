@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 #: version of the message layout; a peer with another version is refused
-#: (2: a reply's header is one packed 25-byte field, see :data:`REPLY_HEADER`)
-PROTOCOL_VERSION = 2
+#: (2: a reply's header is one packed 25-byte field, see :data:`REPLY_HEADER`; 3: the header's client id is
+#: uint64, 29 bytes, so Flower's random 64-bit node ids fit)
+PROTOCOL_VERSION = 3
 
 Plain = int | float | str | bytes
 
@@ -201,12 +202,13 @@ class Reply(Message):
 
 _KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Task, Reply)}
 
-#: a reply's header, one ``bytes`` field ``"h"``: status code (uint8), round, client id, position,
-#: n_examples (uint32 each), loss (float32), contract digest (uint32: CRC-32 of "algorithm|rng_version").
-#: Packed because the reply is the per-round uplink: 25 B instead of 71 B of self-describing fields, so an
-#: ``ok`` reply with τ·P = 5 scalars is 58 B of payload (was 99 B). The handshake already pinned the
-#: algorithm and RNG contract; the digest still lets the server refuse a reply from another contract.
-REPLY_HEADER = struct.Struct("<BIIIIfI")
+#: a reply's header, one ``bytes`` field ``"h"``: status code (uint8), round (uint32), client id (uint64: every
+#: id a :class:`Hello` may carry, Flower's random 64-bit node ids included), position, n_examples (uint32 each),
+#: loss (float32), contract digest (uint32: CRC-32 of "algorithm|rng_version"). Packed because the reply is the
+#: per-round uplink: 29 B instead of 71 B of self-describing fields, so an ``ok`` reply with τ·P = 5 scalars is
+#: 62 B of payload. The handshake already pinned the algorithm and RNG contract; the digest still lets the
+#: server refuse a reply from another contract.
+REPLY_HEADER = struct.Struct("<BIQIIfI")
 _STATUS = ("ok", "gap", "synced")
 _CONTRACTS: dict[int, tuple[str, str]] = {}
 
@@ -233,8 +235,9 @@ def _encode_reply(msg: Reply) -> dict[str, Plain]:
     if msg.status not in _STATUS:
         raise ProtocolError(f"reply status {msg.status!r} is not one of {_STATUS}")
     for name in ("round", "client_id", "position", "n_examples"):
-        if not 0 <= getattr(msg, name) < 2**32:
-            raise ProtocolError(f"reply field {name!r} = {getattr(msg, name)} is outside uint32")
+        value, bits = getattr(msg, name), 64 if name == "client_id" else 32
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**bits:
+            raise ProtocolError(f"reply field {name!r} = {value!r} is outside uint{bits}")
     head = REPLY_HEADER.pack(_STATUS.index(msg.status), msg.round, msg.client_id, msg.position, msg.n_examples,
                              msg.loss, contract_digest(msg.algorithm, msg.rng_version))
     return {"zo_fed": msg.version, "kind": msg.kind, "h": head, "scalars": msg.scalars, **_pack_extras(msg.extras)}

@@ -49,6 +49,26 @@ from .replica import Replica, config_digest
 
 __all__ = ["Receipt", "RoundRecord", "Server"]
 
+def _mistyped(reply: Reply) -> str:
+    """What in a Reply object has the wrong type (a decoded one never does; one built in process may), or ""."""
+    for name in ("round", "client_id", "position", "n_examples", "version"):
+        v = getattr(reply, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64:
+            return f"reply field {name!r} = {v!r} is not a uint64"
+    for name in ("status", "algorithm", "rng_version"):
+        if not isinstance(getattr(reply, name), str):
+            return f"reply field {name!r} is a {type(getattr(reply, name)).__name__}, not a str"
+    if not isinstance(reply.loss, (int, float)) or isinstance(reply.loss, bool):
+        return f"reply field 'loss' is a {type(reply.loss).__name__}, not a float"
+    if not isinstance(reply.scalars, bytes):
+        return f"reply field 'scalars' is a {type(reply.scalars).__name__}, not bytes"
+    if not isinstance(reply.extras, tuple) or not all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], bytes)
+            for x in reply.extras):
+        return "reply field 'extras' is not a tuple of (name, bytes) pairs"
+    return ""
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What :meth:`Server.receive` did with a reply."""
@@ -181,6 +201,11 @@ class Server:
     @property
     def clients(self) -> tuple[int, ...]:
         return tuple(self._positions)
+
+    @property
+    def owes(self) -> dict[int, int]:
+        """Client → the round it was sampled in and has not answered yet (a copy)."""
+        return dict(self._owes)
 
     @property
     def round_open(self) -> bool:
@@ -349,7 +374,16 @@ class Server:
         return Receipt(False, reason if not detail else f"{reason}: {detail}", client)
 
     def receive(self, reply: Reply | dict[str, Any], now: float | None = None) -> Receipt:
-        """Validate one reply (an object or its encoding) and keep it for the aggregate if it is valid."""
+        """Validate one reply (an object or its encoding) and keep it for the aggregate if it is valid.
+
+        Anything but a :class:`Reply` or a dict (``None``, a list, another object) is an engine's bug, not a
+        peer's message: :class:`ProtocolError`, before any counter moves.
+        """
+        if not isinstance(reply, (Message, dict)):
+            raise ProtocolError(f"Server.receive takes a Reply or its encoding (a dict from encode()), got "
+                                f"{type(reply).__name__}")
+        if isinstance(reply, Reply) and _mistyped(reply):  # cannot even be encoded (or counted)
+            return self._reject("malformed", None, _mistyped(reply))
         size = payload_bytes(reply)
         if self._record is not None:
             self._record.bytes_up += size

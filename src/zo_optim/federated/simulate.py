@@ -19,6 +19,7 @@ import torch
 
 from ..optim.base import ZOOptimizer
 from .client import FederatedWrapper
+from .consistency import ReplicaCheck, check_replicas
 from .protocol import decode, encode, payload_bytes
 from .server import RoundRecord, Server
 
@@ -51,10 +52,12 @@ class SimulationResult:
     def losses(self) -> list[float]:
         return [r.loss for r in self.history]
 
-    def replicas_identical(self) -> bool:
-        """Every client's weights and optimizer state are bit-identical to the server's."""
-        ref = self.coordinator.checksum()
-        return all(w.checksum() == ref for w in self.wrappers)
+    def replicas_identical(self) -> ReplicaCheck:
+        """Which clients' weights and optimizer state are bit-identical to the server's, and which could not be
+        compared (a client left behind the server's position); truthy only if all were checked and identical."""
+        ref, pos = self.coordinator.checksum(), self.coordinator.position
+        behind = [(w.client_id, f"at position {w.position}, server {pos}") for w in self.wrappers if w.position != pos]
+        return check_replicas(ref, {w.client_id: w.checksum() for w in self.wrappers if w.position == pos}, behind)
 
 
 def simulate(
