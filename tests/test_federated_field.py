@@ -7,8 +7,21 @@ import dataclasses
 import pytest
 import torch
 
+import zo_optim
 from fed_problems import batch_loss, data, mezo, mlp_fn
-from zo_optim.federated import FederatedWrapper, ProtocolError, Server, decode, encode, simulate
+from zo_optim import rng
+from zo_optim.federated import (
+    FederatedWrapper,
+    ProtocolError,
+    Replica,
+    Reply,
+    RoundEntry,
+    Server,
+    decode,
+    encode,
+    pack_scalars,
+    simulate,
+)
 
 BIG = [2**64 - 1, 2**63 + 12345, 2**32]  # Flower's node ids are random uint64: every width of id must train
 
@@ -105,3 +118,78 @@ def test_replicas_identical_says_what_it_could_not_check():
         next(res.clients[1].parameters()).add_(1e-3)
     check = res.replicas_identical()
     assert not check.identical and check.differing == (1,) and "[1] DIFFER" in check.describe()
+
+
+# ---------------------------------------------------------------- semantic validation, refused rounds, quarantine
+
+def _reply(server, c, scalars, **extras):
+    return Reply(round=server.current_round, client_id=c, status="ok", position=server.current_round,
+                 algorithm=server.optimizer.algorithm, rng_version=rng.RNG_VERSION, n_examples=1, loss=0.5,
+                 scalars=pack_scalars(scalars), extras=tuple((n, pack_scalars(v)) for n, v in sorted(extras.items())))
+
+
+@pytest.mark.parametrize("make, stream", [
+    (lambda m: zo_optim.HELENE(m.parameters(), lr=1e-3, backend="reference"), "sq_grad_sum"),
+    (lambda m: zo_optim.HiZOO(m.parameters(), lr=1e-3, backend="reference"), "curvature"),
+])
+def test_impossible_finite_streams_are_refused_and_rounds_keep_closing(make, stream):
+    server = Server(make(mlp_fn()), clients=2, clients_per_round=2, server_seed=3, extras=[stream])
+    for r in range(3):
+        server.open_round()
+        # -1e5 is finite and within max_abs_scalar (1e6): only its meaning (a sum of squares, |.|/(2 eps^2)) is wrong
+        bad = server.receive(encode(_reply(server, 0, [0.1], **{stream: [-1e5]})))
+        assert not bad.accepted and bad.reason.startswith("invalid") and "negative" in bad.reason, bad.reason
+        assert server.receive(encode(_reply(server, 1, [0.1], **{stream: [2.0]}))).accepted
+        rec = server.close_round()
+        assert rec.participants == (1,) and rec.aggregate_refused == "" and server.position == r + 1
+    # the server's own state is one its loader accepts: a snapshot of it loads into a fresh replica
+    fresh = Replica(make(mlp_fn()), server_seed=3, extras=[stream])
+    fresh.load_snapshot(server.replica.snapshot())
+    assert fresh.checksum() == server.checksum()
+
+
+def test_an_aggregate_the_server_would_refuse_is_refused_as_a_round():
+    # MeZO with a huge lr: a scalar of 1e6 (in range, finite) moves weights by lr·1e6·z ≈ 1e40: inf in float32.
+    # The state check refuses the round: it is logged empty, the replica is restored bit for bit, and the next
+    # round closes normally.
+    server = Server(mezo(mlp_fn(), lr=1e34), clients=1, clients_per_round=1, server_seed=3)
+    server.open_round()
+    assert server.receive(_reply(server, 0, [1e6])).accepted
+    rec = server.close_round()
+    assert "non-finite" in rec.aggregate_refused and server.rejections["aggregate"] == 1
+    assert server.entry(0).empty and server.position == 1 and server.replica.applied_rounds == 0
+    fresh = Replica(mezo(mlp_fn(), lr=1e34), server_seed=3)
+    fresh.apply(server.entry(0))
+    assert fresh.checksum() == server.checksum()  # the empty round: position moved, nothing else
+    server.open_round()
+    assert server.receive(_reply(server, 0, [1e-40])).accepted  # a harmless one applies
+    assert server.close_round().aggregate_refused == "" and server.replica.applied_rounds == 1
+
+
+def test_apply_checked_refuses_negative_curvature_and_changes_nothing():
+    from zo_optim.federated.validation import apply_checked
+
+    rep = Replica(zo_optim.HiZOO(mlp_fn().parameters(), lr=1e-3, backend="reference"), server_seed=1)
+    before = rep.checksum()
+    entry = RoundEntry(0, 1, pack_scalars([0.5]), (("curvature", pack_scalars([-3.0])),))
+    why = apply_checked(rep, entry)
+    assert "negative curvature" in why and rep.checksum() == before and rep.position == 0
+
+
+def test_a_client_refused_k_times_is_quarantined_logged_and_released(caplog):
+    server = Server(mezo(mlp_fn()), clients=3, clients_per_round=3, server_seed=3, quarantine_after=2,
+                    quarantine_window=3, quarantine_rounds=2)
+    for _ in range(6):
+        tasks = server.open_round()
+        if 2 in tasks:
+            assert not server.receive(_reply(server, 2, [float("nan")])).accepted
+        for c in (0, 1):
+            assert server.receive(_reply(server, c, [0.1])).accepted
+        server.close_round()
+    # refused in rounds 0 and 1 → quarantined in round 1 (2 refusals in a 3-round window); not sampled in round 2;
+    # released at the opening of round 3 (quarantine_rounds=2), refused in rounds 3 and 4 → quarantined again
+    assert [r.round for r in server.history if r.quarantined == [2]] == [1, 4]
+    assert [2 in r.sampled for r in server.history] == [True, True, False, True, True, False]
+    assert "client 2 quarantined in round 1" in caplog.text and "client 2 released from quarantine" in caplog.text
+    assert server.release_quarantine(2) and 2 not in server.quarantine  # reversible by hand
+    assert 2 in server.open_round()

@@ -15,12 +15,11 @@ reaches the aggregate, each client at most once per round.
 
 from __future__ import annotations
 
-import math
+import logging
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,54 +44,14 @@ from .protocol import (
     payload_bytes,
     reply_client_id,
 )
+from .quarantine import Quarantine
+from .records import Receipt, RoundRecord
 from .replica import Replica, config_digest
+from .validation import apply_checked, mistyped, reply_error
 
 __all__ = ["Receipt", "RoundRecord", "Server"]
 
-def _mistyped(reply: Reply) -> str:
-    """What in a Reply object has the wrong type (a decoded one never does; one built in process may), or ""."""
-    for name in ("round", "client_id", "position", "n_examples", "version"):
-        v = getattr(reply, name)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64:
-            return f"reply field {name!r} = {v!r} is not a uint64"
-    for name in ("status", "algorithm", "rng_version"):
-        if not isinstance(getattr(reply, name), str):
-            return f"reply field {name!r} is a {type(getattr(reply, name)).__name__}, not a str"
-    if not isinstance(reply.loss, (int, float)) or isinstance(reply.loss, bool):
-        return f"reply field 'loss' is a {type(reply.loss).__name__}, not a float"
-    if not isinstance(reply.scalars, bytes):
-        return f"reply field 'scalars' is a {type(reply.scalars).__name__}, not bytes"
-    if not isinstance(reply.extras, tuple) or not all(
-            isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], bytes)
-            for x in reply.extras):
-        return "reply field 'extras' is not a tuple of (name, bytes) pairs"
-    return ""
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What :meth:`Server.receive` did with a reply."""
-
-    accepted: bool
-    reason: str
-    client_id: int | None = None
-    retry: Task | None = None
-
-
-@dataclass
-class RoundRecord:
-    """One closed round: who took part, what was refused, the mean loss and payload bytes."""
-
-    round: int
-    sampled: tuple[int, ...]
-    participants: tuple[int, ...]
-    dropped: tuple[int, ...]
-    rejected: list[tuple[int | None, str]] = field(default_factory=list)
-    loss: float = math.nan
-    bytes_up: int = 0
-    bytes_down: int = 0
-    snapshot_bytes: int = 0
-
+log = logging.getLogger("zo_optim.federated")
 
 class Server:
     """The coordinator of a federation, with its own replica of the model.
@@ -114,6 +73,9 @@ class Server:
         release_after: a sampled client that never answered may be sampled again this many rounds later.
         sample_seed: seed of the sampling RNG (default: from the server seed).
         extras: optional extra streams to carry (e.g. HELENE's ``"sq_grad_sum"``).
+        quarantine_after, quarantine_window, quarantine_rounds: a client refused ``quarantine_after`` times
+            within ``quarantine_window`` rounds is not sampled for ``quarantine_rounds`` rounds (None: until
+            :meth:`release_quarantine`); ``quarantine_after=None`` (default) never quarantines.
         clock: time source for the deadline.
     """
 
@@ -136,6 +98,9 @@ class Server:
         release_after: int = 2,
         sample_seed: int | None = None,
         extras: Iterable[str] = (),
+        quarantine_after: int | None = None,
+        quarantine_window: int = 10,
+        quarantine_rounds: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -172,6 +137,7 @@ class Server:
         self.release_after = release_after
         self.clock = clock
         self.log = RoundLog(log_limit, max_snapshots=max_snapshots)
+        self.quarantine = Quarantine(quarantine_after, quarantine_window, quarantine_rounds)
         self.digest = config_digest(optimizer)
         # the replica's checksum at the positions a joining client can be checked against: 0 (a fresh client
         # must start from the server's initial weights) and the current one (cached until a round closes)
@@ -324,8 +290,12 @@ class Server:
         return owed is not None
 
     def eligible(self) -> list[int]:
-        """Clients that may be sampled now: every client that owes no reply."""
-        return [c for c in self._positions if c not in self._owes]
+        """Clients that may be sampled now: every client that owes no reply and is not quarantined."""
+        return [c for c in self._positions if c not in self._owes and c not in self.quarantine]
+
+    def release_quarantine(self, client_id: int) -> bool:
+        """Let a quarantined client be sampled again (and forget its refusals); True if it was quarantined."""
+        return self.quarantine.release(client_id)
 
     def open_round(self, now: float | None = None) -> dict[int, Task]:
         """Open round ``position``: sample up to m eligible clients and build their tasks."""
@@ -336,6 +306,7 @@ class Server:
         for c, since in list(self._owes.items()):
             if r - since > self.release_after:
                 del self._owes[c]
+        self.quarantine.expire(r)
         pool = self.eligible()
         sampled = tuple(sorted(self._sampler.sample(pool, min(self.clients_per_round, len(pool)))))
         self._round = r
@@ -371,6 +342,11 @@ class Server:
         self.rejections[reason] += 1
         if self._record is not None:
             self._record.rejected.append((client, reason))
+        # a late reply or an unknown id is what a slow or restarted honest client sends: not held against it
+        if client in self._positions and reason not in ("late", "quarantined"):
+            assert client is not None
+            if self.quarantine.refused(client, self.position, reason) and self._record is not None:
+                self._record.quarantined.append(client)
         return Receipt(False, reason if not detail else f"{reason}: {detail}", client)
 
     def receive(self, reply: Reply | dict[str, Any], now: float | None = None) -> Receipt:
@@ -382,8 +358,8 @@ class Server:
         if not isinstance(reply, (Message, dict)):
             raise ProtocolError(f"Server.receive takes a Reply or its encoding (a dict from encode()), got "
                                 f"{type(reply).__name__}")
-        if isinstance(reply, Reply) and _mistyped(reply):  # cannot even be encoded (or counted)
-            return self._reject("malformed", None, _mistyped(reply))
+        if isinstance(reply, Reply) and mistyped(reply):  # cannot even be encoded (or counted)
+            return self._reject("malformed", None, mistyped(reply))
         size = payload_bytes(reply)
         if self._record is not None:
             self._record.bytes_up += size
@@ -409,6 +385,10 @@ class Server:
             return self._reject("algorithm", c, repr(reply.algorithm))
         if c not in self._positions:
             return self._reject("unknown_client", c)
+        if c in self.quarantine:
+            self._answered.add(c)
+            self._owes.pop(c, None)
+            return self._reject("quarantined", c, self.quarantine.quarantined[c][1])
         if reply.status == "synced":
             if 0 <= reply.position <= self.position:
                 self._positions[c] = reply.position
@@ -439,22 +419,9 @@ class Server:
             return Receipt(False, "gap", c, retry=task)
         self._answered.add(c)
         self._owes.pop(c, None)
-        if reply.status != "ok":
-            return self._reject("status", c, repr(reply.status))
-        if reply.position != self._round:
-            return self._reject("position", c, f"measured at position {reply.position}, round {self._round}")
-        if not 1 <= reply.n_examples <= self.max_examples:
-            return self._reject("n_examples", c, f"{reply.n_examples}")
-        n = self.replica.num_values
-        names = tuple(name for name, _ in reply.extras)
-        if len(reply.scalars) != 4 * n or names != self.streams or any(len(b) != 4 * n for _, b in reply.extras):
-            return self._reject("shape", c, f"{len(reply.scalars)} B of scalars, extras {list(names)}; expected "
-                                f"{4 * n} B and {list(self.streams)}")
-        values = np.frombuffer(reply.scalars + b"".join(b for _, b in reply.extras), dtype="<f4")
-        if not (np.isfinite(values).all() and math.isfinite(reply.loss)):
-            return self._reject("nonfinite", c)
-        if values.size and float(np.abs(values).max()) > self.max_abs_scalar:
-            return self._reject("too_large", c, f"|scalar| {float(np.abs(values).max()):.3g} > {self.max_abs_scalar}")
+        wrong = reply_error(reply, self._round, self.replica, self.streams, self.max_examples, self.max_abs_scalar)
+        if wrong is not None:
+            return self._reject(*wrong)
         self._replies[c] = reply
         self._positions[c] = reply.position
         return Receipt(True, "ok", c)
@@ -481,7 +448,13 @@ class Server:
             raise RuntimeError("no round is open")
         replies = [self._replies[c] for c in sorted(self._replies)]
         entry = self._aggregate(replies)
-        self.replica.apply(entry)
+        refused = apply_checked(self.replica, entry)
+        if refused:  # the round is logged empty: every replica moves its position and nothing else
+            entry = RoundEntry(round=entry.round, n_participants=0)
+            self.replica.apply(entry)
+            self._record.aggregate_refused = refused
+            self.rejections["aggregate"] += 1
+            log.warning("round %d: aggregate refused, applied as an empty round: %s", entry.round, refused)
         self.log.append(entry)
         if self.snapshot_every is not None and self.log.end % self.snapshot_every == 0:
             self.log.add_snapshot(self.replica.snapshot())
