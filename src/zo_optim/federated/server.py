@@ -16,10 +16,12 @@ reaches the aggregate, each client at most once per round.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ import torch
 from .. import rng
 from ..optim.base import ZOOptimizer
 from ._contract import contract_mismatches
+from ._server_state import Durable
 from .aggregation import AGGREGATIONS, _invalid_aggregation, aggregate
 from .log import RoundLog
 from .protocol import (
@@ -53,7 +56,7 @@ __all__ = ["Receipt", "RoundRecord", "Server"]
 
 log = logging.getLogger("zo_optim.federated")
 
-class Server:
+class Server(Durable):
     """The coordinator of a federation, with its own replica of the model.
 
     Args:
@@ -76,6 +79,9 @@ class Server:
         quarantine_after, quarantine_window, quarantine_rounds: a client refused ``quarantine_after`` times
             within ``quarantine_window`` rounds is not sampled for ``quarantine_rounds`` rounds (None: until
             :meth:`release_quarantine`); ``quarantine_after=None`` (default) never quarantines.
+        checkpoint_dir: write :meth:`state_dict` atomically to ``checkpoint_dir/server.ckpt`` after every
+            ``checkpoint_every``-th closed round (:mod:`~zo_optim.federated.checkpoint`); None: never.
+        checkpoint_every: rounds between checkpoints.
         clock: time source for the deadline.
     """
 
@@ -101,6 +107,8 @@ class Server:
         quarantine_after: int | None = None,
         quarantine_window: int = 10,
         quarantine_rounds: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -123,6 +131,8 @@ class Server:
             raise ValueError(f"Invalid round_timeout: {round_timeout!r} (seconds > 0, or None)")
         if not isinstance(release_after, int) or release_after < 1:
             raise ValueError(f"Invalid release_after: {release_after!r} (an int >= 1)")
+        if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+            raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r} (an int >= 1)")
         ids = list(range(clients)) if isinstance(clients, int) else [int(c) for c in clients]
         self.server_seed = random.getrandbits(64) if server_seed is None else int(server_seed)
         self.replica = Replica(optimizer, local_steps=local_steps, server_seed=self.server_seed, extras=extras)
@@ -138,6 +148,10 @@ class Server:
         self.clock = clock
         self.log = RoundLog(log_limit, max_snapshots=max_snapshots)
         self.quarantine = Quarantine(quarantine_after, quarantine_window, quarantine_rounds)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        #: ``checkpoint_extra()`` → a dict saved with each checkpoint (an engine's own state: simulate's clients)
+        self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
         self.digest = config_digest(optimizer)
         # the replica's checksum at the positions a joining client can be checked against: 0 (a fresh client
         # must start from the server's initial weights) and the current one (cached until a round closes)
@@ -470,6 +484,8 @@ class Server:
         self._record = None
         self._deadline = None
         self._replies = {}
+        if self.checkpoint_dir is not None and self.position % self.checkpoint_every == 0:
+            self.save_checkpoint()
         return rec
 
     def entry(self, round_idx: int) -> RoundEntry:
