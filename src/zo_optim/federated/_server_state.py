@@ -15,14 +15,14 @@ import os
 import random
 from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint, write_checkpoint
 from .protocol import Reply, Snapshot, decode, encode
 from .records import RoundRecord
 
-if TYPE_CHECKING:
-    from .server import Server
+# the server is typed Any here: importing Server (even under TYPE_CHECKING) would make an import cycle
+Server = Any
 
 __all__ = ["Durable", "load_server_state", "server_state"]
 
@@ -153,11 +153,11 @@ class Durable:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue (``torch.optim`` convention: load into a server built with the same
         arguments); see :mod:`zo_optim.federated._server_state`."""
-        return server_state(self)  # type: ignore[arg-type]
+        return server_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output; ValueError (nothing changed) if it does not fit."""
-        load_server_state(self, state)  # type: ignore[arg-type]
+        load_server_state(self, state)
 
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
         """Write :meth:`state_dict` (and ``checkpoint_extra()``) atomically to ``directory/server.ckpt``."""
