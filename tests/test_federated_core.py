@@ -270,7 +270,7 @@ def test_a_snapshot_does_not_change_the_state_digest():
     assert server.handshake(saved.hello()).accepted
 
 
-def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_only():
+def test_state_digest_is_checked_at_every_position_the_chain_keeps():
     ds = data(2)
     server, ws = _pair()
     for _ in range(3):
@@ -292,7 +292,11 @@ def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_on
     wrong = dataclasses.replace(w.hello(), state_digest="0" * 64)
     welcome = server.handshake(wrong)
     assert not welcome.accepted and "at position 3 differ" in welcome.reason
-    # in between (a client restarted from its own saved state at position 1): the server cannot know; not checked
+    # in between (a client restarted from its own saved state at position 1): the digest chain keeps the server's
+    # checksum at every position its log can replay from, so that one is checked too
+    assert not server.handshake(dataclasses.replace(wrong, position=1)).accepted
+    # a position the server no longer keeps (its log trimmed past it) cannot be checked: accepted
+    server.chain.trim(3, [])
     assert server.handshake(dataclasses.replace(wrong, position=1)).accepted
 
 
@@ -304,7 +308,8 @@ def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
         with pytest.raises(ProtocolError, match="task refused"):
             w.handle(Task(**{**task.__dict__, **bad}))
     # a task whose entries start beyond the client's position: a gap reply, not a crash
-    gap = Task(**{**task.__dict__, "round": 5, "log_start": 3, "entries": (RoundEntry(3, 0), RoundEntry(4, 0))})
+    gap = Task(**{**task.__dict__, "round": 5, "log_start": 3, "entries": (RoundEntry(3, 0), RoundEntry(4, 0)),
+                  "chain": b""})  # hand-built entries: unverified (a chain of the wrong length is "diverged")
     reply = w.handle(gap, lambda s: 0.0)
     assert reply.status == "gap" and reply.position == 0
     with pytest.raises(GapError):

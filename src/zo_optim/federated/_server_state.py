@@ -53,7 +53,7 @@ def server_state(s: Server) -> dict[str, Any]:
         "replica": {"snapshot": s.replica.snapshot().payload, "position": s.replica.position,
                     "applied_rounds": s.replica.applied_rounds},
         "log": s.log.state_dict(),
-        "state_digests": dict(s._state_digests),
+        "chain": s.chain.state_dict(),
         "sampler": s._sampler.getstate(),
         "positions": dict(s._positions),
         "owes": dict(s._owes),
@@ -103,8 +103,7 @@ def load_server_state(s: Server, state: dict[str, Any]) -> None:
         history = [_record(d) for d in state["history"]]
         left = state["deadline_left"]
         parsed = dict(
-            server_seed=int(state["server_seed"]), state_digests={int(k): str(v) for k, v in
-                                                                 state["state_digests"].items()},
+            server_seed=int(state["server_seed"]),
             positions=positions, owes=owes, round=None if rnd is None else int(rnd),
             sampled=tuple(int(c) for c in state["sampled"]), replies={r.client_id: r for r in replies},
             answered={int(c) for c in state["answered"]}, retries=Counter({int(c): int(n) for c, n in
@@ -115,6 +114,10 @@ def load_server_state(s: Server, state: dict[str, Any]) -> None:
             late=[(int(r), None if c is None else int(c)) for r, c in state["late"]])
         quarantine = type(s.quarantine)(s.quarantine.after, s.quarantine.window, s.quarantine.rounds)
         quarantine.load_state_dict(state["quarantine"])
+        chain = type(s.chain)(0, "", "00" * 32)
+        chain.load_state_dict(state["chain"])
+        if chain.end != end:
+            raise ValueError(f"the chain ends at {chain.end}, the log at {end}")
         applied = int(rep["applied_rounds"])
         snapshot = Snapshot(int(rep["position"]), rep["snapshot"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -126,7 +129,7 @@ def load_server_state(s: Server, state: dict[str, Any]) -> None:
     s.replica.applied_rounds = applied
     s.server_seed = parsed["server_seed"]
     s.log.load_state(log_parsed)
-    s._state_digests = parsed["state_digests"]
+    s.chain = chain
     s._sampler = sampler
     s._positions = parsed["positions"]
     s._owes = parsed["owes"]

@@ -54,7 +54,8 @@ __all__ = [
 
 #: version of the message layout; a peer with another version is refused
 #: (2: a reply's header is one packed 25-byte field, see :data:`REPLY_HEADER`; 3: the header's client id is
-#: uint64, 29 bytes, so Flower's random 64-bit node ids fit)
+#: uint64, 29 bytes, so Flower's random 64-bit node ids fit; tasks and welcomes carry the digest chain, replies
+#: may say "diverged")
 PROTOCOL_VERSION = 3
 
 Plain = int | float | str | bytes
@@ -149,6 +150,9 @@ class Welcome(Message):
     num_queries: int
     local_steps: int
     position: int
+    #: the digest chain at ``position`` (:mod:`~zo_optim.federated.chain`; at 0 it commits to the initial
+    #: weights); ``b""``: the server does not keep it for that position
+    chain: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,9 @@ class Task(Message):
     snapshot: Snapshot | None = None
     compute: bool = True
     streams: str = ""
+    #: base digest, snapshot checksum, one checksum per entry (:mod:`~zo_optim.federated.chain`); ``b""``: not
+    #: verified (an engine that delivers entries itself)
+    chain: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,8 @@ class Reply(Message):
     ``status="ok"``: ``scalars`` (τ·P packed float32, k-major) and ``extras`` hold the
     client's projected gradients for round ``round``, measured at position ``round``.
     ``status="gap"``: the client could not reach ``round`` from the task; ``position`` is
-    where it really is, so the server can send the missing part.
+    where it really is, so the server can send the missing part. ``status="diverged"``: what the
+    task carried did not match the digest chain (the client reverted; it needs a fresh snapshot).
     """
 
     kind: ClassVar[str] = "reply"
@@ -209,7 +217,7 @@ _KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Task, Re
 #: 62 B of payload. The handshake already pinned the algorithm and RNG contract; the digest still lets the
 #: server refuse a reply from another contract.
 REPLY_HEADER = struct.Struct("<BIQIIfI")
-_STATUS = ("ok", "gap", "synced")
+_STATUS = ("ok", "gap", "synced", "diverged")
 _CONTRACTS: dict[int, tuple[str, str]] = {}
 
 

@@ -29,19 +29,18 @@ import torch
 
 from .. import rng
 from ..optim.base import ZOOptimizer
-from ._contract import contract_mismatches
+from ._handshake import Handshake
 from ._server_state import Durable
 from .aggregation import AGGREGATIONS, _invalid_aggregation, aggregate
+from .chain import ServerChain
 from .log import RoundLog
 from .protocol import (
     PROTOCOL_VERSION,
-    Hello,
     Message,
     ProtocolError,
     Reply,
     RoundEntry,
     Task,
-    Welcome,
     decode,
     pack_scalars,
     payload_bytes,
@@ -56,7 +55,7 @@ __all__ = ["Receipt", "RoundRecord", "Server"]
 
 log = logging.getLogger("zo_optim.federated")
 
-class Server(Durable):
+class Server(Handshake, Durable):
     """The coordinator of a federation, with its own replica of the model.
 
     Args:
@@ -153,9 +152,8 @@ class Server(Durable):
         #: ``checkpoint_extra()`` → a dict saved with each checkpoint (an engine's own state: simulate's clients)
         self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
         self.digest = config_digest(optimizer)
-        # the replica's checksum at the positions a joining client can be checked against: 0 (a fresh client
-        # must start from the server's initial weights) and the current one (cached until a round closes)
-        self._state_digests: dict[int, str] = {0: self.replica.checksum()}
+        # the digest chain, with the replica's checksum at every position a client can be checked against
+        self.chain = ServerChain(self.server_seed, self.digest, self.replica.checksum())
         self._sampler = random.Random(self.server_seed if sample_seed is None else sample_seed)
         self._positions: dict[int, int] = dict.fromkeys(ids, 0)  # what we believe each client has applied
         self._owes: dict[int, int] = {}  # client → round it was sampled in and has not answered
@@ -202,72 +200,27 @@ class Server(Durable):
     def checksum(self) -> str:
         return self.replica.checksum()
 
-    # ------------------------------------------------------------------ handshake
-
-    def welcome_for(self, client_id: int, accepted: bool, reason: str) -> Welcome:
-        opt = self.optimizer
-        return Welcome(client_id=client_id, accepted=accepted, reason=reason, server_seed=self.server_seed,
-                       algorithm=opt.algorithm, rng_version=rng.RNG_VERSION, num_queries=opt.num_queries,
-                       local_steps=self.replica.local_steps, position=self.position)
-
-    def handshake(self, hello: Hello | dict[str, Any]) -> Welcome:
-        """Check a client's contract; register it (position from the hello) or refuse it with the reason.
-
-        Beyond the contract, a hello's state digest is compared with the server replica's where the server
-        knows it (the client at position 0, or at the server's current position): a node whose model was
-        built with other weights is refused here instead of drifting silently.
-        """
-        if isinstance(hello, dict):
-            try:
-                msg = decode(hello)
-            except ProtocolError as e:
-                return self.welcome_for(0, False, f"malformed hello: {e}")
-            if not isinstance(msg, Hello):
-                return self.welcome_for(0, False, f"expected a hello, got a {msg.kind}")
-            hello = msg
-        wrong = contract_mismatches(hello, self.optimizer, self.replica.local_steps, "server")
-        if hello.config_digest != self.digest:
-            wrong.append(f"optimizer configuration digest {hello.config_digest} (server {self.digest}): "
-                         "hyper-parameters or parameter shapes differ")
-        if not 0 <= hello.position <= self.position:
-            wrong.append(f"position {hello.position} is not in 0..{self.position}")
-        elif hello.state_digest and not wrong:
-            ours = self._state_digest_at(hello.position)
-            if ours is not None and hello.state_digest != ours:
-                wrong.append(f"weights or optimizer state at position {hello.position} differ from the server's "
-                             f"(state digest {hello.state_digest[:16]}, server {ours[:16]}): every node must "
-                             "build its model the same way (same seed or checkpoint, same dtype)")
-        if wrong:
-            self.rejections["handshake"] += 1
-            return self.welcome_for(hello.client_id, False, "; ".join(wrong))
-        self._positions[hello.client_id] = hello.position
-        self._owes.pop(hello.client_id, None)
-        return self.welcome_for(hello.client_id, True, "ok")
-
-    def _state_digest_at(self, position: int) -> str | None:
-        """The server replica's checksum at ``position`` if it is known (0 or the current position), else None."""
-        if position not in self._state_digests and position == self.position:
-            initial = self._state_digests[0]
-            self._state_digests = {0: initial, position: self.replica.checksum()}  # keep two: 0 and now
-        return self._state_digests.get(position)
-
     # ------------------------------------------------------------------ tasks
 
-    def task_for(self, client_id: int, *, compute: bool = True, position: int | None = None) -> Task:
-        """The task for ``client_id``: the open round (``compute``) or a catch-up to the current position."""
+    def task_for(self, client_id: int, *, compute: bool = True, position: int | None = None,
+                 fresh_snapshot: bool = False) -> Task:
+        """The task for ``client_id``: the open round (``compute``) or a catch-up to the current position.
+
+        ``fresh_snapshot``: carry a snapshot of the server replica now and no entries (for a client that
+        answered ``"diverged"``: whatever it holds, it is replaced by the server's state)."""
         if compute and self._round is None:
             raise RuntimeError("no round is open: call open_round() first")
         rnd = self._round if compute else self.position
         assert rnd is not None
         known = self._positions.get(client_id, 0) if position is None else position
         known = max(0, min(known, self.position))
-        snapshot, entries = self.log.catch_up(known)
+        snapshot, entries = (self.replica.snapshot(), ()) if fresh_snapshot else self.log.catch_up(known)
         start = entries[0].round if entries else self.position
         opt = self.optimizer
         return Task(round=rnd, client_id=client_id, server_seed=self.server_seed, algorithm=opt.algorithm,
                     rng_version=rng.RNG_VERSION, num_queries=opt.num_queries, local_steps=self.replica.local_steps,
                     log_start=start, entries=entries, snapshot=snapshot, compute=compute,
-                    streams=",".join(self.streams))
+                    streams=",".join(self.streams), chain=self.chain.task_chain(snapshot, entries, self.position))
 
     def sync_task(self, client_id: int) -> Task:
         """A catch-up-only task (``compute=False``) that brings ``client_id`` to the current position."""
@@ -408,11 +361,15 @@ class Server(Durable):
                 self._positions[c] = reply.position
                 return Receipt(True, "synced", c)
             return self._reject("position", c, f"{reply.position}")
+        if reply.status == "diverged" and (self._round is None or reply.round != self._round):
+            return self._diverged(reply)  # from a catch-up-only task
         if self._round is None or reply.round < self._round:
             self.late.append((reply.round, c))
             if self._owes.get(c) == reply.round:
                 del self._owes[c]  # it answered, late: it may be sampled again
             return self._reject("late", c, f"round {reply.round} is closed")
+        if reply.status == "diverged":
+            return self._diverged(reply)
         if reply.round != self._round:
             return self._reject("wrong_round", c, f"round {reply.round}, open round is {self._round}")
         if c not in self._sampled:
@@ -439,6 +396,22 @@ class Server(Durable):
         self._replies[c] = reply
         self._positions[c] = reply.position
         return Receipt(True, "ok", c)
+
+    def _diverged(self, reply: Reply) -> Receipt:
+        """A client whose task did not match the chain (it reverted): answer with a fresh snapshot."""
+        c = reply.client_id
+        if not 0 <= reply.position <= self.position:
+            return self._reject("position", c, f"diverged at position {reply.position}")
+        self._positions[c] = reply.position
+        self.rejections["diverged"] += 1
+        compute = self._round is not None and reply.round == self._round and c in self._sampled
+        if compute and self._retries[c] >= 2:  # the snapshots did not help: count it as dropped
+            self._answered.add(c)
+            return Receipt(False, "diverged", c)
+        self._retries[c] += compute
+        task = self.task_for(c, compute=compute, fresh_snapshot=True)
+        self._count_down(task)
+        return Receipt(False, "diverged", c, retry=task)
 
     # ------------------------------------------------------------------ closing
 
@@ -470,9 +443,11 @@ class Server(Durable):
             self.rejections["aggregate"] += 1
             log.warning("round %d: aggregate refused, applied as an empty round: %s", entry.round, refused)
         self.log.append(entry)
+        self.chain.close(entry, self.replica.checksum())
         if self.snapshot_every is not None and self.log.end % self.snapshot_every == 0:
             self.log.add_snapshot(self.replica.snapshot())
         self.log.trim()
+        self.chain.trim(self.log.start, [snap.position for snap in self.log.snapshots])
         rec = self._record
         rec.participants = tuple(sorted(self._replies))
         rec.dropped = tuple(c for c in self._sampled if c not in self._replies)
