@@ -116,3 +116,29 @@ def test_the_chain_costs_64_bytes_per_task_in_the_steady_state():
     task = server.sync_task(0)
     # the base digest + one checksum per entry, 32 B each: O(1) per round, independent of the model size
     assert len(task.entries) == 1 and payload_bytes(task) - payload_bytes(dataclasses.replace(task, chain=b"")) == 64
+
+
+def test_an_entry_the_optimizer_refuses_is_a_divergence_not_a_crash():
+    import zo_optim
+    from zo_optim import rng
+    from zo_optim.federated import Reply, pack_scalars
+
+    def hizoo(m):
+        return zo_optim.HiZOO(m.parameters(), lr=1e-3, backend="reference")
+
+    server = Server(hizoo(mlp_fn()), clients=[0], clients_per_round=1, server_seed=4)
+    for r in range(2):
+        server.open_round()
+        assert server.receive(Reply(round=r, client_id=0, status="ok", position=r, algorithm="hizoo",
+                                    rng_version=rng.RNG_VERSION, n_examples=1, loss=0.1, scalars=pack_scalars([0.2]),
+                                    extras=(("curvature", pack_scalars([3.0])),))).accepted
+        server.close_round()
+    m = mlp_fn()
+    w = FederatedWrapper(hizoo(m), client_id=0, model=m)
+    w.welcome(server.welcome_for(0, True, "ok", at=0))
+    task = server.task_for(0, compute=False, position=0)  # the two rounds this fresh client misses
+    e = task.entries[1]
+    bad = dataclasses.replace(task, entries=(task.entries[0], RoundEntry(e.round, e.n_participants, e.scalars,
+                                                                         (("curvature", pack_scalars([-3.0])),))))
+    _assert_refused_then_healed(server, w, bad)
+    assert "negative curvature" in w.divergences[0]

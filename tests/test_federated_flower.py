@@ -157,7 +157,11 @@ def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_p
     assert sorted(strategy.node_of) == [0, 1]
     assert all(set(r.sampled) == {0, 1} for r in strategy.server.history)
     assert strategy.server.rejections["handshake"] == 1
-    assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1]
+    # the refused node was never checked: the check says so and is not truthy, though both checked are identical
+    check = strategy.replicas_identical()
+    assert check.identical and check.checked == (0, 1) and not check
+    (node, why), = check.unchecked
+    assert str(node).startswith("node ") and why.startswith("refused: RNG contract")
     # bytes up per reply: payload 8 + len("reply") + the 29 B packed header + 4·τ·P (docs/federated.md), and on
     # Flower's record count the 24 B of keys on top (zo_fed, kind, h, scalars, extras)
     payload = 8 + len("reply") + REPLY_HEADER.size + 4 * TAU

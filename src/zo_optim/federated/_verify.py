@@ -31,10 +31,10 @@ def verified_catch_up(client: Any, task: Task, use_snapshot: bool) -> int:
     before = (rep.position, rep.applied_rounds, rep.snapshot_loads, client.chain_digest)
     try:
         _apply(client, task, chain, use_snapshot)
-    except (ChainError, ProtocolError) as e:
+    except (ChainError, ProtocolError, ValueError) as e:  # ValueError: the optimizer refused an entry's scalars
         rep.revert_local(saved)
         rep.position, rep.applied_rounds, rep.snapshot_loads, client.chain_digest = before
-        raise e if isinstance(e, ChainError) else ChainError(f"refused snapshot: {e}") from e
+        raise e if isinstance(e, ChainError) else ChainError(f"refused snapshot or entry: {e}") from e
     return rep.position
 
 
