@@ -22,6 +22,8 @@ COMMANDS = {
     "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),
     "bench federated-attack": ("zo_optim.bench.federated_attack",
                                "1 of 10 clients flips its scalars: model distance from honest, per aggregation"),
+    "bench federated-scale": ("zo_optim.bench.federated_scale",
+                              "10,000 clients, 1% per round, 1,000 rounds: server time, bytes, memory, catch-up"),
 }
 
 
