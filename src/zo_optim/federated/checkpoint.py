@@ -36,7 +36,7 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(_pack(state), buf)
     payload = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -76,4 +76,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the payload does not load ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the payload is a {type(state).__name__}, not a checkpoint dict")
-    return state
+    return _unpack(state)
+
+
+# torch's weights_only unpickler refuses an empty bytes object (pickled as a call to the global ``bytes``), and
+# an empty round's scalars are b"": every bytes value travels as a uint8 tensor (written raw, no str detour)
+_BYTES = "__zo_bytes__"
+
+
+def _pack(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        data = torch.frombuffer(bytearray(obj), dtype=torch.uint8) if obj else torch.empty(0, dtype=torch.uint8)
+        return {_BYTES: data}
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_pack(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_pack(v) for v in obj)
+    return obj
+
+
+def _unpack(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _BYTES in obj and isinstance(obj[_BYTES], torch.Tensor):
+            return obj[_BYTES].numpy().tobytes()
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_unpack(v) for v in obj)
+    return obj
