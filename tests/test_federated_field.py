@@ -193,3 +193,13 @@ def test_a_client_refused_k_times_is_quarantined_logged_and_released(caplog):
     assert "client 2 quarantined in round 1" in caplog.text and "client 2 released from quarantine" in caplog.text
     assert server.release_quarantine(2) and 2 not in server.quarantine  # reversible by hand
     assert 2 in server.open_round()
+
+
+def test_helene_refuses_a_negative_sq_grad_sum_before_writing():
+    opt = zo_optim.HELENE(mlp_fn().parameters(), lr=1e-3, backend="reference")
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(ValueError, match="negative sq_grad_sum"):
+        opt.apply_update(5, torch.tensor([0.3]), sq_grad_sum=torch.tensor([-1e5]))
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for g in opt.param_groups for p in g["params"]),
+                                                 strict=True))
+    opt.apply_update(5, torch.tensor([0.3]), sq_grad_sum=torch.tensor([2.0]))  # a sum of squares applies
