@@ -142,3 +142,16 @@ def test_an_entry_the_optimizer_refuses_is_a_divergence_not_a_crash():
                                                                          (("curvature", pack_scalars([-3.0])),))))
     _assert_refused_then_healed(server, w, bad)
     assert "negative curvature" in w.divergences[0]
+
+
+def test_a_client_whose_own_digest_is_wrong_heals_from_the_fresh_snapshot():
+    server, ws = _run()
+    w = ws[0]
+    assert w.handle(decode(encode(server.sync_task(0)))).status == "synced"  # at the server's position
+    w.chain_digest = bytes(32)  # its record of the history is corrupt (the weights are fine)
+    reply = w.handle(decode(encode(server.sync_task(0))))  # no entries: only the history check can object
+    assert reply.status == "diverged" and "differs from ours" in w.divergences[0]
+    receipt = server.receive(encode(reply))
+    assert receipt.retry is not None and receipt.retry.snapshot is not None and not receipt.retry.entries
+    assert w.handle(decode(encode(receipt.retry))).status == "synced"
+    assert w.chain_digest == server.chain.at(server.position)[0] and w.checksum() == server.checksum()

@@ -189,8 +189,10 @@ class FederatedWrapper:
         """
         self._check_task(task)
         rep = self.replica
-        use_snapshot = (task.snapshot is not None and rep.position < task.log_start
-                        and task.snapshot.position <= task.round)
+        # a snapshot is loaded when the client is older than the task's log, or when it comes alone (the
+        # server's answer to "diverged": whatever the client holds, it is replaced by the server's state)
+        use_snapshot = (task.snapshot is not None and task.snapshot.position <= task.round
+                        and (rep.position < task.log_start or not task.entries))
         if task.chain:
             return verified_catch_up(self, task, use_snapshot)
         if use_snapshot:
