@@ -75,9 +75,10 @@ class Server(Handshake, Durable):
         release_after: a sampled client that never answered may be sampled again this many rounds later.
         sample_seed: seed of the sampling RNG (default: from the server seed).
         extras: optional extra streams to carry (e.g. HELENE's ``"sq_grad_sum"``).
-        quarantine_after, quarantine_window, quarantine_rounds: a client refused ``quarantine_after`` times
-            within ``quarantine_window`` rounds is not sampled for ``quarantine_rounds`` rounds (None: until
-            :meth:`release_quarantine`); ``quarantine_after=None`` (default) never quarantines.
+        quarantine_after: refusals within ``quarantine_window`` rounds that quarantine a client (it is not
+            sampled, :mod:`~zo_optim.federated.quarantine`); None (default): never.
+        quarantine_window: rounds the refusals are counted over.
+        quarantine_rounds: rounds a quarantine lasts (None: until :meth:`release_quarantine`).
         checkpoint_dir: write :meth:`state_dict` atomically to ``checkpoint_dir/server.ckpt`` after every
             ``checkpoint_every``-th closed round (:mod:`~zo_optim.federated.checkpoint`); None: never.
         checkpoint_every: rounds between checkpoints.

@@ -98,10 +98,11 @@ def simulate(
         progress: print a line every ~10% of the rounds.
         on_round: ``on_round(record, server_model)`` after each round is applied on the server
             (progress bars, evaluation curves); it must not change the model.
-        checkpoint_dir, checkpoint_every: the server writes its checkpoint (:meth:`Server.save_checkpoint`)
-            after every ``checkpoint_every``-th round, with the simulation's own state in it: every client's
-            :meth:`FederatedWrapper.state_dict` and the dropout RNG (in one process the clients die with the
-            server, so they are restored from the same file; a real client keeps its own state).
+        checkpoint_dir: the server writes its checkpoint (:meth:`Server.save_checkpoint`) here, with the
+            simulation's own state in it: every client's :meth:`FederatedWrapper.state_dict` and the dropout
+            RNG (in one process the clients die with the server, so they are restored from the same file; a
+            real client keeps its own state).
+        checkpoint_every: rounds between checkpoints.
         resume: a checkpoint (file or directory) to continue from: the same arguments (``rounds`` is the
             total) then end bit-identical to the run that was never interrupted. ``on_round`` is called for
             the remaining rounds only.
