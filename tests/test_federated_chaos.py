@@ -1,4 +1,5 @@
-"""Chaos: 1000 rounds with dropouts, late joiners past the trimmed log, a restarted client and every kind of bad reply.
+"""Chaos: 1000 rounds with dropouts, late joiners past the trimmed log, a restarted client, server kills (a new
+server from the last checkpoint) and every kind of bad reply.
 
 Checked every round: the logged aggregate is exactly the n_examples-weighted float64 mean (rounded once to
 float32) of the honest replies delivered in time — so nothing invalid is applied and nothing is applied twice —
@@ -35,6 +36,7 @@ from zo_optim.federated import (
 M, m, ROUNDS, LOG_LIMIT, SNAPSHOT_EVERY, SEED = 10, 4, 1000, 40, 20, 2024
 LATE_JOINERS, JOIN_AT = (8, 9), 600
 RESTART_CLIENT, RESTART_AT = 3, 300
+CHECKPOINT_EVERY, SERVER_KILLS = 50, (250, 650, 900)  # kills land on checkpointed rounds: nothing is lost
 
 
 def opt_fn(model):
@@ -53,12 +55,17 @@ def _expected(replies):
     return pack_scalars(((w[:, None] * x).sum(0) / w.sum()).astype(np.float32))
 
 
-def test_chaos_thousand_rounds():
+def test_chaos_thousand_rounds(tmp_path):
     t0 = time.perf_counter()
     ds = data(M, seed=SEED)
     losses = [batch_loss(*d) for d in ds]
-    server = Server(opt_fn(model_fn()), clients=[c for c in range(M) if c not in LATE_JOINERS], clients_per_round=m,
-                    server_seed=SEED, log_limit=LOG_LIMIT, snapshot_every=SNAPSHOT_EVERY, release_after=2)
+
+    def new_server():
+        return Server(opt_fn(model_fn()), clients=[c for c in range(M) if c not in LATE_JOINERS], clients_per_round=m,
+                      server_seed=SEED, log_limit=LOG_LIMIT, snapshot_every=SNAPSHOT_EVERY, release_after=2,
+                      checkpoint_dir=tmp_path, checkpoint_every=CHECKPOINT_EVERY)
+
+    server = new_server()
     clients = {}
     for c in range(M):
         if c not in LATE_JOINERS:
@@ -76,6 +83,11 @@ def test_chaos_thousand_rounds():
         return w.handle(decode(encode(task)), lambda s: losses[c](model, s), n_examples=1 + c)
 
     for r in range(ROUNDS):
+        if r in SERVER_KILLS:  # the server process dies; a new one (fresh model) continues from its checkpoint
+            before = server.checksum()
+            server = new_server()
+            server.load_checkpoint(tmp_path)
+            assert server.position == r and server.checksum() == before
         if r == JOIN_AT:
             for c in LATE_JOINERS:  # join after the log was trimmed: snapshot + tail
                 clients[c] = _client(c)

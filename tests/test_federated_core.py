@@ -80,17 +80,19 @@ def test_payload_bytes_counts_values():
     r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version=rng.RNG_VERSION,
               n_examples=1, loss=0.0, scalars=pack_scalars([0.0] * 5))
     enc = encode(r)
-    # zo_fed (8) + "reply" (5) + the packed 25 B header + 4 B per scalar; the empty "extras" list adds 0
-    assert payload_bytes(enc) == 8 + len("reply") + 25 + 20 == 58
+    # zo_fed (8) + "reply" (5) + the packed 29 B header + 4 B per scalar; the empty "extras" list adds 0
+    assert payload_bytes(enc) == 8 + len("reply") + 29 + 20 == 62
     assert decode(enc) == r
 
 
-@pytest.mark.parametrize("field", ["round", "client_id", "position", "n_examples"])
-def test_reply_header_fields_are_uint32(field):
+@pytest.mark.parametrize("field, bits", [("round", 32), ("client_id", 64), ("position", 32), ("n_examples", 32)])
+def test_reply_header_field_widths(field, bits):
     r = Reply(round=0, client_id=0, status="ok", position=0, algorithm="mezo", rng_version=rng.RNG_VERSION,
               n_examples=1, loss=0.0, scalars=pack_scalars([0.0]))
-    with pytest.raises(ProtocolError, match=f"reply field '{field}' = 4294967296 is outside uint32"):
-        encode(dataclasses.replace(r, **{field: 2**32}))
+    top = dataclasses.replace(r, **{field: 2**bits - 1})
+    assert decode(encode(top)) == top  # the largest value of the field's width travels
+    with pytest.raises(ProtocolError, match=f"reply field '{field}' = {2**bits} is outside uint{bits}"):
+        encode(dataclasses.replace(r, **{field: 2**bits}))
 
 
 def test_reply_from_an_unknown_contract_decodes_as_unknown_and_is_refused():
@@ -101,7 +103,7 @@ def test_reply_from_an_unknown_contract_decodes_as_unknown_and_is_refused():
     back = decode(enc)
     assert back.algorithm == "unknown" and back.rng_version.startswith("unknown contract ")
     assert decode(encode(dataclasses.replace(r, rng_version=rng.RNG_VERSION))).algorithm == "mezo"  # built-ins known
-    with pytest.raises(ProtocolError, match="reply header is 3 B, expected 25"):
+    with pytest.raises(ProtocolError, match="reply header is 3 B, expected 29"):
         decode({**enc, "h": b"abc"})
     with pytest.raises(ProtocolError, match="unknown reply status code 9"):
         decode({**enc, "h": bytes([9]) + enc["h"][1:]})
@@ -268,7 +270,7 @@ def test_a_snapshot_does_not_change_the_state_digest():
     assert server.handshake(saved.hello()).accepted
 
 
-def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_only():
+def test_state_digest_is_checked_at_every_position_the_chain_keeps():
     ds = data(2)
     server, ws = _pair()
     for _ in range(3):
@@ -290,7 +292,11 @@ def test_state_digest_is_checked_at_position_zero_and_at_the_servers_position_on
     wrong = dataclasses.replace(w.hello(), state_digest="0" * 64)
     welcome = server.handshake(wrong)
     assert not welcome.accepted and "at position 3 differ" in welcome.reason
-    # in between (a client restarted from its own saved state at position 1): the server cannot know; not checked
+    # in between (a client restarted from its own saved state at position 1): the digest chain keeps the server's
+    # checksum at every position its log can replay from, so that one is checked too
+    assert not server.handshake(dataclasses.replace(wrong, position=1)).accepted
+    # a position the server no longer keeps (its log trimmed past it) cannot be checked: accepted
+    server.chain.trim(3, [])
     assert server.handshake(dataclasses.replace(wrong, position=1)).accepted
 
 
@@ -298,11 +304,12 @@ def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
     server, ws = _pair()
     w, _ = ws[0]
     task = server.task_for(0, compute=False)
-    for bad in ({"algorithm": "hiso"}, {"rng_version": "x"}, {"local_steps": 2}, {"version": 3}):
+    for bad in ({"algorithm": "hiso"}, {"rng_version": "x"}, {"local_steps": 2}, {"version": PROTOCOL_VERSION + 1}):
         with pytest.raises(ProtocolError, match="task refused"):
             w.handle(Task(**{**task.__dict__, **bad}))
     # a task whose entries start beyond the client's position: a gap reply, not a crash
-    gap = Task(**{**task.__dict__, "round": 5, "log_start": 3, "entries": (RoundEntry(3, 0), RoundEntry(4, 0))})
+    gap = Task(**{**task.__dict__, "round": 5, "log_start": 3, "entries": (RoundEntry(3, 0), RoundEntry(4, 0)),
+                  "chain": b""})  # hand-built entries: unverified (a chain of the wrong length is "diverged")
     reply = w.handle(gap, lambda s: 0.0)
     assert reply.status == "gap" and reply.position == 0
     with pytest.raises(GapError):

@@ -157,8 +157,12 @@ def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_p
     assert sorted(strategy.node_of) == [0, 1]
     assert all(set(r.sampled) == {0, 1} for r in strategy.server.history)
     assert strategy.server.rejections["handshake"] == 1
-    assert strategy.replicas_identical() and sorted(strategy.client_checksums) == [0, 1]
-    # bytes up per reply: payload 8 + len("reply") + the 25 B packed header + 4·τ·P (docs/federated.md), and on
+    # the refused node was never checked: the check says so and is not truthy, though both checked are identical
+    check = strategy.replicas_identical()
+    assert check.identical and check.checked == (0, 1) and not check
+    (node, why), = check.unchecked
+    assert str(node).startswith("node ") and why.startswith("refused: RNG contract")
+    # bytes up per reply: payload 8 + len("reply") + the 29 B packed header + 4·τ·P (docs/federated.md), and on
     # Flower's record count the 24 B of keys on top (zo_fed, kind, h, scalars, extras)
     payload = 8 + len("reply") + REPLY_HEADER.size + 4 * TAU
     for r in strategy.server.history:
@@ -259,3 +263,19 @@ def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "zo_optim.federated.flower", raising=False)
     with pytest.raises(ImportError, match=r'pip install "zo-optim\[flower\]"'):
         import zo_optim.federated.flower  # noqa: F401
+
+
+def test_random_64_bit_node_ids_as_client_ids_train(in_process):
+    """Flower's node ids are random uint64: used as client ids (the fallback without a partition id) they must
+    pass the handshake AND every reply (the reply header's client id was uint32 before protocol 3)."""
+    rounds, m = 3, 3
+    in_process.fresh_process = True  # the node id also keys the client's state in context.state
+    strategy, _ = strategy_for(rounds, m)
+    app = make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU, client_id=lambda context: context.node_id)
+    run_simulation(make_server_app(strategy, rounds), app, num_supernodes=N_NODES)
+    assert not strategy.errors and not strategy.refused
+    ids = sorted(strategy.node_of)
+    assert len(ids) == N_NODES and max(ids) >= 2**32  # P(all three < 2**32) = 2**-96
+    assert all(len(r.participants) == m for r in strategy.server.history) and strategy.server.position == rounds
+    check = strategy.replicas_identical()
+    assert check and check.checked == tuple(ids)

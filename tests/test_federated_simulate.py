@@ -33,7 +33,7 @@ def test_decomfl_and_hiso_pair_trains_and_counts_bytes(capsys):
         assert res.replicas_identical()
         assert len(res.history) == rounds
         # bytes up: one reply per participant; a reply's payload is fixed + 4 B per scalar (τ·P = 5)
-        # zo_fed (8) + "reply" (5) + the packed header (25) + 4 B per scalar = 58 B (docs/federated.md)
+        # zo_fed (8) + "reply" (5) + the packed header (29) + 4 B per scalar = 62 B (docs/federated.md)
         reply = 8 + len("reply") + REPLY_HEADER.size + 4 * 5
         participations = sum(len(r.participants) for r in res.history)
         final_sync = 6 * (8 + len("reply") + REPLY_HEADER.size)  # one scalar-less "synced" reply per client

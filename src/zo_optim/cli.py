@@ -21,6 +21,10 @@ COMMANDS = {
     "bench trainer-overhead": ("zo_optim.bench.trainer_overhead", "a ZOTrainer step vs the raw opt.step(closure) loop"),
     "bench memory": ("zo_optim.bench.memory", "peak memory: MeZO via ZOTrainer vs inference vs AdamW"),
     "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),
+    "bench federated-attack": ("zo_optim.bench.federated_attack",
+                               "1 of 10 clients flips its scalars: model distance from honest, per aggregation"),
+    "bench federated-scale": ("zo_optim.bench.federated_scale",
+                              "10,000 clients, 1% per round, 1,000 rounds: server time, bytes, memory, catch-up"),
 }
 
 

@@ -58,10 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="server seed: split, head init, sampling, perturbations")
     p.add_argument("--out", type=Path, default=Path("zo-optim-federated"), help="directory for the plot, CSV, summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="write the server's checkpoint here after every --checkpoint-every rounds (atomic), with "
+                        "the run's settings (args.json), so that --resume can continue it")
+    p.add_argument("--checkpoint-every", type=positive_int, default=1, help="rounds between checkpoints")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR with its saved settings (and keep checkpointing "
+                        "there); ends bit-identical to the run that was never interrupted")
     return p
 
 
+# settings that may differ between a run and its resumption (where output goes, how it is shown)
+_NOT_RESUMED = ("out", "no_progress", "resume", "checkpoint_dir")
+
+
+def _resume_settings(args: argparse.Namespace) -> None:
+    """--resume DIR: the checkpointed run's settings, saved in DIR/args.json when it started."""
+    path = args.resume / "args.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Invalid --resume: {args.resume} holds no readable args.json ({exc}); point it at a "
+                         "--checkpoint-dir of an earlier run") from exc
+    for key, value in saved.items():
+        if key not in _NOT_RESUMED and hasattr(args, key):
+            setattr(args, key, value)
+    args.checkpoint_dir = args.resume
+
+
 def _check(args: argparse.Namespace) -> None:
+    if args.engine == "flower" and (args.checkpoint_dir or args.resume):
+        raise ValueError("Invalid --checkpoint-dir/--resume with --engine flower: the Flower ServerApp does not "
+                         "checkpoint yet; use the in-process engine")
     if args.clients_per_round > args.clients:
         raise ValueError(f"Invalid --clients-per-round: {args.clients_per_round} (more than --clients {args.clients})")
     if not 0.0 <= args.dropout < 1.0:
@@ -119,10 +147,10 @@ class _FlowerResult:
     history: list[Any]
     bytes_up: int
     bytes_down: int
-    identical: bool
+    check: Any  # the strategy's ReplicaCheck
 
-    def replicas_identical(self) -> bool:
-        return self.identical
+    def replicas_identical(self) -> Any:
+        return self.check
 
 
 def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -> _FlowerResult:
@@ -175,7 +203,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from . import assets
     from .tweets import encode_tweets, weights_checksum
 
+    if args.resume is not None:
+        _resume_settings(args)
     _check(args)
+    if args.checkpoint_dir is not None and args.resume is None:
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (args.checkpoint_dir / "args.json").write_text(json.dumps(
+            {k: v for k, v in vars(args).items() if k not in _NOT_RESUMED}, indent=2))
     assets.set_offline()
     serial_numba()  # numba's spinning threads would take the cores from torch between forwards (docs/demo.md)
     progress = not args.no_progress
@@ -218,17 +252,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = simulate(task.model_fn, optimizer_fn, [task.client_loss(c) for c in range(args.clients)],
                               rounds=args.rounds, clients_per_round=args.clients_per_round,
                               local_steps=args.local_steps, seed=args.seed, dropout=args.dropout,
-                              aggregation=args.aggregation, on_round=on_round)
+                              aggregation=args.aggregation, on_round=on_round,
+                              checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume)
     finally:
         torch.set_num_threads(threads)
         bar.close()
     train_s = time.perf_counter() - t0
-    if not result.replicas_identical():
+    check = result.replicas_identical()
+    # what was compared and what could not be, both printed: an "identical" that skipped a client says so
+    print(f"replicas: {check.describe()}")
+    if not check.identical:
         raise RuntimeError("a client replica differs from the server after the final catch-up; please report this")
     acc_after, loss_after = task.evaluate(result.server)
     checksum = weights_checksum(result.server)
     summary = _summary(args, lr, result, task, acc_before, loss_before, acc_after, loss_after, curve, checksum,
                        encode_s, train_s, time.perf_counter() - t_start)
+    summary["replicas"] = {"checked": list(check.checked), "differing": list(check.differing),
+                           "unchecked": [[str(c), why] for c, why in check.unchecked]}
     _write(args.out, result.history, curve, summary)
     _report(summary)
     return summary

@@ -31,6 +31,8 @@ import torch
 from .. import rng
 from ..optim.base import ZOOptimizer
 from ._contract import contract_mismatches
+from ._verify import verified_catch_up
+from .chain import ChainError, genesis
 from .protocol import Hello, ProtocolError, Reply, Task, Welcome, pack_scalars
 from .replica import GapError, Replica, config_digest
 
@@ -84,6 +86,9 @@ class FederatedWrapper:
         self.exact = exact
         self.local_step_counter = 0
         self.gaps = 0
+        #: the digest chain at our position (None: unknown, not checked); what each refused task did wrong
+        self.chain_digest: bytes | None = None
+        self.divergences: list[str] = []
 
     # ------------------------------------------------------------------ state
 
@@ -113,24 +118,53 @@ class FederatedWrapper:
                      position=self.position, state_digest=self.replica.checksum())
 
     def welcome(self, msg: Welcome) -> None:
-        """Take the server's answer to :meth:`hello`: the server seed; raise if refused."""
+        """Take the server's answer to :meth:`hello`: the server seed and the chain digest at our position; raise
+        if refused, or if at position 0 the server's chain does not commit to our initial weights."""
         if not msg.accepted:
             raise ProtocolError(f"the server refused client {self.client_id}: {msg.reason}")
+        if msg.chain and self.position == 0:
+            ours = genesis(msg.server_seed, config_digest(self.optimizer), self.replica.checksum())
+            if ours != msg.chain:
+                raise ChainError(f"client {self.client_id}: the server's chain does not commit to our initial weights "
+                                 "and configuration: every node must build its model the same way")
         self.replica.server_seed = msg.server_seed
+        self.chain_digest = msg.chain or None
 
     def state_dict(self) -> dict[str, Any]:
         """Position, server seed, counters, weights and optimizer state (for engines that restart clients)."""
         snap = self.replica.snapshot()
         return {"position": self.position, "server_seed": self.replica.server_seed,
-                "local_step_counter": self.local_step_counter, "snapshot": snap.payload}
+                "local_step_counter": self.local_step_counter, "snapshot": snap.payload,
+                "chain_digest": self.chain_digest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; atomic: every key and type is checked, and the snapshot is
+        validated by :meth:`Replica.load_snapshot` (itself atomic), before anything is replaced."""
         from .protocol import Snapshot
 
-        self.replica.load_snapshot(Snapshot(int(state["position"]), state["snapshot"]))
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid state dict: expected FederatedWrapper.state_dict()'s dict, got "
+                             f"{type(state).__name__}")
+        missing = [k for k in ("position", "server_seed", "local_step_counter", "snapshot") if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state dict: missing {missing} (expected FederatedWrapper.state_dict()'s keys)")
+        position, seed, counter, blob = (state[k] for k in ("position", "server_seed", "local_step_counter",
+                                                               "snapshot"))
+        for name, v in (("position", position), ("local_step_counter", counter), ("server_seed", seed)):
+            if name == "server_seed" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64:
+                raise ValueError(f"Invalid state dict: {name} = {v!r} (an int in [0, 2**64))")
+        if not isinstance(blob, bytes):
+            raise ValueError(f"Invalid state dict: snapshot is a {type(blob).__name__}, expected bytes")
+        digest = state.get("chain_digest")
+        if digest is not None and not (isinstance(digest, bytes) and len(digest) == 32):
+            raise ValueError(f"Invalid state dict: chain_digest = {digest!r} (32 bytes or None)")
+        self.replica.load_snapshot(Snapshot(position, blob))  # validated first; raises before any write
         self.replica.snapshot_loads -= 1  # a restart, not a catch-up
-        self.replica.server_seed = state["server_seed"]
-        self.local_step_counter = int(state["local_step_counter"])
+        self.replica.server_seed = seed
+        self.local_step_counter = counter
+        self.chain_digest = digest
 
     # ------------------------------------------------------------------ protocol
 
@@ -147,10 +181,22 @@ class FederatedWrapper:
                                 f"{self.replica.server_seed}")
 
     def catch_up(self, task: Task) -> int:
-        """Apply the task's snapshot/entries this client misses; returns the position (may fall short: a gap)."""
+        """Apply the task's snapshot/entries this client misses; returns the position (may fall short: a gap).
+
+        With a chain (every task of :class:`Server`), what is applied is verified (:mod:`.chain`); on a mismatch
+        the client is reverted to where it was and :class:`ChainError` is raised (:meth:`handle` answers
+        ``"diverged"``).
+        """
         self._check_task(task)
         rep = self.replica
-        if task.snapshot is not None and rep.position < task.log_start and task.snapshot.position <= task.round:
+        # a snapshot is loaded when the client is older than the task's log, or when it comes alone (the
+        # server's answer to "diverged": whatever the client holds, it is replaced by the server's state)
+        use_snapshot = (task.snapshot is not None and task.snapshot.position <= task.round
+                        and (rep.position < task.log_start or not task.entries))
+        if task.chain:
+            return verified_catch_up(self, task, use_snapshot)
+        if use_snapshot:
+            assert task.snapshot is not None
             rep.load_snapshot(task.snapshot)
         entries = [e for e in task.entries if e.round >= rep.position]
         if entries and entries[0].round == rep.position:
@@ -169,7 +215,11 @@ class FederatedWrapper:
 
         ``closure(step)`` returns the loss on batch ``step`` (not needed when ``task.compute`` is False).
         """
-        position = self.catch_up(task)
+        try:
+            position = self.catch_up(task)
+        except ChainError as e:  # reverted: ask for a fresh snapshot, never train on a divergent replica
+            self.divergences.append(str(e))
+            return self._reply(task, "diverged")
         if position != task.round:
             self.gaps += 1
             return self._reply(task, "gap")

@@ -95,3 +95,40 @@ class RoundLog:
         if snap is None:  # trim never passes the newest snapshot, so this cannot happen
             raise RuntimeError(f"position {position} is older than the log ({self._start}) and there is no snapshot")
         return snap, self.entries(snap.position)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Entries, start and snapshots as plain data (for the server's checkpoint)."""
+        return {"start": self._start,
+                "entries": [[e.round, e.n_participants, e.scalars, [[n, b] for n, b in e.extras]]
+                            for e in self._entries],
+                "snapshots": [[s.position, s.payload] for s in self._snapshots]}
+
+    @staticmethod
+    def parse_state(state: dict) -> tuple[int, list[RoundEntry], list[Snapshot]]:
+        """Validate :meth:`state_dict`'s output (ValueError) without touching any log: (start, entries, snapshots)."""
+        try:
+            start = state["start"]
+            entries = [RoundEntry(round=r, n_participants=n, scalars=s, extras=tuple((x, b) for x, b in ex))
+                       for r, n, s, ex in state["entries"]]
+            snaps = [Snapshot(p, b) for p, b in state["snapshots"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"Invalid log state: {type(e).__name__}: {e}") from e
+        ints = [start] + [e.round for e in entries] + [e.n_participants for e in entries] + [s.position for s in snaps]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise ValueError("Invalid log state: rounds, counts and positions must be ints >= 0")
+        if [e.round for e in entries] != list(range(start, start + len(entries))):
+            raise ValueError(f"Invalid log state: entries are not the consecutive rounds from {start}")
+        blobs = [e.scalars for e in entries] + [b for e in entries for _, b in e.extras] + [s.payload for s in snaps]
+        names = [n for e in entries for n, _ in e.extras]
+        if not all(isinstance(b, bytes) for b in blobs) or not all(isinstance(n, str) for n in names):
+            raise ValueError("Invalid log state: scalars, extras and snapshot payloads must be bytes")
+        end = start + len(entries)
+        if not all(start <= s.position <= end for s in snaps):
+            raise ValueError(f"Invalid log state: a snapshot lies outside the log {start}..{end}")
+        return start, entries, snaps
+
+    def load_state(self, parsed: tuple[int, list[RoundEntry], list[Snapshot]]) -> None:
+        """Replace the log with :meth:`parse_state`'s result."""
+        self._start, self._entries, self._snapshots = parsed[0], list(parsed[1]), list(parsed[2])

@@ -53,8 +53,10 @@ __all__ = [
 ]
 
 #: version of the message layout; a peer with another version is refused
-#: (2: a reply's header is one packed 25-byte field, see :data:`REPLY_HEADER`)
-PROTOCOL_VERSION = 2
+#: (2: a reply's header is one packed 25-byte field, see :data:`REPLY_HEADER`; 3: the header's client id is
+#: uint64, 29 bytes, so Flower's random 64-bit node ids fit; tasks and welcomes carry the digest chain, replies
+#: may say "diverged")
+PROTOCOL_VERSION = 3
 
 Plain = int | float | str | bytes
 
@@ -148,6 +150,9 @@ class Welcome(Message):
     num_queries: int
     local_steps: int
     position: int
+    #: the digest chain at ``position`` (:mod:`~zo_optim.federated.chain`; at 0 it commits to the initial
+    #: weights); ``b""``: the server does not keep it for that position
+    chain: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,9 @@ class Task(Message):
     snapshot: Snapshot | None = None
     compute: bool = True
     streams: str = ""
+    #: base digest, snapshot checksum, one checksum per entry (:mod:`~zo_optim.federated.chain`); ``b""``: not
+    #: verified (an engine that delivers entries itself)
+    chain: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,8 @@ class Reply(Message):
     ``status="ok"``: ``scalars`` (τ·P packed float32, k-major) and ``extras`` hold the
     client's projected gradients for round ``round``, measured at position ``round``.
     ``status="gap"``: the client could not reach ``round`` from the task; ``position`` is
-    where it really is, so the server can send the missing part.
+    where it really is, so the server can send the missing part. ``status="diverged"``: what the
+    task carried did not match the digest chain (the client reverted; it needs a fresh snapshot).
     """
 
     kind: ClassVar[str] = "reply"
@@ -201,13 +210,14 @@ class Reply(Message):
 
 _KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Task, Reply)}
 
-#: a reply's header, one ``bytes`` field ``"h"``: status code (uint8), round, client id, position,
-#: n_examples (uint32 each), loss (float32), contract digest (uint32: CRC-32 of "algorithm|rng_version").
-#: Packed because the reply is the per-round uplink: 25 B instead of 71 B of self-describing fields, so an
-#: ``ok`` reply with τ·P = 5 scalars is 58 B of payload (was 99 B). The handshake already pinned the
-#: algorithm and RNG contract; the digest still lets the server refuse a reply from another contract.
-REPLY_HEADER = struct.Struct("<BIIIIfI")
-_STATUS = ("ok", "gap", "synced")
+#: a reply's header, one ``bytes`` field ``"h"``: status code (uint8), round (uint32), client id (uint64: every
+#: id a :class:`Hello` may carry, Flower's random 64-bit node ids included), position, n_examples (uint32 each),
+#: loss (float32), contract digest (uint32: CRC-32 of "algorithm|rng_version"). Packed because the reply is the
+#: per-round uplink: 29 B instead of 71 B of self-describing fields, so an ``ok`` reply with τ·P = 5 scalars is
+#: 62 B of payload. The handshake already pinned the algorithm and RNG contract; the digest still lets the
+#: server refuse a reply from another contract.
+REPLY_HEADER = struct.Struct("<BIQIIfI")
+_STATUS = ("ok", "gap", "synced", "diverged")
 _CONTRACTS: dict[int, tuple[str, str]] = {}
 
 
@@ -233,8 +243,9 @@ def _encode_reply(msg: Reply) -> dict[str, Plain]:
     if msg.status not in _STATUS:
         raise ProtocolError(f"reply status {msg.status!r} is not one of {_STATUS}")
     for name in ("round", "client_id", "position", "n_examples"):
-        if not 0 <= getattr(msg, name) < 2**32:
-            raise ProtocolError(f"reply field {name!r} = {getattr(msg, name)} is outside uint32")
+        value, bits = getattr(msg, name), 64 if name == "client_id" else 32
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**bits:
+            raise ProtocolError(f"reply field {name!r} = {value!r} is outside uint{bits}")
     head = REPLY_HEADER.pack(_STATUS.index(msg.status), msg.round, msg.client_id, msg.position, msg.n_examples,
                              msg.loss, contract_digest(msg.algorithm, msg.rng_version))
     return {"zo_fed": msg.version, "kind": msg.kind, "h": head, "scalars": msg.scalars, **_pack_extras(msg.extras)}

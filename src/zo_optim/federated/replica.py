@@ -266,9 +266,11 @@ class Replica:
         self.optimizer.load_state_dict(state.optimizer)
 
     def checksum(self) -> str:
-        """sha256 of the weights' bytes, the optimizer state tensors, the step counter and the position."""
+        """sha256 of the weights' bytes, the optimizer state tensors, the hyper-parameters (:func:`config_digest`:
+        a snapshot with another lr is another state), the step counter and the position."""
         h = hashlib.sha256()
-        h.update(f"{self.position}/{self.optimizer.step_count}/{self.optimizer.skipped_steps}".encode())
+        h.update(f"{self.position}/{self.optimizer.step_count}/{self.optimizer.skipped_steps}/"
+                 f"{config_digest(self.optimizer)}".encode())
         for p in self._params():
             _hash_tensor(h, p)
         # the state as state_dict() presents it (index -> buffers), not optimizer.state: state_dict() creates

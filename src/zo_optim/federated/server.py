@@ -15,12 +15,13 @@ reaches the aggregate, each client at most once per round.
 
 from __future__ import annotations
 
-import math
+import logging
+import os
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,53 +29,33 @@ import torch
 
 from .. import rng
 from ..optim.base import ZOOptimizer
-from ._contract import contract_mismatches
+from ._handshake import Handshake
+from ._server_state import Durable
 from .aggregation import AGGREGATIONS, _invalid_aggregation, aggregate
+from .chain import ServerChain
 from .log import RoundLog
 from .protocol import (
     PROTOCOL_VERSION,
-    Hello,
     Message,
     ProtocolError,
     Reply,
     RoundEntry,
     Task,
-    Welcome,
     decode,
     pack_scalars,
     payload_bytes,
     reply_client_id,
 )
+from .quarantine import Quarantine
+from .records import Receipt, RoundRecord
 from .replica import Replica, config_digest
+from .validation import apply_checked, mistyped, reply_error
 
 __all__ = ["Receipt", "RoundRecord", "Server"]
 
-@dataclass(frozen=True)
-class Receipt:
-    """What :meth:`Server.receive` did with a reply."""
+log = logging.getLogger("zo_optim.federated")
 
-    accepted: bool
-    reason: str
-    client_id: int | None = None
-    retry: Task | None = None
-
-
-@dataclass
-class RoundRecord:
-    """One closed round: who took part, what was refused, the mean loss and payload bytes."""
-
-    round: int
-    sampled: tuple[int, ...]
-    participants: tuple[int, ...]
-    dropped: tuple[int, ...]
-    rejected: list[tuple[int | None, str]] = field(default_factory=list)
-    loss: float = math.nan
-    bytes_up: int = 0
-    bytes_down: int = 0
-    snapshot_bytes: int = 0
-
-
-class Server:
+class Server(Handshake, Durable):
     """The coordinator of a federation, with its own replica of the model.
 
     Args:
@@ -94,6 +75,13 @@ class Server:
         release_after: a sampled client that never answered may be sampled again this many rounds later.
         sample_seed: seed of the sampling RNG (default: from the server seed).
         extras: optional extra streams to carry (e.g. HELENE's ``"sq_grad_sum"``).
+        quarantine_after: refusals within ``quarantine_window`` rounds that quarantine a client (it is not
+            sampled, :mod:`~zo_optim.federated.quarantine`); None (default): never.
+        quarantine_window: rounds the refusals are counted over.
+        quarantine_rounds: rounds a quarantine lasts (None: until :meth:`release_quarantine`).
+        checkpoint_dir: write :meth:`state_dict` atomically to ``checkpoint_dir/server.ckpt`` after every
+            ``checkpoint_every``-th closed round (:mod:`~zo_optim.federated.checkpoint`); None: never.
+        checkpoint_every: rounds between checkpoints.
         clock: time source for the deadline.
     """
 
@@ -116,6 +104,11 @@ class Server:
         release_after: int = 2,
         sample_seed: int | None = None,
         extras: Iterable[str] = (),
+        quarantine_after: int | None = None,
+        quarantine_window: int = 10,
+        quarantine_rounds: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if aggregation not in AGGREGATIONS:
@@ -138,6 +131,8 @@ class Server:
             raise ValueError(f"Invalid round_timeout: {round_timeout!r} (seconds > 0, or None)")
         if not isinstance(release_after, int) or release_after < 1:
             raise ValueError(f"Invalid release_after: {release_after!r} (an int >= 1)")
+        if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+            raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r} (an int >= 1)")
         ids = list(range(clients)) if isinstance(clients, int) else [int(c) for c in clients]
         self.server_seed = random.getrandbits(64) if server_seed is None else int(server_seed)
         self.replica = Replica(optimizer, local_steps=local_steps, server_seed=self.server_seed, extras=extras)
@@ -152,10 +147,14 @@ class Server:
         self.release_after = release_after
         self.clock = clock
         self.log = RoundLog(log_limit, max_snapshots=max_snapshots)
+        self.quarantine = Quarantine(quarantine_after, quarantine_window, quarantine_rounds)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        #: ``checkpoint_extra()`` → a dict saved with each checkpoint (an engine's own state: simulate's clients)
+        self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
         self.digest = config_digest(optimizer)
-        # the replica's checksum at the positions a joining client can be checked against: 0 (a fresh client
-        # must start from the server's initial weights) and the current one (cached until a round closes)
-        self._state_digests: dict[int, str] = {0: self.replica.checksum()}
+        # the digest chain, with the replica's checksum at every position a client can be checked against
+        self.chain = ServerChain(self.server_seed, self.digest, self.replica.checksum())
         self._sampler = random.Random(self.server_seed if sample_seed is None else sample_seed)
         self._positions: dict[int, int] = dict.fromkeys(ids, 0)  # what we believe each client has applied
         self._owes: dict[int, int] = {}  # client → round it was sampled in and has not answered
@@ -183,6 +182,11 @@ class Server:
         return tuple(self._positions)
 
     @property
+    def owes(self) -> dict[int, int]:
+        """Client → the round it was sampled in and has not answered yet (a copy)."""
+        return dict(self._owes)
+
+    @property
     def round_open(self) -> bool:
         return self._round is not None
 
@@ -197,72 +201,27 @@ class Server:
     def checksum(self) -> str:
         return self.replica.checksum()
 
-    # ------------------------------------------------------------------ handshake
-
-    def welcome_for(self, client_id: int, accepted: bool, reason: str) -> Welcome:
-        opt = self.optimizer
-        return Welcome(client_id=client_id, accepted=accepted, reason=reason, server_seed=self.server_seed,
-                       algorithm=opt.algorithm, rng_version=rng.RNG_VERSION, num_queries=opt.num_queries,
-                       local_steps=self.replica.local_steps, position=self.position)
-
-    def handshake(self, hello: Hello | dict[str, Any]) -> Welcome:
-        """Check a client's contract; register it (position from the hello) or refuse it with the reason.
-
-        Beyond the contract, a hello's state digest is compared with the server replica's where the server
-        knows it (the client at position 0, or at the server's current position): a node whose model was
-        built with other weights is refused here instead of drifting silently.
-        """
-        if isinstance(hello, dict):
-            try:
-                msg = decode(hello)
-            except ProtocolError as e:
-                return self.welcome_for(0, False, f"malformed hello: {e}")
-            if not isinstance(msg, Hello):
-                return self.welcome_for(0, False, f"expected a hello, got a {msg.kind}")
-            hello = msg
-        wrong = contract_mismatches(hello, self.optimizer, self.replica.local_steps, "server")
-        if hello.config_digest != self.digest:
-            wrong.append(f"optimizer configuration digest {hello.config_digest} (server {self.digest}): "
-                         "hyper-parameters or parameter shapes differ")
-        if not 0 <= hello.position <= self.position:
-            wrong.append(f"position {hello.position} is not in 0..{self.position}")
-        elif hello.state_digest and not wrong:
-            ours = self._state_digest_at(hello.position)
-            if ours is not None and hello.state_digest != ours:
-                wrong.append(f"weights or optimizer state at position {hello.position} differ from the server's "
-                             f"(state digest {hello.state_digest[:16]}, server {ours[:16]}): every node must "
-                             "build its model the same way (same seed or checkpoint, same dtype)")
-        if wrong:
-            self.rejections["handshake"] += 1
-            return self.welcome_for(hello.client_id, False, "; ".join(wrong))
-        self._positions[hello.client_id] = hello.position
-        self._owes.pop(hello.client_id, None)
-        return self.welcome_for(hello.client_id, True, "ok")
-
-    def _state_digest_at(self, position: int) -> str | None:
-        """The server replica's checksum at ``position`` if it is known (0 or the current position), else None."""
-        if position not in self._state_digests and position == self.position:
-            initial = self._state_digests[0]
-            self._state_digests = {0: initial, position: self.replica.checksum()}  # keep two: 0 and now
-        return self._state_digests.get(position)
-
     # ------------------------------------------------------------------ tasks
 
-    def task_for(self, client_id: int, *, compute: bool = True, position: int | None = None) -> Task:
-        """The task for ``client_id``: the open round (``compute``) or a catch-up to the current position."""
+    def task_for(self, client_id: int, *, compute: bool = True, position: int | None = None,
+                 fresh_snapshot: bool = False) -> Task:
+        """The task for ``client_id``: the open round (``compute``) or a catch-up to the current position.
+
+        ``fresh_snapshot``: carry a snapshot of the server replica now and no entries (for a client that
+        answered ``"diverged"``: whatever it holds, it is replaced by the server's state)."""
         if compute and self._round is None:
             raise RuntimeError("no round is open: call open_round() first")
         rnd = self._round if compute else self.position
         assert rnd is not None
         known = self._positions.get(client_id, 0) if position is None else position
         known = max(0, min(known, self.position))
-        snapshot, entries = self.log.catch_up(known)
+        snapshot, entries = (self.replica.snapshot(), ()) if fresh_snapshot else self.log.catch_up(known)
         start = entries[0].round if entries else self.position
         opt = self.optimizer
         return Task(round=rnd, client_id=client_id, server_seed=self.server_seed, algorithm=opt.algorithm,
                     rng_version=rng.RNG_VERSION, num_queries=opt.num_queries, local_steps=self.replica.local_steps,
                     log_start=start, entries=entries, snapshot=snapshot, compute=compute,
-                    streams=",".join(self.streams))
+                    streams=",".join(self.streams), chain=self.chain.task_chain(snapshot, entries, self.position))
 
     def sync_task(self, client_id: int) -> Task:
         """A catch-up-only task (``compute=False``) that brings ``client_id`` to the current position."""
@@ -299,8 +258,12 @@ class Server:
         return owed is not None
 
     def eligible(self) -> list[int]:
-        """Clients that may be sampled now: every client that owes no reply."""
-        return [c for c in self._positions if c not in self._owes]
+        """Clients that may be sampled now: every client that owes no reply and is not quarantined."""
+        return [c for c in self._positions if c not in self._owes and c not in self.quarantine]
+
+    def release_quarantine(self, client_id: int) -> bool:
+        """Let a quarantined client be sampled again (and forget its refusals); True if it was quarantined."""
+        return self.quarantine.release(client_id)
 
     def open_round(self, now: float | None = None) -> dict[int, Task]:
         """Open round ``position``: sample up to m eligible clients and build their tasks."""
@@ -311,6 +274,7 @@ class Server:
         for c, since in list(self._owes.items()):
             if r - since > self.release_after:
                 del self._owes[c]
+        self.quarantine.expire(r)
         pool = self.eligible()
         sampled = tuple(sorted(self._sampler.sample(pool, min(self.clients_per_round, len(pool)))))
         self._round = r
@@ -346,10 +310,24 @@ class Server:
         self.rejections[reason] += 1
         if self._record is not None:
             self._record.rejected.append((client, reason))
+        # a late reply or an unknown id is what a slow or restarted honest client sends: not held against it
+        if client in self._positions and reason not in ("late", "quarantined"):
+            assert client is not None
+            if self.quarantine.refused(client, self.position, reason) and self._record is not None:
+                self._record.quarantined.append(client)
         return Receipt(False, reason if not detail else f"{reason}: {detail}", client)
 
     def receive(self, reply: Reply | dict[str, Any], now: float | None = None) -> Receipt:
-        """Validate one reply (an object or its encoding) and keep it for the aggregate if it is valid."""
+        """Validate one reply (an object or its encoding) and keep it for the aggregate if it is valid.
+
+        Anything but a :class:`Reply` or a dict (``None``, a list, another object) is an engine's bug, not a
+        peer's message: :class:`ProtocolError`, before any counter moves.
+        """
+        if not isinstance(reply, (Message, dict)):
+            raise ProtocolError(f"Server.receive takes a Reply or its encoding (a dict from encode()), got "
+                                f"{type(reply).__name__}")
+        if isinstance(reply, Reply) and mistyped(reply):  # cannot even be encoded (or counted)
+            return self._reject("malformed", None, mistyped(reply))
         size = payload_bytes(reply)
         if self._record is not None:
             self._record.bytes_up += size
@@ -375,16 +353,24 @@ class Server:
             return self._reject("algorithm", c, repr(reply.algorithm))
         if c not in self._positions:
             return self._reject("unknown_client", c)
+        if c in self.quarantine:
+            self._answered.add(c)
+            self._owes.pop(c, None)
+            return self._reject("quarantined", c, self.quarantine.quarantined[c][1])
         if reply.status == "synced":
             if 0 <= reply.position <= self.position:
                 self._positions[c] = reply.position
                 return Receipt(True, "synced", c)
             return self._reject("position", c, f"{reply.position}")
+        if reply.status == "diverged" and (self._round is None or reply.round != self._round):
+            return self._diverged(reply)  # from a catch-up-only task
         if self._round is None or reply.round < self._round:
             self.late.append((reply.round, c))
             if self._owes.get(c) == reply.round:
                 del self._owes[c]  # it answered, late: it may be sampled again
             return self._reject("late", c, f"round {reply.round} is closed")
+        if reply.status == "diverged":
+            return self._diverged(reply)
         if reply.round != self._round:
             return self._reject("wrong_round", c, f"round {reply.round}, open round is {self._round}")
         if c not in self._sampled:
@@ -405,25 +391,28 @@ class Server:
             return Receipt(False, "gap", c, retry=task)
         self._answered.add(c)
         self._owes.pop(c, None)
-        if reply.status != "ok":
-            return self._reject("status", c, repr(reply.status))
-        if reply.position != self._round:
-            return self._reject("position", c, f"measured at position {reply.position}, round {self._round}")
-        if not 1 <= reply.n_examples <= self.max_examples:
-            return self._reject("n_examples", c, f"{reply.n_examples}")
-        n = self.replica.num_values
-        names = tuple(name for name, _ in reply.extras)
-        if len(reply.scalars) != 4 * n or names != self.streams or any(len(b) != 4 * n for _, b in reply.extras):
-            return self._reject("shape", c, f"{len(reply.scalars)} B of scalars, extras {list(names)}; expected "
-                                f"{4 * n} B and {list(self.streams)}")
-        values = np.frombuffer(reply.scalars + b"".join(b for _, b in reply.extras), dtype="<f4")
-        if not (np.isfinite(values).all() and math.isfinite(reply.loss)):
-            return self._reject("nonfinite", c)
-        if values.size and float(np.abs(values).max()) > self.max_abs_scalar:
-            return self._reject("too_large", c, f"|scalar| {float(np.abs(values).max()):.3g} > {self.max_abs_scalar}")
+        wrong = reply_error(reply, self._round, self.replica, self.streams, self.max_examples, self.max_abs_scalar)
+        if wrong is not None:
+            return self._reject(*wrong)
         self._replies[c] = reply
         self._positions[c] = reply.position
         return Receipt(True, "ok", c)
+
+    def _diverged(self, reply: Reply) -> Receipt:
+        """A client whose task did not match the chain (it reverted): answer with a fresh snapshot."""
+        c = reply.client_id
+        if not 0 <= reply.position <= self.position:
+            return self._reject("position", c, f"diverged at position {reply.position}")
+        self._positions[c] = reply.position
+        self.rejections["diverged"] += 1
+        compute = self._round is not None and reply.round == self._round and c in self._sampled
+        if compute and self._retries[c] >= 2:  # the snapshots did not help: count it as dropped
+            self._answered.add(c)
+            return Receipt(False, "diverged", c)
+        self._retries[c] += compute
+        task = self.task_for(c, compute=compute, fresh_snapshot=True)
+        self._count_down(task)
+        return Receipt(False, "diverged", c, retry=task)
 
     # ------------------------------------------------------------------ closing
 
@@ -447,11 +436,19 @@ class Server:
             raise RuntimeError("no round is open")
         replies = [self._replies[c] for c in sorted(self._replies)]
         entry = self._aggregate(replies)
-        self.replica.apply(entry)
+        refused = apply_checked(self.replica, entry)
+        if refused:  # the round is logged empty: every replica moves its position and nothing else
+            entry = RoundEntry(round=entry.round, n_participants=0)
+            self.replica.apply(entry)
+            self._record.aggregate_refused = refused
+            self.rejections["aggregate"] += 1
+            log.warning("round %d: aggregate refused, applied as an empty round: %s", entry.round, refused)
         self.log.append(entry)
+        self.chain.close(entry, self.replica.checksum())
         if self.snapshot_every is not None and self.log.end % self.snapshot_every == 0:
             self.log.add_snapshot(self.replica.snapshot())
         self.log.trim()
+        self.chain.trim(self.log.start, [snap.position for snap in self.log.snapshots])
         rec = self._record
         rec.participants = tuple(sorted(self._replies))
         rec.dropped = tuple(c for c in self._sampled if c not in self._replies)
@@ -463,6 +460,8 @@ class Server:
         self._record = None
         self._deadline = None
         self._replies = {}
+        if self.checkpoint_dir is not None and self.position % self.checkpoint_every == 0:
+            self.save_checkpoint()
         return rec
 
     def entry(self, round_idx: int) -> RoundEntry:

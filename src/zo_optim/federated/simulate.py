@@ -10,15 +10,19 @@ task), so ``result.server`` and every ``result.clients[c]`` can be compared bit 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..optim.base import ZOOptimizer
+from .checkpoint import CheckpointError
 from .client import FederatedWrapper
+from .consistency import ReplicaCheck, check_replicas
 from .protocol import decode, encode, payload_bytes
 from .server import RoundRecord, Server
 
@@ -51,10 +55,12 @@ class SimulationResult:
     def losses(self) -> list[float]:
         return [r.loss for r in self.history]
 
-    def replicas_identical(self) -> bool:
-        """Every client's weights and optimizer state are bit-identical to the server's."""
-        ref = self.coordinator.checksum()
-        return all(w.checksum() == ref for w in self.wrappers)
+    def replicas_identical(self) -> ReplicaCheck:
+        """Which clients' weights and optimizer state are bit-identical to the server's, and which could not be
+        compared (a client left behind the server's position); truthy only if all were checked and identical."""
+        ref, pos = self.coordinator.checksum(), self.coordinator.position
+        behind = [(w.client_id, f"at position {w.position}, server {pos}") for w in self.wrappers if w.position != pos]
+        return check_replicas(ref, {w.client_id: w.checksum() for w in self.wrappers if w.position == pos}, behind)
 
 
 def simulate(
@@ -72,6 +78,9 @@ def simulate(
     snapshot_every: int | None = None,
     progress: bool = False,
     on_round: Callable[[RoundRecord, torch.nn.Module], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: str | os.PathLike | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds in process.
 
@@ -89,6 +98,14 @@ def simulate(
         progress: print a line every ~10% of the rounds.
         on_round: ``on_round(record, server_model)`` after each round is applied on the server
             (progress bars, evaluation curves); it must not change the model.
+        checkpoint_dir: the server writes its checkpoint (:meth:`Server.save_checkpoint`) here, with the
+            simulation's own state in it: every client's :meth:`FederatedWrapper.state_dict` and the dropout
+            RNG (in one process the clients die with the server, so they are restored from the same file; a
+            real client keeps its own state).
+        checkpoint_every: rounds between checkpoints.
+        resume: a checkpoint (file or directory) to continue from: the same arguments (``rounds`` is the
+            total) then end bit-identical to the run that was never interrupted. ``on_round`` is called for
+            the remaining rounds only.
     """
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"Invalid rounds: {rounds!r} (an int >= 0)")
@@ -101,11 +118,17 @@ def simulate(
     server = Server(optimizer_fn(server_model), clients=n_clients, clients_per_round=clients_per_round,
                     local_steps=local_steps, server_seed=seed, aggregation=aggregation, log_limit=log_limit,
                     snapshot_every=snapshot_every)
+    server.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    server.checkpoint_every = checkpoint_every
     models = [model_fn() for _ in range(n_clients)]
     wrappers = [FederatedWrapper(optimizer_fn(m), local_steps, client_id=c, model=m) for c, m in enumerate(models)]
-    for w in wrappers:
-        w.welcome(server.handshake(decode(encode(w.hello()))))  # type: ignore[arg-type]
     drops = random.Random(seed ^ 0x5EED)
+    server.checkpoint_extra = lambda: {"clients": [w.state_dict() for w in wrappers], "drops": drops.getstate()}
+    if resume is None:
+        for w in wrappers:
+            w.welcome(server.handshake(decode(encode(w.hello()))))  # type: ignore[arg-type]
+    else:
+        _resume(server, wrappers, drops, resume)
     every = max(1, rounds // 10)
 
     def run(c: int, task: Any) -> None:
@@ -115,7 +138,7 @@ def simulate(
         if receipt.retry is not None:
             run(c, receipt.retry)
 
-    for r in range(rounds):
+    for r in range(server.position, rounds):
         tasks = server.open_round()
         for c, task in tasks.items():
             if drops.random() < dropout:
@@ -140,3 +163,18 @@ def simulate(
     down = sum(r.bytes_down for r in server.history) + final_down
     return SimulationResult(server=server_model, clients=models, history=server.history, bytes_up=up, bytes_down=down,
                             coordinator=server, wrappers=wrappers)
+
+
+def _resume(server: Server, wrappers: list[FederatedWrapper], drops: random.Random, path: str | os.PathLike) -> None:
+    """Load the checkpoint at ``path`` into the server, the clients and the dropout RNG (validated first).
+
+    No handshake: the clients are the checkpoint's own, and a handshake would reset what the server
+    believes (who owes a reply), which the uninterrupted run never did.
+    """
+    extra = server.load_checkpoint(path)  # the server's state is validated and loaded atomically
+    clients, state = extra.get("clients"), extra.get("drops")
+    if not isinstance(clients, list) or len(clients) != len(wrappers) or state is None:
+        raise CheckpointError(f"{path}: not a simulate() checkpoint of {len(wrappers)} clients")
+    for w, st in zip(wrappers, clients, strict=True):
+        w.load_state_dict(st)
+    drops.setstate(state)

@@ -177,6 +177,15 @@ class HELENE(ZOOptimizer):
         for group in self.param_groups:
             self.clip_values(group, [p for p in group["params"] if p.requires_grad])
 
+    def _check_scalars(self, grads: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        super()._check_scalars(grads, extras)
+        sq = extras.get("sq_grad_sum")
+        if sq is not None and bool((sq < 0).any()):
+            raise ValueError(
+                f"HELENE.apply_update: negative sq_grad_sum {sq.tolist()}; it is a sum of squares "
+                "(Σ_b g_b² per query) and >= 0 (a negative one would drive the hessian below 0); nothing was applied"
+            )
+
     def clip_values(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[float]:
         """λ_i of each tensor of ``group`` (after ``lambda_mode``)."""
         names = dict(zip(map(id, group["params"]), group.get("param_names", ()), strict=False))

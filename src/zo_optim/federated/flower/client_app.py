@@ -150,7 +150,8 @@ class _ClientNode:
             if isinstance(blob, bytes):
                 sd: dict[str, Any] = {"position": state["position"], "snapshot": blob,
                                       "server_seed": state.get("server_seed"),
-                                      "local_step_counter": state["local_step_counter"]}
+                                      "local_step_counter": state["local_step_counter"],
+                                      "chain_digest": state.get("chain_digest")}
                 p.wrapper.load_state_dict(sd)
         _PARTICIPANTS[key] = p
         return p
@@ -163,6 +164,8 @@ class _ClientNode:
                             "client_id": p.wrapper.client_id, "token": token})
         if sd["server_seed"] is not None:
             rec["server_seed"] = int(sd["server_seed"])
+        if sd["chain_digest"] is not None:  # so the next process checks that its tasks extend this history
+            rec["chain_digest"] = sd["chain_digest"]
         if self.cache_dir is None:
             rec["snapshot"] = sd["snapshot"]
         else:

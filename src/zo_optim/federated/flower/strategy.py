@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ...optim.base import ZOOptimizer
+from ..consistency import ReplicaCheck, check_replicas
 from ..protocol import Hello
 from ..server import RoundRecord, Server
 from ._environment import flower_environment
@@ -255,10 +256,16 @@ class ZOStrategy(_Messaging, Strategy):
         self._pump(grid, lambda: not any(p.kind == "sync" for p in self._pending.values()),
                    deadline=time.monotonic() + timeout)
 
-    def replicas_identical(self) -> bool:
-        """Every client that reported at the final sync holds the server's weights and state, bit for bit."""
-        ref = self.server.checksum()
-        return bool(self.client_checksums) and all(c == ref for c in self.client_checksums.values())
+    def replicas_identical(self) -> ReplicaCheck:
+        """Which clients hold the server's weights and state bit for bit at the final sync, and which were not
+        checked and why (a node still owing a reply, one that sent no checksum, a refused node); truthy only if
+        every registered client was checked and all are identical."""
+        owes = self.server.owes
+        unchecked: list[tuple[int | str, str]] = [
+            (c, f"owes a reply for round {owes[c]}" if c in owes else "sent no checksum at the final sync")
+            for c in self.node_of if c not in self.client_checksums]
+        unchecked += [(f"node {n}", f"refused: {why}") for n, why in self.refused.items()]
+        return check_replicas(self.server.checksum(), self.client_checksums, unchecked)
 
     # ------------------------------------------------------------------ round metrics, evaluation
 
