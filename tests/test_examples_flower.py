@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def test_example_apps_train_and_stay_identical(task, monkeypatch, tmp_path, caps
 
     run_simulation(server_app.app, client_app.app, num_supernodes=3)
     out = capsys.readouterr().out
-    assert "held-out accuracy:" in out and "replicas identical: True" in out and "refused: none" in out, out
+    assert "replicas identical: True" in out and "refused: none" in out, out
+    got = re.search(r"held-out accuracy: ([0-9.]+) -> ([0-9.]+), loss ([0-9.]+) -> ([0-9.]+)", out)
+    assert got, out
+    acc0, acc, loss0, loss = map(float, got.groups())
+    print("MEASURED", acc0, acc, loss0, loss)
     assert list(tmp_path.glob("*.pt"))  # features cached on the node's disk
     for name in [m for m in sys.modules if m.startswith("zo_flower_minilm")]:
         monkeypatch.delitem(sys.modules, name)

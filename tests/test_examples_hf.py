@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def _run(cmd: list[str], tmp_path: Path) -> str:
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "held-out accuracy:" in proc.stdout
+    # The smoke run is 2 steps: too few to move held-out accuracy reliably, so it shows the optimizer acted:
+    # the trainable weights moved (an lr of 0, or a step that never applies, leaves 0) and the frozen ones
+    # (LoRA's base model) did not move at all.
+    moved = re.findall(r"max \|weight change\|: trainable ([0-9.e+-]+), frozen ([0-9.e+-]+)", proc.stdout)
+    assert moved, proc.stdout[-2000:]
+    for trainable, frozen in moved:
+        assert float(trainable) > 0.0 and float(frozen) == 0.0, proc.stdout[-2000:]
     return proc.stdout
 
 

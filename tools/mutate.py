@@ -10,15 +10,15 @@ restore, a fair coin for stochastic rounding, a dropped micro-batch, a missing c
 2. applies the edit (the ``old`` text must occur exactly once, else the entry is reported stale),
 3. runs ``python -m pytest -x -q -n 0 -p no:cacheprovider <the tests that name the guarantee>``
    with ``PYTHONPATH=<scratch>/src``, and
-4. reports KILLED (the tests failed, as they must), SURVIVED (they passed: a weak test) or STALE,
-   then restores the file.
+4. reports KILLED (the tests failed, as they must), SURVIVED (they passed: a weak test), STALE (the
+   edit no longer applies, or selects no test) or ERROR (pytest itself failed), then restores the file.
 
 Usage, from the repository root (about 10 minutes on 2 busy cores; ``--slow`` adds the example and
 asset entries, which start transformers, Flower and Ray):
 
-    nice -n 10 python benchmarks/mutation/run.py [--slow] [--only ID ...] [--list] [--out FILE]
+    nice -n 10 python tools/mutate.py [--slow] [--only ID ...] [--list] [--out FILE]
 
-Exit status 1 if any mutation survived or is stale. Record a run under ``benchmarks/results/``
+Exit status 1 unless every mutation was KILLED. Record a run under ``benchmarks/results/``
 (date, command, survivor count; see ``docs/benchmarks.md``).
 """
 
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +192,8 @@ def run_one(mut: Mutation, scratch: Path, timeout: float) -> tuple[str, float, s
         return "SURVIVED", seconds, " ".join(tail)
     if rc == 5:
         return "STALE", seconds, "no test selected: " + " ".join(tail)
+    if rc != 1:  # interrupted, internal or usage error, timeout: no verdict on the tests
+        return "ERROR", seconds, f"pytest exit status {rc}: " + " ".join(tail)
     return "KILLED", seconds, " ".join(tail)
 
 
