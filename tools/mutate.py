@@ -129,7 +129,7 @@ MUTATIONS: list[Mutation] = [
       "optimizers.md Safety: apply_update with a non-finite scalar is refused before any write",
       "src/zo_optim/optim/base.py", "        if bad:\n            raise ValueError(",
       "        if False:\n            raise ValueError(",
-      OPT + "::test_apply_update_validates_scalars"),
+      "tests/test_optim_poison.py", "-k", "apply_update_refuses_non_finite"),
     m("zo-eps-range-dropped",
       "optimizers.md Safety: zo_eps outside [1e-18, 100] is refused",
       "src/zo_optim/optim/_validation.py", "    if not lo <= value <= hi:", "    if False:",
