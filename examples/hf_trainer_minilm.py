@@ -83,12 +83,22 @@ def main(argv=None) -> dict:
     trainer = ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
     before = trainer.evaluate()["eval_accuracy"]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
     after = trainer.evaluate()["eval_accuracy"]
+    # how far the weights moved: the trainable ones must, the frozen ones (LoRA's base model) must not
+    params = dict(model.named_parameters())
+    moved = {n: float((p.detach() - start[n]).abs().max()) if p.numel() else 0.0 for n, p in params.items()}
+    trainable = max((v for n, v in moved.items() if params[n].requires_grad), default=0.0)
+    frozen = max((v for n, v in moved.items() if not params[n].requires_grad), default=0.0)
+    largest = max((float(p.detach().abs().max()) for p in params.values() if p.requires_grad and p.numel()),
+                  default=0.0)
     if trainer.is_world_process_zero():
         print(f"held-out accuracy: {before:.3f} -> {after:.3f} ({a.steps} steps, {a.optimizer}, "
               f"{'LoRA' if a.lora else 'full'})")
-    return {"before": before, "after": after}
+        print(f"max |weight change|: trainable {trainable:.3e}, frozen {frozen:.3e} (largest trainable |weight| "
+              f"{largest:.3e})")
+    return {"before": before, "after": after, "trainable_moved": trainable, "frozen_moved": frozen}
 
 
 if __name__ == "__main__":

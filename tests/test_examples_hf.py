@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -21,6 +23,18 @@ def _run(cmd: list[str], tmp_path: Path) -> str:
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "held-out accuracy:" in proc.stdout
+    # The smoke run is 2 steps: too few to move held-out accuracy reliably, so it shows the optimizer acted.
+    # The frozen weights (LoRA's base model) must not move at all. The trainable ones must move by more than
+    # the in-place ±ε round trip alone can: 3 passes a step (MeZO, q = 1), each rounding once in float32 by at
+    # most ½ spacing at a size below max|θ| + 6ε (|z| < 6), so 2 steps drift at most 3 spacings of it. An lr of
+    # 0, or an update that is never applied, stays within that bound.
+    moved = re.findall(r"max \|weight change\|: trainable ([0-9.e+-]+), frozen ([0-9.e+-]+) "
+                       r"\(largest trainable \|weight\| ([0-9.e+-]+)\)", proc.stdout)
+    assert moved, proc.stdout[-2000:]
+    for trainable, frozen, largest in moved:
+        size = torch.tensor(float(largest) + 6 * 1e-3)
+        drift = 2 * 3 * 0.5 * float(torch.nextafter(size, torch.tensor(float("inf"))) - size)
+        assert float(trainable) > drift and float(frozen) == 0.0, (drift, proc.stdout[-2000:])
     return proc.stdout
 
 

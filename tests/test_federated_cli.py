@@ -100,16 +100,32 @@ def test_weights_checksum_hashes_0_dim_buffers():
     assert weights_checksum(model) == before
 
 
+def _learnable_task(clients: int = 4, seed: int = 0) -> TweetTask:
+    """Features whose label is a linear rule (y = [x0 + x1/2 > 0]); 40 held-out examples never trained on."""
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(160, 12, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return TweetTask(x[40:], y[40:], x[:40], y[:40], [], {}, 8, 0).resplit(clients=clients, alpha=0.5, seed=seed)
+
+
 def test_simulated_run_trains_the_head_and_replicas_agree():
     import zo_optim
 
-    task = _random_task()
-    before = task.evaluate(task.model_fn())[1]
+    task = _learnable_task()
+    model = task.model_fn()
+    acc0, loss0 = task.evaluate(model)
     res = simulate(task.model_fn, lambda m: zo_optim.HiSo(m.parameters(), lr=0.05, num_queries=5, seed=0),
                    [task.client_loss(c) for c in range(4)], rounds=60, clients_per_round=2)
     assert res.replicas_identical()
     assert all(weights_checksum(m) == weights_checksum(res.server) for m in res.clients)
-    assert task.evaluate(res.server)[1] < before
+    assert weights_checksum(res.server) != weights_checksum(model)  # the weights moved
+    acc, loss = task.evaluate(res.server)
+    # Trained = generalises the rule: measured 0.325 -> 0.850 held-out accuracy, cross-entropy 1.00 -> 0.35
+    # (HiSo, 60 rounds). Asked: +0.30 accuracy (12 of 40 unseen examples) and the loss below 0.6·start —
+    # about half the measured gain, far beyond what an update that does not descend can reach (lr = 0 keeps
+    # 0.325 / 1.00 exactly).
+    assert acc >= acc0 + 0.30, (acc0, acc)
+    assert loss <= 0.6 * loss0, (loss0, loss)
 
 
 def test_on_round_sees_every_round_with_the_server_model():

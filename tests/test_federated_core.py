@@ -180,6 +180,13 @@ def test_inplace_estimate_is_not_exact_so_the_wrapper_must_restore():
         opt.estimate(lambda m=m: ((m(x) - y) ** 2).mean(), seed=seed)
         opt.take_estimate()
         drift += sum(int((p != b).sum()) for p, b in zip(m.parameters(), before, strict=True))
+        # ... by rounding only: 3 passes (+ε, −2ε, +ε) each round once, by at most ½ float32 spacing at a size
+        # below M = |θ| + 6ε (|z| < 6: probability 2e-9 per weight), so at most 1.5 spacings of M; a restore
+        # that is skipped or partial leaves a multiple of ε·|z| ≈ 1e-3, thousands of spacings of these weights.
+        for p, b in zip(m.parameters(), before, strict=True):
+            size = b.abs() + 6 * 1e-3
+            spacing = torch.nextafter(size, torch.tensor(float("inf"))) - size
+            assert ((p - b).abs() <= 1.5 * spacing).all(), ((p - b).abs() / spacing).max()
     assert drift > 0
 
 

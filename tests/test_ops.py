@@ -5,7 +5,8 @@ up by conftest.py) is compared with :mod:`zo_optim.ops.reference` on random
 inputs: odd sizes, 3-D and non-contiguous views, float32/bfloat16/float16
 params, several tensors of mixed sizes and dtypes per call, both distributions,
 preconditioners, restore on/off, q = 1 and 3, both rounding modes. A backend
-that cannot run in this process is skipped.
+whose optional dependency is not installed is skipped; one that is broken, or
+required by ``--require-backends`` (CI), fails (tests/backend_checks.py).
 
 Tolerances, from float32 rounding:
 
@@ -37,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zo_optim.ops as ops
+from backend_checks import backend_or_skip
 from zo_optim import rng
 
 FAST_BACKENDS = ["cpu", "triton"]
@@ -73,12 +75,12 @@ def _view(base: torch.Tensor, how: str | None) -> torch.Tensor:
 
 
 def need(backend: str) -> str:
-    """Skip unless ``backend`` can run CPU tensors in this process."""
-    try:
-        ops.resolve_backend(backend, torch.device("cpu"))
-    except (ImportError, RuntimeError) as exc:
-        pytest.skip(f"backend {backend!r} unavailable here: {exc}")
-    return backend
+    """``backend`` if it can run CPU tensors here; a missing dependency skips, a broken backend fails.
+
+    See tests/backend_checks.py: under ``--require-backends`` (CI) a required backend that cannot
+    load is an error, never a skip.
+    """
+    return backend_or_skip(backend)
 
 
 class Case:

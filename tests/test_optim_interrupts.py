@@ -24,8 +24,8 @@ import time
 import pytest
 import torch
 
+from backend_checks import backend_or_skip
 from optim_infos import ALL, OPTIMIZERS, OptimizerInfo, loss_closure, tiny_data, tiny_model, weights
-from zo_optim import ops
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
 
@@ -150,7 +150,7 @@ def _run_trials(
 @ALL
 @pytest.mark.parametrize("mode", ["inplace", "transient"])
 def test_random_interrupts_cpu_backend(info: OptimizerInfo, mode: str):
-    pytest.importorskip("numba")
+    backend_or_skip("cpu")
     counts = _run_trials(info, "cpu", mode, trials=60, budget_s=1.5)
     assert counts["interrupted"] > 0
 
@@ -162,9 +162,7 @@ def test_random_interrupts_reference_backend(info: OptimizerInfo):
 
 
 def test_random_interrupts_triton_backend():
-    pytest.importorskip("triton")
-    if "triton" not in ops.available_backends("cpu"):
-        pytest.skip("triton cannot run CPU tensors here")
+    backend_or_skip("triton")
     # the interpreter takes ~1 s per step: one optimizer, the one whose passes read a preconditioner
     info = next(i for i in OPTIMIZERS if i.name == "HiZOO")
     counts = _run_trials(info, "triton", "inplace", trials=3, budget_s=2.0, warm=1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import zo_optim
+from backend_checks import backend_or_skip
 from optim_infos import (
     ALL,
     OptimizerInfo,
@@ -418,8 +419,7 @@ def test_numpy_float32_loss_is_accepted_like_float64():
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_ops_refuse_bad_seeds(backend):
-    if backend not in zo_optim.ops.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} unavailable")
+    backend_or_skip(backend)
     np = pytest.importorskip("numpy")
     t = torch.zeros(5)
     for bad in ("7", 1.5, None, True, torch.tensor(7), [7]):
@@ -469,8 +469,7 @@ def test_parameters_sharing_memory_are_refused(info: OptimizerInfo):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_ops_refuse_shared_memory_and_inference_tensors_before_writing(backend):
-    if backend not in zo_optim.ops.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} unavailable")
+    backend_or_skip(backend)
     first = torch.zeros(4)
     base = torch.zeros(6, 4)
     for params in ([first, torch.ones(1).expand(5)], [first, base[:4], base[2:]], [first, base, base]):

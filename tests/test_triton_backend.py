@@ -21,8 +21,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+from backend_checks import backend_or_skip
+
+# "cuda" (compiled kernels) or "cpu" (interpreter): resolved by conftest.py from ZO_OPTIM_TRITON_DEVICE.
+DEVICE = torch.device(os.environ.get("ZO_OPTIM_TRITON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+# Skips the module only when triton is not installed and not required; a broken backend is a collection error.
+backend_or_skip("triton", DEVICE)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import zo_optim.ops as ops  # noqa: E402
 from zo_optim import rng  # noqa: E402
@@ -30,10 +37,6 @@ from zo_optim.ops import reference  # noqa: E402
 from zo_optim.ops.triton import _rng, launch  # noqa: E402
 
 pytestmark = pytest.mark.triton
-
-
-# "cuda" (compiled kernels) or "cpu" (interpreter): resolved by conftest.py from ZO_OPTIM_TRITON_DEVICE.
-DEVICE = torch.device(os.environ.get("ZO_OPTIM_TRITON_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SIZES = [0, 1, 3, 4, 5, 127, 128, 129, 256]  # 128 and 256 fill whole blocks of 128
 SEED = 0xDEADBEEF12345678
 MASK32 = 0xFFFFFFFF
