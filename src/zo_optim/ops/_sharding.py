@@ -30,7 +30,7 @@ try:  # torch built without distributed support has no DTensor
 except ImportError:  # pragma: no cover - every supported torch build on Linux/macOS has it
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["SUPPORTED", "check_tensor", "is_dtensor", "local", "local_and_offset", "like"]
+__all__ = ["SUPPORTED", "check_tensor", "is_dtensor", "like", "local", "local_and_offset", "local_rows", "unwrap"]
 
 SUPPORTED = "torch.Tensor / nn.Parameter, and DTensor with Shard(0) or Replicate() placements (FSDP2's fully_shard)"
 
@@ -59,7 +59,9 @@ def check_tensor(where: str, t: torch.Tensor) -> None:
             )
         inner = t._local_tensor
         if type(inner) not in (torch.Tensor, torch.nn.Parameter) and is_traceable_wrapper_subclass(inner):
-            raise TypeError(f"{where} is a DTensor whose local tensor is a {type(inner).__name__}; supported: {SUPPORTED}")
+            raise TypeError(
+                f"{where} is a DTensor whose local tensor is a {type(inner).__name__}; supported: {SUPPORTED}"
+            )
         return
     if hasattr(t, "ds_id") or hasattr(t, "ds_status"):
         raise TypeError(
@@ -108,3 +110,22 @@ def unwrap(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[in
     """Local tensors and their offsets, for a list that may mix DTensors and plain tensors."""
     pairs = [local_and_offset(t) for t in tensors]
     return [t for t, _ in pairs], [o for _, o in pairs]
+
+
+def local_rows(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a state buffer of ``p``, as a plain tensor shaped like ``p``'s local shard.
+
+    ``value`` is a DTensor (a sharded state dict: redistributed to ``p``'s placements if they differ, a
+    collective every rank runs in the same load) or a full tensor of ``p``'s shape (a full state dict,
+    e.g. saved by a replicated run: this rank keeps its rows). A plain ``p`` takes a full tensor as is.
+    """
+    if is_dtensor(value):
+        if not is_dtensor(p):
+            return value.full_tensor()
+        if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value.to_local()
+    if not is_dtensor(p):
+        return value
+    loc, offset = local_and_offset(p)
+    return value.reshape(-1)[offset: offset + loc.numel()].view(loc.shape)

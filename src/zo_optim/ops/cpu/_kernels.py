@@ -165,7 +165,8 @@ def _sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, mom
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query,
+                words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     has_buf = table[t, STATE0] != 0
     mom = _state_view(table, t, STATE0, base, count)
@@ -205,7 +206,8 @@ def _adamw_block(table, blocks, b, k0, k1, rademacher, coeffs, decay, beta1, one
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query,
+                words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     exp_avg = _state_view(table, t, STATE0, base, count)
     exp_avg_sq = _state_view(table, t, STATE1, base, count)
