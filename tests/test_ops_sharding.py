@@ -101,8 +101,9 @@ def test_unsupported_tensor_subclasses_are_refused_untouched():
 
 
 def test_the_optimizer_refuses_them_at_construction():
-    import zo_optim
     from torch.testing._internal.two_tensor import TwoTensor
+
+    import zo_optim
 
     t = torch.nn.Parameter(TwoTensor(torch.zeros(4), torch.zeros(4)))
     with pytest.raises(TypeError, match=r"MeZO: params\[0\] is a .*DTensor with Shard\(0\) or Replicate\(\)"):

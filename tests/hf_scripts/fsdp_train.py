@@ -46,6 +46,12 @@ def run(out: str, sharded: bool, steps: int = 3) -> dict:
             fully_shard(block)
         # the root must reshard after forward: ZO forwards have no backward to do it (docs/sharded.md)
         fully_shard(model, reshard_after_forward=True)
+        try:  # the Trainer's own checkpoints would hold rank 0's shards only: refused, before any step
+            SequentialZOTrainer(model=model, args=T.zo_args(out, save_strategy="steps", save_steps=1),
+                                train_dataset=T.causal_lm_rows(4, seed=3))
+            raise AssertionError("save_strategy='steps' was accepted on a sharded model")
+        except ValueError as e:
+            assert "torch.distributed.checkpoint" in str(e), e
     rec = RecordG()
     trainer = SequentialZOTrainer(model=model, args=args, train_dataset=T.causal_lm_rows(24, seed=3), callbacks=[rec])
     rec.trainer = trainer

@@ -11,6 +11,11 @@ things stand in its way, both fixed here when the model has DTensor parameters:
 * FSDP2 keeps the root module's parameters gathered after a forward (a backward would gather them
   again). ZO forwards have no backward: the next forward would read the gathered copy, not the
   perturbed shards. Every FSDP module is set to reshard after forward.
+
+Refused: the Trainer's checkpoints (``save_strategy`` other than ``"no"``). Without its FSDP path the
+Trainer saves the model and the optimizer from rank 0 alone, which holds only its own shards: the
+checkpoint would be silently incomplete. Save with ``torch.distributed.checkpoint`` instead
+(docs/sharded.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ def prepare_sharded(trainer: Any) -> None:
     model = trainer.model
     if not is_sharded(model):
         return
+    if str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
+        raise ValueError(
+            f"ZOTrainer: save_strategy={trainer.args.save_strategy.value!r} with a model sharded by fully_shard "
+            "(DTensor parameters): the Trainer would save the model and optimizer from rank 0 alone, which holds "
+            "only its own shards. Set save_strategy='no' and save with torch.distributed.checkpoint "
+            "(dcp.save({'model': model.state_dict(), 'optim': trainer.zo_optimizer.state_dict()}, ...)), "
+            "see docs/sharded.md"
+        )
     for module in model.modules():
         if hasattr(module, "set_reshard_after_forward"):  # an FSDPModule (fully_shard)
             module.set_reshard_after_forward(True, recurse=False)
