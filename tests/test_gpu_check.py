@@ -39,11 +39,12 @@ def test_print_commands_are_valid() -> None:
     res = run("--print-commands")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
+    assert lines[4].endswith("tests/hf_scripts/fsdp_train.py RESULTS_DIR/fsdp2_trainer --gpu-check")
     assert lines[0].startswith("ZO_OPTIM_TRITON_DEVICE=cuda ") and "tests/test_triton_backend.py" in lines[0]
     parsers = {"kernels": kernels.build_parser(), "step": step.build_parser(), "memory": memory._parser()}
     parsed = {}
-    for line in lines[1:]:
+    for line in lines[1:4]:
         words = shlex.split(line.replace("RESULTS_DIR", "/tmp/x"))
         assert words[:2] == ["zo-optim", "bench"], line
         parsed[words[2]] = parsers[words[2]].parse_args(words[3:])
