@@ -113,6 +113,10 @@ def _exactness(backends, failures):
                 shard_model, shard_opt = _run(name, kwargs, dtype, backend, sharded=True)
                 assert type(next(shard_model.parameters())).__name__ == "DTensor"
                 got = _gathered(shard_model, shard_opt)
+                # state is sharded like its parameter: this rank holds its rows only
+                local = sum(p.to_local().numel() for p in shard_model.parameters())
+                if shard_opt.state_bytes() != 4 * local * len(next(iter(shard_opt.state.values()), {})):
+                    failures.append(f"{what}: state_bytes {shard_opt.state_bytes()} is not the local shards'")
                 _compare(ref, got, what, failures)
                 # and the run moved the weights (a no-op optimizer would pass the comparison)
                 init = _model(dtype, sharded=False)

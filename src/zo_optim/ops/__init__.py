@@ -17,6 +17,10 @@ Backends:
 * ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
   tensors when numba imports, else ``chunked`` (also for float64 and other dtypes
   the fast backends do not compute).
+
+Sharded parameters (FSDP2's ``DTensor``, ``Shard(0)``/``Replicate()``) are written through their local
+shards at their global element offsets, exactly the unsharded op's values (:mod:`._sharding`);
+``reference``, ``chunked`` and ``cpu`` take shards, ``triton`` not yet (``auto`` picks ``chunked``).
 """
 
 from __future__ import annotations

@@ -58,9 +58,9 @@ class ParamLayout:
                 raise
 
     def state_bytes(self) -> int:
-        """Bytes held in per-parameter optimizer state (all fp32 buffers)."""
+        """Bytes held in per-parameter optimizer state (all fp32 buffers; this rank's shards of sharded ones)."""
         self._ensure_state()
-        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors = [_sharding.local(v) for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
 
     def _all_params(self) -> list[torch.Tensor]:
