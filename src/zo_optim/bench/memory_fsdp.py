@@ -5,13 +5,14 @@ Four measurements of the same model and per-rank batch (random token ids), each 
 
 * ``inference``: one process, the whole model, one ``torch.no_grad()`` forward;
 * ``zo``: one process, the whole model, ``--steps`` MeZO steps (the unsharded ZO run);
+* ``inference-fsdp``: N ranks, the sharded model below, one forward (what FSDP2 itself costs);
 * ``zo-fsdp``: N ranks, every decoder layer and the root through ``fully_shard`` (the root with
   ``reshard_after_forward=True``, docs/sharded.md), ``--steps`` MeZO steps, each rank its own batch;
 * ``adamw-fsdp``: the same N ranks with backprop and ``torch.optim.AdamW``.
 
 The sharded models are built on the meta device, sharded, and only then materialised
 (``to_empty`` + random values): no rank ever holds the whole model. Peak = the RSS high-water mark
-(``VmHWM``) of each process; *net* = peak − ``VmHWM`` after the runtime (interpreter, torch,
+(``VmHWM``) of each process, with glibc's mmap threshold fixed at 128 KiB (see :func:`_launch`); *net* = peak − ``VmHWM`` after the runtime (interpreter, torch,
 transformers' OPT code, the zo backend with its kernels loaded: what N processes each pay and what
 sharding cannot divide). The target (issue 21):
 zo-fsdp's net per-rank peak ≤ inference's net peak / N + the largest gathered layer group
@@ -30,7 +31,7 @@ from typing import Any
 from . import report
 from .memory import make_rows
 
-METHODS = ("inference", "zo", "zo-fsdp", "adamw-fsdp")
+METHODS = ("inference", "zo", "inference-fsdp", "zo-fsdp", "adamw-fsdp")
 
 
 def _mark(marks: list[dict[str, Any]], phase: str) -> None:
@@ -99,7 +100,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     batches = [default_data_collator(rows[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]])
                for i in range(cfg["steps"])]
     _mark(marks, "model")
-    if method == "inference":
+    if method in ("inference", "inference-fsdp"):
         model.eval()
         with torch.no_grad():
             model(**batches[0])
@@ -136,7 +137,14 @@ def _launch(cfg: dict[str, Any], world: int) -> list[dict[str, Any]]:
     """``world`` fresh processes (ranks of one gloo group when world > 1); their results."""
     from ..apps import assets
 
-    base = dict(os.environ, TOKENIZERS_PARALLELISM="false", **assets.offline_env())
+    # glibc's allocator, every method alike: a fixed mmap threshold (128 KiB, its default before it adapts). FSDP2's
+    # all-gathers on CPU allocate and free the gathered layers' tensors at every forward; with the adaptive
+    # threshold (raised to the largest freed chunk, up to 32 MiB) they come from the heap, which fragments and
+    # does not shrink: an FSDP2 forward of OPT-350m over 2 ranks then added 970 MiB to a rank's VmHWM instead of
+    # 315 MiB with the fixed threshold (measured 2026-12-06, this bench's inference-fsdp; the unsharded forward
+    # adds 113 MiB either way). Set MALLOC_MMAP_THRESHOLD_ yourself to measure another allocator setting.
+    base = dict({"MALLOC_MMAP_THRESHOLD_": "131072"}, **os.environ, TOKENIZERS_PARALLELISM="false",
+                **assets.offline_env())
     if world > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen([sys.executable, "-m", "zo_optim.bench.memory_fsdp", json.dumps(cfg)],
