@@ -12,10 +12,10 @@ Four measurements of the same model and per-rank batch (random token ids), each 
 
 The sharded models are built on the meta device, sharded, and only then materialised
 (``to_empty`` + random values): no rank ever holds the whole model. Peak = the RSS high-water mark
-(``VmHWM``) of each process, with glibc's mmap threshold fixed at 128 KiB (see :func:`_launch`); *net* = peak − ``VmHWM`` after the runtime (interpreter, torch,
-transformers' OPT code, the zo backend with its kernels loaded: what N processes each pay and what
-sharding cannot divide). The target (issue 21):
-zo-fsdp's net per-rank peak ≤ inference's net peak / N + the largest gathered layer group
+(``VmHWM``) of each process, with glibc's mmap threshold fixed at 128 KiB (see :func:`_launch`);
+*net* = peak − ``VmHWM`` after the runtime (interpreter, torch, transformers' OPT code, the zo
+backend with its kernels loaded: what N processes each pay and what sharding cannot divide). The
+target (issue 21): zo-fsdp's net per-rank peak ≤ inference's net peak / N + the largest gathered layer group
 (the fp32 bytes of the biggest ``fully_shard`` unit, here the root: embeddings and final norm).
 """
 
