@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .memory import make_rows
 
 METHODS = ("inference", "zo", "inference-fsdp", "zo-fsdp", "adamw-fsdp")
 
@@ -74,7 +73,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     import transformers  # noqa: F401  (the runtime every method pays, measured before the model)
-    from transformers import default_data_collator
 
     import zo_optim
 
@@ -95,10 +93,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         rank = dist.get_rank()
     model, unit_bytes = _build(cfg["model"], sharded)
     n_params = sum(p.numel() for p in model.parameters())
-    rows = make_rows("causal-lm", model.config.vocab_size, cfg["steps"] * cfg["batch_size"], cfg["max_len"],
-                     seed=rank)
-    batches = [default_data_collator(rows[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]])
-               for i in range(cfg["steps"])]
+    # random token ids (5.. avoid the special tokens), labels = inputs; each rank its own (bench memory's rows)
+    g = torch.Generator().manual_seed(rank)
+    batches = []
+    for _ in range(cfg["steps"]):
+        ids = torch.randint(5, model.config.vocab_size, (cfg["batch_size"], cfg["max_len"]), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     _mark(marks, "model")
     if method in ("inference", "inference-fsdp"):
         model.eval()
