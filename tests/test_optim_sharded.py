@@ -190,6 +190,20 @@ def _refusals(failures):
             pass
         if not torch.equal(w.to_local(), before):
             failures.append(f"{placement}: weights written")
+    # Replicate() is supported: every rank holds the whole tensor (offset 0) and steps as a plain replica does
+    from torch.distributed.tensor import Replicate
+
+    torch.manual_seed(1)
+    init = torch.randn(5, 3)
+    plain = torch.nn.Parameter(init.clone())
+    rep = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, [Replicate()]))
+    for w in (plain, rep):
+        opt = zo_optim.ZOAdam([w], lr=0.1, seed=3)
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(dist.get_rank()))
+        for _ in range(2):
+            opt.step(lambda w=w, x=x: (x @ (w.full_tensor() if hasattr(w, "full_tensor") else w)).square().mean())
+    if not torch.equal(rep.to_local(), plain.detach()) or torch.equal(plain.detach(), init):
+        failures.append("Replicate(): differs from the plain replica (or did not move)")
     # transient mode: FSDP2 forwards read all-gathered copies, not the shards hooks would perturb
     model = _model(torch.float32, sharded=True)
     try:
