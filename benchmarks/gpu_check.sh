@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 12 minutes at most
-# (stage limits 120 + 200 + 140 + 110 + 150 s).
+# The GPU check of zo-optim: one script, run from anywhere on a CUDA machine, about 14 minutes at most
+# (stage limits 120 + 200 + 140 + 110 + 150 + 120 s).
 #
 #   bash benchmarks/gpu_check.sh                  # results under benchmarks/results/<date>-<device>/
 #   bash benchmarks/gpu_check.sh --print-commands # the commands it would run, one a line; checks nothing
@@ -18,6 +18,8 @@
 #    its byte floor, optimizer overhead <= 5% of the step. Last, zo-optim bench memory (BERT-large and OPT-350m
 #    from their configs, batch 8x64): MeZO through ZOTrainer vs inference vs AdamW on the CUDA allocator's peak
 #    (targets zo <= 1.05x inference, <= 1/3 AdamW).
+#    With 2+ GPUs: ZOTrainer through the Trainer's own FSDP2 path (fsdp_version 2) against the replicated run,
+#    bit-identical weights (tests/hf_scripts/fsdp_train.py --gpu-check); skipped, and said so, on one GPU.
 # 4. Writes env.txt (device, driver, clocks, versions, commit), the test log, the benches' CSV/PNG/env JSON
 #    and printed tables, and summary.txt (stage exit codes, wall times, targets) to the results folder.
 #
@@ -44,6 +46,7 @@ if [[ $# -gt 0 ]]; then
       echo "zo-optim bench kernels ${KERNELS_ARGS[*]} --out RESULTS_DIR"
       echo "zo-optim bench step ${STEP_ARGS[*]} --out RESULTS_DIR"
       echo "zo-optim bench memory ${MEMORY_ARGS[*]} --out RESULTS_DIR/memory"
+      echo "$PY tests/hf_scripts/fsdp_train.py RESULTS_DIR/fsdp2_trainer --gpu-check"
       exit 0 ;;
     -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
@@ -152,6 +155,14 @@ stage "bench step (OPT-1.3b bf16 16x128)" 110 "$OUT_DIR/step.txt" \
 # last: issue 11's memory targets on the CUDA allocator (six fresh processes, random weights from configs)
 stage "bench memory (BERT-large, OPT-350m; 8x64)" 150 "$OUT_DIR/memory.txt" \
   "${ZO[@]}" bench memory "${MEMORY_ARGS[@]}" --out "$OUT_DIR/memory"
+# issue 21: ZOTrainer through the Trainer's own FSDP2 path (fsdp_version 2; accelerate shards only on accelerators)
+# vs the replicated run, bit-identical; FSDP over nccl needs one GPU per rank
+if [[ $("$PY" -c "import torch; print(torch.cuda.device_count())") -ge 2 ]]; then
+  stage "FSDP2 Trainer (2 GPUs, tiny GPT-2)" 120 "$OUT_DIR/fsdp2_trainer.txt" \
+    "$PY" tests/hf_scripts/fsdp_train.py "$OUT_DIR/fsdp2_trainer" --gpu-check
+else
+  echo "FSDP2 Trainer: skipped (needs 2 CUDA GPUs)" | tee -a "$summary"
+fi
 
 {
   echo

@@ -70,3 +70,32 @@ def test_make_rows_labels_per_kind():
     assert [r["input_ids"] for r in causal] == [r["input_ids"] for r in cls]  # same seed, same ids
     assert all(r["labels"] == r["input_ids"] and len(r["input_ids"]) == 5 for r in causal)
     assert all(r["labels"] in (0, 1) and 5 <= min(r["input_ids"]) and max(r["input_ids"]) < 100 for r in cls)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_memory_fsdp_tiny_end_to_end(tmp_path, capsys):
+    """``--fsdp 2``: 2 gloo ranks per sharded method, the derived numbers computed from the raw ones."""
+    from zo_optim.bench import memory_fsdp
+
+    assert cli.main(["bench", "memory", "--models", "tiny", "--fsdp", "2", "--steps", "1", "--batch-size", "2",
+                     "--max-len", "16", "--out", str(tmp_path)]) == 0
+    rows = report.read_csv(tmp_path / "memory_fsdp.csv")
+    by = {(r["provider"], r["metric"]): r["value"] for r in rows if r["name"] == "tiny"}
+    for method in memory_fsdp.METHODS:
+        assert by[(method, "peak_rss_net_of_runtime")] == pytest.approx(
+            by[(method, "peak_rss_per_rank_max")] - by[(method, "runtime_rss")])
+    bound = by[("inference", "peak_rss_net_of_runtime")] / 2 + by[("zo-fsdp", "largest_unit_fp32")]
+    met = [r["value"] for r in rows if r["name"].startswith("target:zo-fsdp")]
+    assert met == [float(by[("zo-fsdp", "peak_rss_net_of_runtime")] <= bound)]
+    # the tiny OPT's largest unit is its root (embeddings): vocab x hidden fp32 at least
+    model = memory.build_model("tiny")[0]
+    assert by[("zo-fsdp", "largest_unit_fp32")] * 2**20 >= 4 * model.model.decoder.embed_tokens.weight.numel()
+    assert "issue 21 target" in capsys.readouterr().out
+
+
+def test_bench_memory_fsdp_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="Invalid --fsdp: 1"):
+        memory.main(["--fsdp", "1"])
+    with pytest.raises(ValueError, match="Invalid --fsdp: 2"):
+        memory.main(["--fsdp", "2", "--models", "minilm"])

@@ -40,15 +40,16 @@ def test_print_commands_are_valid() -> None:
     res = run("--print-commands")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     # zo-optim check first, with arguments its parser accepts
     words = shlex.split(lines[0])
     assert words[:2] == ["zo-optim", "check"], lines[0]
     assert set(check.build_parser().parse_args(words[2:]).dtypes.split(",")) == {"float32", "bfloat16", "float16"}
     assert lines[1].startswith("ZO_OPTIM_TRITON_DEVICE=cuda ") and "tests/test_triton_backend.py" in lines[1]
+    assert lines[5].endswith("tests/hf_scripts/fsdp_train.py RESULTS_DIR/fsdp2_trainer --gpu-check")
     parsers = {"kernels": kernels.build_parser(), "step": step.build_parser(), "memory": memory._parser()}
     parsed = {}
-    for line in lines[2:]:
+    for line in lines[2:5]:
         words = shlex.split(line.replace("RESULTS_DIR", "/tmp/x"))
         assert words[:2] == ["zo-optim", "bench"], line
         parsed[words[2]] = parsers[words[2]].parse_args(words[3:])

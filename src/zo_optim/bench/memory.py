@@ -220,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--out", type=Path, default=Path("bench-memory"))
+    p.add_argument("--fsdp", type=int, default=0, metavar="N",
+                   help="per-rank peak of MeZO on the model sharded with FSDP2 over N gloo ranks, against the "
+                        "unsharded model and FSDP2 + AdamW (bench.memory_fsdp; causal-LM models)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -228,6 +231,8 @@ def _check_args(a: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "max_len", "threads", "eval_examples"):
         if getattr(a, name) < 1:
             raise ValueError(f"Invalid --{name.replace('_', '-')}: {getattr(a, name)} (must be >= 1)")
+    if a.fsdp == 1 or a.fsdp < 0 or (a.fsdp and set(a.models) & {"minilm", "bert-large"}):
+        raise ValueError(f"Invalid --fsdp: {a.fsdp} (N >= 2 ranks, with the causal-LM models tiny or opt-350m)")
     if a.eval_batch_size < 0:
         raise ValueError(f"Invalid --eval-batch-size: {a.eval_batch_size} (must be >= 0; 0 = no evaluation)")
 
@@ -238,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
         return 0
     _check_args(a)
+    if a.fsdp:
+        from . import memory_fsdp
+
+        return memory_fsdp.run(a, argv)
     env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "memory", *argv])
     rows: list[report.Row] = []
     peaks_table, targets_table = [], []

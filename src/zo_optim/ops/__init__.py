@@ -18,6 +18,10 @@ Backends:
 * ``auto`` — ``triton`` for CUDA tensors when Triton imports, ``cpu`` for CPU
   tensors when numba imports, else ``chunked`` (also for float64 and other dtypes
   the fast backends do not compute).
+
+Sharded parameters (FSDP2's ``DTensor``, ``Shard(0)``/``Replicate()``) are written through their local
+shards at their global element offsets, exactly the unsharded op's values (:mod:`._sharding`);
+``reference``, ``chunked`` and ``cpu`` take shards, ``triton`` not yet (``auto`` picks ``chunked``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
+from . import _checks, _sharding
 
 __all__ = [
     "BACKENDS",
@@ -65,6 +69,8 @@ class Backend:
     refuses: Callable[[torch.device], str | None] = lambda device: None
     #: checked against the reference on first use per (device, dtype) before it writes (zo_optim.ops.selfcheck)
     self_checked: bool = False
+    #: whether it takes shards of sharded tensors (``offsets``: the contract index of each tensor's element 0)
+    shards: bool = True
 
     @property
     def plain_torch(self) -> bool:
@@ -88,7 +94,8 @@ def _cpu_refuses(device: torch.device) -> str | None:
 # The one table of backends, in the order of BACKENDS (after "auto") and of auto's preference.
 _TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", "zo_optim.ops.triton", ("cuda",), 'pip install "zo-optim[triton]" (Linux; CPU tensors need '
-            'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses, True),
+            'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses,
+            self_checked=True, shards=False),
     Backend("cpu", "zo_optim.ops.cpu", ("cpu",), 'pip install "zo-optim[cpu]" (installs numba)', "numba's kernels",
             _cpu_refuses),
     Backend("chunked", "zo_optim.ops.chunked"),
@@ -139,9 +146,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
-def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
+def resolve_backend(
+    name: str, device: torch.device, dtypes: Sequence[torch.dtype] = (), sharded: bool = False
+) -> str:
     """Turn ``name`` (possibly ``"auto"``) into a concrete backend for ``device``.
 
+    ``sharded``: the tensors are shards of sharded tensors (DTensor), run at their global offsets.
     Raises ImportError (with the install hint) or RuntimeError when an explicitly
     requested backend cannot run these tensors.
     """
@@ -151,9 +161,14 @@ def resolve_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtyp
         if exotic:
             return "chunked"
         for b in _TABLE.values():
-            if device.type in b.devices and _importable(b.name):
+            if device.type in b.devices and (b.shards or not sharded) and _importable(b.name):
                 return b.name
         return "chunked"
+    if sharded and not _TABLE[name].shards:
+        raise RuntimeError(
+            f"backend {name!r} does not take shards of sharded (DTensor) parameters yet; use backend='chunked' "
+            "(or 'auto', which picks it for them) or backend='reference'"
+        )
     if name in _PLAIN_TORCH:
         return name
     if exotic:
@@ -197,6 +212,13 @@ def slow_fallback_notice(name: str, device: torch.device, dtypes: Sequence[torch
 # non-contiguous param would raise after the contiguous ones had been written.
 @torch.no_grad()
 def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    # DTensors (FSDP2): the ops write each local shard at its global element offset (see _sharding)
+    for i, p in enumerate(params):
+        if isinstance(p, torch.Tensor):
+            _sharding.check_tensor(f"params[{i}]", p)
+    params, offsets = _sharding.unwrap(params)
+    states = {k: (None if v is None else [_sharding.local(s) for s in v]) for k, v in states.items()}
+    sharded = any(offsets)
     device = _checks.check_params(params, tensor_ids)
     kwargs["seed"] = _checks.check_seed(kwargs["seed"])
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)
@@ -220,19 +242,21 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     for sname in ("coeffs", "precond_coeffs", "hessian_coeffs"):
         if kwargs.get(sname) is not None:
             kwargs[sname] = kwargs[sname].contiguous()
-    name = resolve_backend(backend, device, [p.dtype for p in params])
+    name = resolve_backend(backend, device, [p.dtype for p in params], sharded=sharded)
     if _TABLE[name].self_checked:
         # Kernels compiled for this machine are checked before their first write on it (cached per process):
         # a failure raises for an explicit backend and falls back to "chunked" with a warning for "auto".
         name = importlib.import_module("zo_optim.ops.selfcheck").gate(backend, name, device, [p.dtype for p in params])
     module = load_backend(name)
+    if sharded:
+        kwargs["offsets"] = offsets
     if name in _PLAIN_TORCH:
         # float64 params are the reason to use these: compute in float64 too, or a
         # float32 pass would round them (1 + 1e-12 would not survive scale=0).
         wide = any(p.dtype == torch.float64 for p in params)
         kwargs["compute_dtype"] = torch.float64 if wide else torch.float32
     if name == "reference":
-        getattr(module, op)(params, list(tensor_ids), **states, **kwargs)
+        _reference(getattr(module, op), params, list(tensor_ids), states, kwargs)
         return
     # The other backends address flat contiguous memory; element i of a view is its
     # row-major logical index, so run on contiguous copies and write them back.
@@ -248,6 +272,18 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
         if k in written:
             for orig, work in zip(v or (), work_states[k] or (), strict=True):
                 _write_back(orig, work)
+
+
+def _reference(fn: Callable[..., None], params, tensor_ids, states: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """The reference op; with per-tensor ``offsets`` (shards), one call per tensor at its offset."""
+    offsets = kwargs.pop("offsets", None)
+    if offsets is None:
+        fn(params, tensor_ids, **states, **kwargs)
+        return
+    for i, off in enumerate(offsets):
+        one = {k: (v if v is None else [v[i]]) for k, v in states.items()}
+        per = {k: [kwargs[k][i]] for k in ("clip",) if k in kwargs}
+        fn([params[i]], [tensor_ids[i]], **one, **{**kwargs, **per}, offset=off)
 
 
 def _written_states(op: str, kwargs: dict[str, Any]) -> set[str]:

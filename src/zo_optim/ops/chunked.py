@@ -57,6 +57,8 @@ def _chunked(
         # args: the reference's other positional ones (seed, then scale or coeffs); its states are keyword-only
         states = {name: kwargs.pop(name) for name in state_names if name in kwargs}
         lists = {name: kwargs.pop(name) for name in per_tensor}
+        # shards of sharded tensors: the contract index of each tensor's element 0 (ops._sharding)
+        offsets = kwargs.pop("offsets", None) or [0] * len(params)
         for i, (param, tensor_id) in enumerate(zip(params, tensor_ids, strict=True)):
             # The dispatcher hands over contiguous tensors (copies of views are written back there).
             flat = param.view(-1)
@@ -64,7 +66,7 @@ def _chunked(
             one = {name: [v[i]] for name, v in lists.items()}
             for start, end in _slices(flat.numel()):
                 sliced = {name: (None if s is None else [s[start:end]]) for name, s in flat_states.items()}
-                op([flat[start:end]], [tensor_id], *args, **sliced, **one, **kwargs, offset=start)
+                op([flat[start:end]], [tensor_id], *args, **sliced, **one, **kwargs, offset=offsets[i] + start)
 
     run.__name__ = run.__qualname__ = op.__name__
     run.__doc__ = f"The reference's ``{op.__name__}`` on slices of at most ``CHUNK_NUMEL`` elements."

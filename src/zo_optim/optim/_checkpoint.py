@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import rng
+from ..ops import _sharding
 from ._validation import as_seed, is_int
 
 __all__ = ["Checkpointing"]
@@ -250,10 +251,12 @@ class Checkpointing:
                     raise ValueError(
                         f"Invalid state dict: {where} has shape {tuple(v.shape)}; it must have its parameter's shape"
                     )
-                # torch casts floating state to the param dtype on load; ZO buffers are always fp32
-                v = v.detach().to(device=p.device, dtype=torch.float32).clone()
+                # torch casts floating state to the param dtype on load; ZO buffers are always fp32.
+                # Sharded parameters: a DTensor buffer or a full one, kept as this rank's rows (ops._sharding)
+                v = _sharding.local_rows(p, v.detach()).to(device=_sharding.local(p).device, dtype=torch.float32)
+                v = v.clone()
                 self._check_state_buffer(where, name, v)
-                new[name] = v
+                new[name] = _sharding.like(p, v)
             out[p] = new
         return out
 

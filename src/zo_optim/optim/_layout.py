@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..ops import _checks as ops_checks
+from ..ops import _sharding
 
 __all__ = ["ParamLayout"]
 
@@ -57,9 +58,9 @@ class ParamLayout:
                 raise
 
     def state_bytes(self) -> int:
-        """Bytes held in per-parameter optimizer state (all fp32 buffers)."""
+        """Bytes held in per-parameter optimizer state (all fp32 buffers; this rank's shards of sharded ones)."""
         self._ensure_state()
-        tensors = [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        tensors = [_sharding.local(v) for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -120,11 +121,24 @@ class ParamLayout:
             for name, init in self._buffers(group).items():
                 for p in group["params"]:
                     if p.requires_grad and name not in self.state[p]:
-                        self.state[p][name] = torch.full(p.shape, init, dtype=torch.float32, device=p.device)
+                        # sharded like its parameter (a DTensor's state is a DTensor of its local rows)
+                        loc = _sharding.local(p)
+                        buf = torch.full(loc.shape, init, dtype=torch.float32, device=loc.device)
+                        self.state[p][name] = _sharding.like(p, buf)
 
     def _check_memory(self) -> None:
-        """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views."""
+        """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views.
+
+        And the ops can write it: a tensor subclass they do not understand, or a DTensor placement other
+        than Shard(0)/Replicate(), is refused here, at construction (``ops._sharding``).
+        """
         params = self._all_params()
+        for i, p in enumerate(params):
+            try:
+                _sharding.check_tensor(f"params[{i}]", p)
+            except TypeError as e:
+                raise TypeError(f"{type(self).__name__}: {e}; nothing was written") from None
+        params = [_sharding.local(p) for p in params]  # a DTensor's memory is its local shard
         try:
             for i, p in enumerate(params):
                 ops_checks.check_self_overlap(f"params[{i}]", p)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from ..ops import _sharding
 from . import _distributed
 from ._estimate import NonFiniteLossError
 from ._validation import as_seed
@@ -90,7 +91,8 @@ class UpdatePasses:
         """Resolve the backend of every (group, device) chunk now, so an unusable one fails before any pass."""
         for _, ps, _ in self._chunks():
             dtypes = [p.dtype for p in ps] + ([torch.float32] if self.precond_buffer is not None else [])
-            ops.resolve_backend(self.backend, ps[0].device, dtypes)
+            sharded = any(_sharding.local_and_offset(p)[1] for p in ps)  # shards of DTensors (FSDP2)
+            ops.resolve_backend(self.backend, ps[0].device, dtypes, sharded=sharded)
             if self._warned_slow_fallback:
                 continue
             notice = ops.slow_fallback_notice(self.backend, ps[0].device, dtypes)
@@ -198,7 +200,8 @@ class UpdatePasses:
             self._check_group(group)
         if self.precond_buffer is None or not precond:
             return
-        bufs = [(i, self.state[p][self.precond_buffer]) for i, p in enumerate(self._trainable())]
+        # a sharded buffer is checked on its local rows (each rank its own: no collective)
+        bufs = [(i, _sharding.local(self.state[p][self.precond_buffer])) for i, p in enumerate(self._trainable())]
         bufs = [(i, b) for i, b in bufs if b.numel() > 0]
         if not bufs:
             return

@@ -45,6 +45,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..ops import _sharding
+
 # perturb(params, seed, query, scale): θ ← θ + scale·u_query for those params (the optimizer knows ids/preconditioner).
 PerturbFn = Callable[[list[torch.Tensor] | None, int, int, float], None]
 
@@ -261,6 +263,15 @@ class PerturbationModes:
         tied ``F.linear(h, emb.weight)``, whose share of the estimate would silently be zero.
         ``check_uses=False`` skips the check (a hook that only logs a parameter's values).
         """
+        sharded = [i for i, p in enumerate(self._trainable()) if _sharding.is_dtensor(p)]
+        if sharded:
+            # FSDP2 all-gathers a module's shards into fresh unsharded tensors for its forward (and prefetches
+            # the next module's): per-module hooks would perturb shards the forward never reads
+            raise ValueError(
+                f"perturbation='transient' does not support sharded (DTensor, FSDP2) parameters (trainable "
+                f"positions {sharded[:5]}): FSDP2's forward runs on all-gathered copies, not on the shards the "
+                "hooks would perturb. Use perturbation='inplace' (the default; exact for float32 weights)"
+            )
         owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
         missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
         if missing:

@@ -46,6 +46,7 @@ from transformers import Trainer
 from ... import rng
 from ...optim import ZOOptimizer
 from ._args import force_no_clipping, resolve_optimizer, warn_unused_optim, zo_settings
+from ._sharded import prepare_sharded
 
 __all__ = ["ZOTrainer", "ZOTrainerMixin", "label_count", "unwrap_zo_optimizer"]
 
@@ -139,6 +140,7 @@ class ZOTrainerMixin:
                 unwrap_zo_optimizer(cls)  # raises the same TypeError
         if getattr(trainer.accelerator, "scaler", None) is not None:
             _refuse_fp16(None)
+        prepare_sharded(trainer)  # a model sharded with fully_shard (FSDP2) before the Trainer: see _sharded
         self._zo_micro = 0
         self._zo_shift: bool | None = None
         self._zo_probing = False  # True while the forwards of one estimate run (compute_loss may ask)

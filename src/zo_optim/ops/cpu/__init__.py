@@ -81,10 +81,17 @@ def _scalars(t: torch.Tensor | None) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
 
 
-def _table(params: Tensors, tensor_ids: Sequence[int], *states: Tensors | None) -> tuple[np.ndarray, np.ndarray]:
-    """The address table of a call and the cumulative work-item count per tensor."""
+def _table(
+    params: Tensors, tensor_ids: Sequence[int], *states: Tensors | None, offsets: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The address table of a call and the cumulative work-item count per tensor.
+
+    ``offsets``: the contract index of each tensor's element 0 (a shard of a sharded tensor; None: all 0).
+    """
     table = np.zeros((len(params), _kernels.TABLE_COLUMNS), dtype=np.int64)
-    for row, (p, tid) in enumerate(zip(params, tensor_ids, strict=True)):
+    if offsets is None:
+        offsets = [0] * len(params)
+    for row, (p, tid, off) in enumerate(zip(params, tensor_ids, offsets, strict=True)):
         fmt = _FORMATS.get(p.dtype)
         if fmt is None or p.device.type != "cpu" or not p.is_contiguous():
             raise ValueError(
@@ -92,7 +99,10 @@ def _table(params: Tensors, tensor_ids: Sequence[int], *states: Tensors | None) 
                 "contiguous CPU float32/bfloat16/float16 tensors; call it through zo_optim.ops"
             )
         n = p.numel()
-        rng.check_numel(n, f"params[{row}]")
+        if off < 0:
+            raise ValueError(f"Invalid offsets[{row}]: {off} (an element index >= 0)")
+        rng.check_numel(off + n, f"params[{row}]")
+        table[row, _kernels.OFFSET] = off
         table[row, _kernels.ADDR] = p.data_ptr() if n else 0
         table[row, _kernels.NUMEL] = n
         table[row, _kernels.FMT] = fmt
@@ -149,11 +159,12 @@ def perturb_(
     precond: Tensors | None = None,
     rounding: str = "nearest",
     rounding_slot: int = 1,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     query = check_u32("query", query)
-    table, blocks = _table(params, tensor_ids, precond)
+    table, blocks = _table(params, tensor_ids, precond, offsets=offsets)
     _launch(_kernels.perturb_kernel, table, blocks, k0, k1, query, rad, _f32(scale), sr, slot)
 
 
@@ -172,11 +183,12 @@ def sgd_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + ZO-SGD update (see :func:`zo_optim.ops.reference.sgd_update_`)."""
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     restore, rscale, rq = _restore(restore_scale, restore_query)
-    table, blocks = _table(params, tensor_ids, momentum_buffers)
+    table, blocks = _table(params, tensor_ids, momentum_buffers, offsets=offsets)
     _launch(
         _kernels.sgd_kernel, table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0,
         _f32(weight_decay), _f32(momentum), restore, rscale, rq, sr, slot,
@@ -202,11 +214,12 @@ def adamw_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + AdamW update (see :func:`zo_optim.ops.reference.adamw_update_`)."""
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     restore, rscale, rq = _restore(restore_scale, restore_query)
-    table, blocks = _table(params, tensor_ids, exp_avgs, exp_avg_sqs)
+    table, blocks = _table(params, tensor_ids, exp_avgs, exp_avg_sqs, offsets=offsets)
     # Python-float scalars computed in float64 exactly as the reference does, then rounded once.
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
@@ -238,13 +251,14 @@ def precond_sgd_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
     check_precond_rule(rule, update_precond, precond_coeffs)
     hizoo_update = update_precond and rule == "hizoo"
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     restore, rscale, rq = _restore(restore_scale, restore_query)
-    table, blocks = _table(params, tensor_ids, precond)
+    table, blocks = _table(params, tensor_ids, precond, offsets=offsets)
     _launch(
         _kernels.precond_sgd_kernel, table, blocks, k0, k1, rad, _scalars(coeffs), _f32(lr), weight_decay != 0.0,
         _f32(weight_decay), rule == "hiso", bool(update_precond), _f32(precond_decay), _f32(precond_rate),
@@ -276,13 +290,14 @@ def helene_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + HELENE update (see :func:`zo_optim.ops.reference.helene_update_`)."""
     if len(clip) != len(params):
         raise ValueError(f"clip has {len(clip)} values for {len(params)} params; pass one λ per tensor")
     k0, k1, rad, sr, slot = _common(seed, distribution, rounding, rounding_slot)
     restore, rscale, rq = _restore(restore_scale, restore_query)
-    table, blocks = _table(params, tensor_ids, exp_avgs, hessians)
+    table, blocks = _table(params, tensor_ids, exp_avgs, hessians, offsets=offsets)
     _launch(
         _kernels.helene_kernel, table, blocks, k0, k1, rad, _scalars(coeffs), np.asarray(clip, dtype=np.float32),
         _f32(lr), _f32(1.0 - lr * weight_decay), _f32(alpha), _f32(beta1), _f32(beta2), _f32(1.0 - beta2), _f32(gamma),

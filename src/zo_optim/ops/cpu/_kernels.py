@@ -28,8 +28,12 @@ BLOCK = 2048
 CHUNKS_PER_THREAD = 4
 """Work items are dealt round-robin to this many chunks per thread (load balance)."""
 
-ADDR, NUMEL, FMT, TID, STATE0, STATE1 = range(6)
-TABLE_COLUMNS = 6
+ADDR, NUMEL, FMT, TID, STATE0, STATE1, OFFSET = range(7)
+TABLE_COLUMNS = 7
+SKIP_MAX = 128
+"""Scratch beyond ``BLOCK``: a block whose first element's contract index (``OFFSET`` + local index, a shard
+of a sharded tensor) is not a multiple of 128 generates z from the aligned-down index and drops the
+first ``index % 128`` (Rademacher) or ``index % 4`` (Gaussian, rounding words) values."""
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -66,14 +70,28 @@ def _state_view(table, t, column, base, count):
 
 
 @njit(**JIT)
-def _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words):
-    """The stochastic-rounding word of each element of the block (counter word 3 = 1)."""
-    if stochastic and fmt != F32:
-        philox_block(base // 4, (count + 3) // 4, tid, slot, _U1, k0, k1, words)
+def _z_at(rademacher, k0, k1, tid, query, start, count, words, z):
+    """z of elements start … start+count-1 of tensor ``tid`` (any start) into z[0:count]."""
+    skip = start % (128 if rademacher else 4)
+    z_block(rademacher, k0, k1, tid, query, (start - skip) // 4, count + skip, words, z)
+    if skip != 0:
+        for lo in range(count):
+            z[lo] = z[lo + skip]
 
 
 @njit(**JIT)
-def _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, restore, restore_query,
+def _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words):
+    """The stochastic-rounding word of each element of the block (counter word 3 = 1)."""
+    if stochastic and fmt != F32:
+        skip = start % 4
+        philox_block((start - skip) // 4, (count + skip + 3) // 4, tid, slot, _U1, k0, k1, words)
+        if skip != 0:
+            for lo in range(count):
+                words[lo] = words[lo + skip]
+
+
+@njit(**JIT)
+def _directions(rademacher, k0, k1, tid, start, count, coeffs, curv_coeffs, restore, restore_query,
                 words, z, g, curv, zr):
     """g = Σ_k c_k z_k, curv = Σ_k a_k z_k² (if ``curv_coeffs`` is non-empty) and zr = z_restore_query.
 
@@ -81,12 +99,11 @@ def _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, resto
     """
     q = coeffs.shape[0]
     use_curv = curv_coeffs.shape[0] > 0
-    first = base // 4
     for lo in range(count):
         g[lo] = _F0
         curv[lo] = _F0
     for k in range(q):
-        z_block(rademacher, k0, k1, tid, np.uint64(k), first, count, words, z)
+        _z_at(rademacher, k0, k1, tid, np.uint64(k), start, count, words, z)
         ck = coeffs[k]
         for lo in range(count):
             g[lo] = g[lo] + ck * z[lo]
@@ -98,7 +115,7 @@ def _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, resto
             for lo in range(count):
                 zr[lo] = z[lo]
     if restore and restore_query >= q:
-        z_block(rademacher, k0, k1, tid, np.uint64(restore_query), first, count, words, zr)
+        _z_at(rademacher, k0, k1, tid, np.uint64(restore_query), start, count, words, zr)
 
 
 # Each kernel is a prange over chunks of work items (per-chunk scratch allocated once); the work
@@ -108,16 +125,17 @@ def _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, resto
 @njit(**JIT)
 def _scratch():
     """Per-chunk buffers: Philox words and five float32 rows (z, ĝ, curvature, z_restore, θ)."""
-    return np.empty(BLOCK, np.uint32), np.empty((5, BLOCK), np.float32)
+    return np.empty(BLOCK + SKIP_MAX, np.uint32), np.empty((5, BLOCK + SKIP_MAX), np.float32)
 
 
 @njit(**JIT)
 def _perturb_block(table, blocks, b, k0, k1, query, rademacher, scale, stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
+    start = base + table[t, OFFSET]  # the contract's index of element base (a shard's global offset added)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, theta = buf[0], buf[4]
-    z_block(rademacher, k0, k1, tid, query, base // 4, count, words, z)
+    _z_at(rademacher, k0, k1, tid, query, start, count, words, z)
     if table[t, STATE0] != 0:
         pre = _state_view(table, t, STATE0, base, count)
         for lo in range(count):
@@ -125,7 +143,7 @@ def _perturb_block(table, blocks, b, k0, k1, query, rademacher, scale, stochasti
     load_block(pf, ph, fmt, count, theta)
     for lo in range(count):
         theta[lo] = theta[lo] + scale * z[lo]
-    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
@@ -143,10 +161,12 @@ def perturb_kernel(n_chunks, table, blocks, key0, key1, query, rademacher, scale
 def _sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, momentum,
                restore, restore_scale, restore_query, stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
+    start = base + table[t, OFFSET]  # the contract's index of element base (a shard's global offset added)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, base, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query,
+                words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     has_buf = table[t, STATE0] != 0
     mom = _state_view(table, t, STATE0, base, count)
@@ -161,7 +181,7 @@ def _sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd, wd, mom
             d = momentum * mom[lo] + d
             mom[lo] = d
         theta[lo] = th - lr * d
-    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
@@ -182,10 +202,12 @@ def _adamw_block(table, blocks, b, k0, k1, rademacher, coeffs, decay, beta1, one
                  one_minus_beta2, eps, step_size, bias2_sqrt, restore, restore_scale, restore_query,
                  stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
+    start = base + table[t, OFFSET]  # the contract's index of element base (a shard's global offset added)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, base, count, coeffs, coeffs[:0], restore, restore_query, words, z, g, curv, zr)
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, coeffs[:0], restore, restore_query,
+                words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     exp_avg = _state_view(table, t, STATE0, base, count)
     exp_avg_sq = _state_view(table, t, STATE1, base, count)
@@ -200,7 +222,7 @@ def _adamw_block(table, blocks, b, k0, k1, rademacher, coeffs, decay, beta1, one
         exp_avg[lo] = m
         exp_avg_sq[lo] = v
         theta[lo] = th - step_size * (m / (math.sqrt(v) / bias2_sqrt + eps))
-    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
@@ -223,10 +245,11 @@ def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd,
                        decay, rate, curv_coeffs, hessian_eps, floor, restore, restore_scale, restore_query,
                        stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
+    start = base + table[t, OFFSET]  # the contract's index of element base (a shard's global offset added)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, base, count, coeffs, curv_coeffs, restore, restore_query,
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, curv_coeffs, restore, restore_query,
                 words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     precond = _state_view(table, t, STATE0, base, count)
@@ -247,7 +270,7 @@ def _precond_sgd_block(table, blocks, b, k0, k1, rademacher, coeffs, lr, use_wd,
             p_new = floor if p_new < floor else p_new
             precond[lo] = _F32_MAX if p_new > _F32_MAX else p_new
         theta[lo] = th - lr * d
-    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
@@ -270,10 +293,11 @@ def _helene_block(table, blocks, b, k0, k1, rademacher, coeffs, clip, lr, decay,
                   one_minus_beta2, gamma, eps, update, hessian_coeffs, restore, restore_scale, restore_query,
                   stochastic, slot, words, buf):
     t, base, count = _block(table, blocks, b)
+    start = base + table[t, OFFSET]  # the contract's index of element base (a shard's global offset added)
     fmt, tid = table[t, FMT], np.uint64(table[t, TID])
     pf, ph = _param_views(table, t, base, count)
     z, g, curv, zr, theta = buf[0], buf[1], buf[2], buf[3], buf[4]
-    _directions(rademacher, k0, k1, tid, base, count, coeffs, hessian_coeffs, restore, restore_query,
+    _directions(rademacher, k0, k1, tid, start, count, coeffs, hessian_coeffs, restore, restore_query,
                 words, z, g, curv, zr)
     load_block(pf, ph, fmt, count, theta)
     exp_avg = _state_view(table, t, STATE0, base, count)
@@ -295,7 +319,7 @@ def _helene_block(table, blocks, b, k0, k1, rademacher, coeffs, clip, lr, decay,
         exp_avg[lo] = m
         clipped = lam if h < lam else h  # torch.clamp(h, min=λ): NaN stays NaN
         theta[lo] = th - lr * (m / (gamma * clipped + eps))
-    _rounding_words(stochastic, fmt, k0, k1, tid, slot, base, count, words)
+    _rounding_words(stochastic, fmt, k0, k1, tid, slot, start, count, words)
     store_block(pf, ph, fmt, count, theta, stochastic, words)
 
 
