@@ -148,13 +148,20 @@ def force_no_clipping(args: Any, warn: bool = True) -> None:
 
 
 def no_gradient_checkpointing(args: Any) -> None:
-    """``gradient_checkpointing = False`` (with a warning): it re-runs forwards to save activations for backward."""
-    if getattr(args, "gradient_checkpointing", False):
-        logger.warning(
-            "zo-optim: gradient_checkpointing=True is turned off: it saves activation memory for a backward pass, "
-            "and a zeroth-order step runs none (no_grad forwards keep no activations), so it would only slow the "
-            "probes down")
-        args.gradient_checkpointing = False
+    """Gradient (activation) checkpointing off, with a warning: it re-runs forwards to save memory for backward.
+
+    transformers 5 calls it ``activation_checkpointing`` (``gradient_checkpointing`` is the old alias).
+    """
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if getattr(args, n, False)]
+    if not names:
+        return
+    logger.warning(
+        "zo-optim: %s=True is turned off: it saves activation memory for a backward pass, and a zeroth-order step "
+        "runs none (its no_grad forwards keep no activations), so it would only slow the probes down",
+        names[-1])
+    for n in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(args, n):
+            setattr(args, n, False)
 
 
 @dataclass
@@ -163,7 +170,7 @@ class ZOArgumentsMixin:
 
     ``max_grad_norm`` defaults to 0 and is forced to 0 (with a warning from the trainer when set): a ZO step
     has no gradient to clip. ``optim`` is not used (a warning says so when it is set; the arguments dump
-    marks it). ``gradient_checkpointing`` is turned off by the trainer (with a warning): there is no backward.
+    marks it). ``gradient_checkpointing`` (``activation_checkpointing``) is turned off by the trainer (with a warning): there is no backward.
     """
 
     zo_optimizer: str = field(
