@@ -170,7 +170,8 @@ class ZOArgumentsMixin:
 
     ``max_grad_norm`` defaults to 0 and is forced to 0 (with a warning from the trainer when set): a ZO step
     has no gradient to clip. ``optim`` is not used (a warning says so when it is set; the arguments dump
-    marks it). ``gradient_checkpointing`` (``activation_checkpointing``) is turned off by the trainer (with a warning): there is no backward.
+    marks it). ``gradient_checkpointing`` (``activation_checkpointing``) is turned off by the trainer (with a
+    warning): there is no backward.
     """
 
     zo_optimizer: str = field(
