@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -312,3 +313,21 @@ def test_bf16_weights_perturbed_in_place_get_the_transient_hint(tmp_path, caplog
         ZOTrainer(model=model, args=T.zo_args(tmp_path, zo_perturbation=perturbation, zo_optimizer_kwargs=REF),
                   train_dataset=T.causal_lm_rows(8)).create_optimizer()
     assert ("zo_perturbation='transient'" in caplog.text) == (perturbation == "inplace")
+
+
+def test_the_default_lr_follows_the_arguments_class_and_peft(tmp_path):
+    """TRL's SFTConfig defaults learning_rate to 2e-5 (not 5e-5): left as is, it is not the user's choice
+    either. A PEFT model gets the registry's LoRA value."""
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from zo_optim.integrations.hf._guidance import zo_default_lr
+    from zo_optim.integrations.hf.trl import ZOSFTConfig
+
+    sft_default = next(f.default for f in dataclasses.fields(trl.SFTConfig) if f.name == "learning_rate")
+    cfg = ZOSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], zo_optimizer_kwargs=REF)
+    assert cfg.learning_rate == sft_default != 5e-5
+    assert zo_default_lr(cfg, "mezo", T.tiny_gpt2()) == recommended_lr("mezo", "finetune/full")
+    lora = peft.get_peft_model(T.tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    assert zo_default_lr(cfg, "mezo", lora) == recommended_lr("mezo", "finetune/lora")
+    cfg.learning_rate = 1e-4
+    assert zo_default_lr(cfg, "mezo", lora) is None

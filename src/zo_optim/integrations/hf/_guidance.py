@@ -9,7 +9,8 @@
 * :class:`LossWatch` — a warning when the logged training loss has not improved over a window of
   steps (``zo_loss_window``), or is rising.
 * :func:`zo_default_lr` — the registry's recommended learning rate when ``learning_rate`` was left at
-  the AdamW default 5e-5, which is ~100x too small for a zeroth-order step.
+  the arguments class's AdamW default (5e-5; TRL's SFTConfig 2e-5), 6-200x too small for a zeroth-order
+  step.
 * :func:`first_run_hints` — warnings for settings that cost without helping (bf16 weights perturbed in
   place).
 """
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 #: TrainingArguments' default learning rate (tuned for AdamW): left as is, it stands for "not chosen"
 ADAMW_DEFAULT_LR = next(f.default for f in fields(TrainingArguments) if f.name == "learning_rate")
+
+
+def _default_lr_of(args: Any) -> Any:
+    """The ``learning_rate`` default of the arguments' own class (TRL's SFTConfig: 2e-5), else TrainingArguments'."""
+    try:
+        return next(f.default for f in fields(type(args)) if f.name == "learning_rate")
+    except (TypeError, StopIteration):
+        return ADAMW_DEFAULT_LR
 
 _EVENTS = tuple(name for name in vars(TrainerCallback) if name.startswith("on_"))
 
@@ -130,11 +139,12 @@ class LossWatch:
 
 
 def zo_default_lr(args: Any, optimizer: str | type[ZOOptimizer], model: Any) -> float | None:
-    """The recommended lr when ``args.learning_rate`` is the AdamW default (None: the user's value stands).
+    """The recommended lr when ``args.learning_rate`` is its class's (AdamW) default (None: the user's value stands).
 
     LoRA/PEFT models get the registry's ``finetune/lora`` value, others ``finetune/full``; the log says which.
     """
-    if getattr(args, "learning_rate", None) != ADAMW_DEFAULT_LR or not getattr(args, "zo_default_lr", True):
+    default = _default_lr_of(args)
+    if getattr(args, "learning_rate", None) != default or not getattr(args, "zo_default_lr", True):
         return None
     use = "finetune/lora" if hasattr(model, "peft_config") else "finetune/full"
     lr = recommended_lr(optimizer, use)
@@ -143,7 +153,7 @@ def zo_default_lr(args: Any, optimizer: str | type[ZOOptimizer], model: Any) -> 
         "zo-optim: learning_rate was left at %g, the AdamW default, which barely moves a zeroth-order run; using "
         "%s's recommended %g for %s (zo_optim.optim.registry, measured: docs/integrations.md). Set learning_rate "
         "to any other value to choose it yourself (zo_default_lr=False keeps %g)",
-        ADAMW_DEFAULT_LR, name, lr, use, ADAMW_DEFAULT_LR)
+        default, name, lr, use, default)
     return lr
 
 
