@@ -214,7 +214,8 @@ class ZOTrainerMixin:
             s = self.zo_settings
             cls = (trainer.optimizer_cls_and_kwargs[0] if trainer.optimizer_cls_and_kwargs is not None
                    else resolve_optimizer(s["zo_optimizer"]))
-            lr = zo_default_lr(trainer.args, cls, opt_model)
+            own_lr = trainer.optimizer_cls_and_kwargs is not None and "lr" in trainer.optimizer_cls_and_kwargs[1]
+            lr = None if own_lr else zo_default_lr(trainer.args, cls, opt_model)
             if lr is not None:  # the AdamW default was left: the registry's value, in args too (logs, scheduler)
                 trainer.args.learning_rate = lr
             if trainer.optimizer_cls_and_kwargs is not None:
