@@ -104,7 +104,8 @@ class LossWatch:
     ``(s - window/2, s]``, ``earlier`` the mean of those in ``(s - window, s - window/2]``. When
     ``recent >= earlier`` a warning names both (``rising`` when ``recent`` exceeds ``earlier`` by more than
     5%), at most once per ``window`` steps. ZO losses are noisy step to step; halves of a window average that
-    out while a too-small learning rate (the AdamW default) or a diverging one still shows.
+    out while a too-small learning rate (the AdamW default) or a diverging one still shows. It needs a log
+    in each half-window (``logging_steps <= window / 2``); with sparser logs it stays silent.
     """
 
     def __init__(self, window: int) -> None:
