@@ -18,7 +18,7 @@ from zo_optim import cli
 from zo_optim.apps import assets, common, demo
 from zo_optim.optim.registry import OPTIMIZERS, recommended_lr
 
-# --no-memory-probe: the one-step probes start two interpreters each run; test_memory_probe_line runs them once.
+# --no-memory-probe: the one-step probes start four interpreters each run; test_memory_probe_line runs them once.
 TINY = ["--steps", "4", "--batch-size", "4", "--train-examples", "8", "--eval-examples", "8", "--max-len", "24",
         "--no-progress", "--no-memory-probe"]
 
@@ -92,14 +92,23 @@ def test_smoke_lora_through_zotrainer(tmp_path, capsys):
 
 
 def test_memory_probe_line(tmp_path, capsys):
+    """The line a newcomer reads compares one step that trains the WHOLE model (what ZO is for), labelled as
+    such with its parameter count, and gives the run's own (head) figures beside it."""
     out = tmp_path / "out"
     argv = [a for a in TINY if a != "--no-memory-probe"]
     assert demo.main([*argv, "--steps", "1", "--out", str(out)]) == 0
     peaks = json.loads((out / "summary.json").read_text())["one_step_peak_mb"]
-    assert set(peaks) == {"zo", "backprop"} and all(v["peak_rss_mb"] > 0 for v in peaks.values())
+    assert set(peaks) == {"whole_model", "this_run"}
+    for pair in peaks.values():
+        assert set(pair) == {"zo", "backprop"} and all(v["peak_rss_mb"] > 0 for v in pair.values())
+    n_all = sum(p.numel() for p in assets.load_minilm_classifier(num_labels=2).parameters())
+    assert peaks["whole_model"]["zo"]["trainable_params"] == n_all and n_all > 20e6  # MiniLM-L6: 22.7M
+    assert peaks["this_run"]["zo"]["trainable_params"] == 384 * 2 + 2
     text = capsys.readouterr().out
-    assert "one step on a batch of 4 (head, fresh process each, process RSS high-water mark): MeZO" in text
-    assert "vs backprop + AdamW" in text
+    whole = f"one step training the whole model ({n_all / 1e6:.1f}M parameters, batch 4, fresh process each, "
+    assert whole + "process RSS high-water mark): MeZO" in text
+    assert "this run's head (770 parameters), the same probe: MeZO" in text
+    assert text.count("vs backprop + AdamW") == 2
 
 
 def test_probe_reports_its_own_peak_not_its_parents():
@@ -198,10 +207,12 @@ def test_memory_probe_uses_the_runs_backend(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(step_memory, "measure_in_fresh_process",
-                        lambda method, train, **kw: calls.append((method, kw)) or {"peak_rss_mb": 1.0})
+                        lambda method, train, **kw: calls.append((method, train, kw)) or {"peak_rss_mb": 1.0})
     argv = [a for a in TINY if a != "--no-memory-probe"]
     assert demo.main([*argv, "--steps", "1", "--backend", "chunked", "--out", str(tmp_path)]) == 0
-    assert [(m, kw.get("backend")) for m, kw in calls] == [("zo", "chunked"), ("backprop", None)]
+    # the whole-model pair, then the run's own (head) pair
+    assert [(m, t, kw.get("backend")) for m, t, kw in calls] == [
+        ("zo", "all", "chunked"), ("backprop", "all", None), ("zo", "head", "chunked"), ("backprop", "head", None)]
     # and the probe really runs on it: no numba in a chunked zo step's process
     code = ("import sys; from zo_optim.apps import step_memory; "
             "step_memory.main(['--method', 'zo', '--batch-size', '2', '--max-len', '8', '--backend', 'chunked']); "

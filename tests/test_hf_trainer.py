@@ -222,8 +222,8 @@ def test_label_count_shifts_for_causal_lm():
 
 
 class _BetweenEstimateAndStep(TrainerCallback):
-    """Looks at the weights in the window the deferred restore opens: after the last training_step of a step
-    and before the Trainer's optimizer.step() (``on_pre_optimizer_step``)."""
+    """Acts between the last training_step of a step and the Trainer's optimizer.step() (``on_pre_optimizer_step``;
+    since issue 22 the weights are restored to θ before this event runs)."""
 
     def __init__(self, use: str, batch: dict[str, torch.Tensor]) -> None:
         self.use, self.batch = use, batch
@@ -251,24 +251,58 @@ class _BetweenEstimateAndStep(TrainerCallback):
         self.passes.append(optimizer.optimizer._inplace.passes)
 
 
+class _PeekingTrainer(ZOTrainer):
+    """Looks at the weights right after each training_step, inside the window the deferred restore opens (only
+    code in training_step itself can run there: callbacks get θ first, tests/test_hf_edges.py)."""
+
+    use, batch = "nothing", None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.zo_optimizer.pending_seed is None:  # the first micro-batch of a step: θ
+            self.theta = [p.detach().clone() for p in self.model.parameters()]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        opt, m = self.zo_optimizer, self.model
+        off = max(float((p.detach() - t).abs().max()) for p, t in zip(m.parameters(), self.theta, strict=True))
+        perturbed = opt.weights_perturbed
+        if self.use == "forward":
+            with torch.no_grad():
+                m(**self.batch)
+        elif self.use == "state_dict":
+            m.state_dict()
+        after = max(float((p.detach() - t).abs().max()) for p, t in zip(m.parameters(), self.theta, strict=True))
+        self.seen.append((perturbed, off, opt.weights_perturbed, after))
+        return loss
+
+
+class _Passes(TrainerCallback):
+    def __init__(self):
+        self.passes = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):  # after the update: nothing to restore
+        self.passes.append(optimizer.optimizer._inplace.passes)
+
+
 @pytest.mark.parametrize("use", ["nothing", "forward", "state_dict"])
-def test_the_split_step_defers_its_restore_and_nothing_outside_the_probes_sees_it(tmp_path, use):
+def test_the_split_step_defers_its_restore_and_a_forward_or_state_dict_restores_first(tmp_path, use):
     """GA = 2: 2 + 2 perturbation passes then the fused update (the restoring form: 3 + 3 + a separate update);
-    a forward or a state_dict() of the model in that window restores θ first."""
+    a forward or a state_dict() of the model in that window restores θ first (hooks on the model)."""
     data = T.classification_rows(16)
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
-    probe = _BetweenEstimateAndStep(use, batch)
-    trainer = _train(T.tiny_bert(), tmp_path, data=data, callbacks=[probe], max_steps=3,
-                     gradient_accumulation_steps=2)
-    assert len(probe.seen) == 3
-    for perturbed, off, still, after in probe.seen:
+    passes = _Passes()
+    trainer = _PeekingTrainer(model=T.tiny_bert(), args=T.zo_args(tmp_path, max_steps=3, gradient_accumulation_steps=2,
+                                                                  zo_optimizer_kwargs=REF),
+                              train_dataset=data, callbacks=[passes])
+    trainer.use, trainer.batch, trainer.seen = use, batch, []
+    trainer.train()
+    assert len(trainer.seen) == 6
+    for perturbed, off, still, after in trainer.seen:
         assert perturbed and off > 1e-4  # the window is real: θ ± ε·u (ε = 1e-3)
         if use == "nothing":
             assert still and after == off
         else:
             assert not still and after < 1e-6  # back at θ (up to the float32 round trip)
     if use == "nothing":
-        assert probe.passes == [4, 4, 4]
+        assert passes.passes == [4, 4, 4] and trainer._zo_callback.restores == 0
     assert not trainer.zo_optimizer.weights_perturbed
     model = trainer.model  # handed back without our hooks: it pickles whole, like any model
     assert not model._forward_pre_hooks and not model._state_dict_pre_hooks

@@ -180,10 +180,11 @@ def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: to
             "train_examples": len(train), "eval_examples": len(held_out)}
 
 
-def _one_step_peaks(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]] | None:
-    """Peak memory of one ZO step and of one backprop step on a batch like the run's, each in a fresh process.
+def _one_step_peaks(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:
+    """Peak memory of one ZO step and of one backprop step, each in a fresh process: through the whole model
+    (every parameter trained: what a forward-only step is for) and, beside it, in the run's own ``--train`` mode.
 
-    Skipped (None) with ``--no-memory-probe``: it costs two extra interpreter starts and model loads.
+    Skipped (None) with ``--no-memory-probe``: it costs up to four extra interpreter starts and model loads.
     """
     if args.no_memory_probe:
         return None
@@ -191,21 +192,35 @@ def _one_step_peaks(args: argparse.Namespace, device: torch.device) -> dict[str,
 
     common = {"batch_size": args.batch_size, "max_len": args.max_len, "k": args.k, "device": str(device),
               "seed": args.seed}
-    return {
+
+    def pair(train: str) -> dict[str, dict[str, float]]:
         # the run's backend: numba's runtime is part of what the cpu backend costs (~100 MiB), chunked has none
-        "zo": measure_in_fresh_process("zo", args.train, optimizer=args.optimizer, backend=args.backend, **common),
-        "backprop": measure_in_fresh_process("backprop", args.train, **common),
-    }
+        return {"zo": measure_in_fresh_process("zo", train, optimizer=args.optimizer, backend=args.backend, **common),
+                "backprop": measure_in_fresh_process("backprop", train, **common)}
+
+    whole = pair("all")
+    return {"whole_model": whole, "this_run": whole if args.train == "all" else pair(args.train)}
 
 
-def _step_peaks_line(peaks: dict[str, dict[str, float]] | None, args: argparse.Namespace) -> str:
+def _step_peaks_line(peaks: dict[str, Any] | None, args: argparse.Namespace) -> str:
     if peaks is None:
         return "one-step peak memory: not measured (--no-memory-probe)"
-    key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in peaks["zo"] else "peak_rss_mb"
-    what = "CUDA allocated" if key.startswith("peak_cuda") else "process RSS high-water mark"
-    zo, bp = peaks["zo"][key], peaks["backprop"][key]
-    return (f"one step on a batch of {args.batch_size} ({args.train}, fresh process each, {what}): "
-            f"{OPTIMIZERS[args.optimizer].__name__} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)")
+    name = OPTIMIZERS[args.optimizer].__name__
+
+    def figures(pair: dict[str, dict[str, float]]) -> str:
+        key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in pair["zo"] else "peak_rss_mb"
+        zo, bp = pair["zo"][key], pair["backprop"][key]
+        return f"{name} {zo:.0f} MiB vs backprop + AdamW {bp:.0f} MiB ({zo / bp:.2f}x)"
+
+    whole, own = peaks["whole_model"], peaks["this_run"]
+    what = "CUDA allocated" if "peak_cuda_allocated_mb" in whole["zo"] else "process RSS high-water mark"
+    n_all = int(whole["zo"].get("trainable_params", 0))
+    line = (f"one step training the whole model ({n_all / 1e6:.1f}M parameters, batch {args.batch_size}, fresh "
+            f"process each, {what}): {figures(whole)}")
+    if args.train != "all":
+        n_own = int(own["zo"].get("trainable_params", 0))
+        line += f"\n  this run's {args.train} ({n_own:,} parameters), the same probe: {figures(own)}"
+    return line
 
 
 def _plot(losses: list[float], path: Path, title: str, eval_loss: tuple[float, float]) -> None:

@@ -10,7 +10,9 @@ Public API:
 * :class:`ZOTrainerMixin` — overrides ``training_step`` (the forwards of one ZO estimate per
   micro-batch, no backward), ``create_optimizer`` (the Trainer's decay split, ``args.learning_rate``,
   ``args.weight_decay``, a seed derived from ``args.seed``) and the gradient-norm logging
-  (no fake ``grad_norm``; ``zo/projected_grad``, ``zo/skipped_steps``, ``zo/step`` instead);
+  (no fake ``grad_norm``; ``zo/projected_grad`` and ``zo/projected_grad_abs`` averaged over the logging
+  window, ``zo/skipped_steps``, ``zo/step`` instead), and first-run guidance (``_guidance``: the ZO lr when
+  ``learning_rate`` was left at its AdamW default, the loss-window warning, θ before every callback event);
 * :class:`ZOTrainer` = ``ZOTrainerMixin`` + ``transformers.Trainer``;
 * :class:`ZOArgumentsMixin` (the ``zo_*`` fields) and :class:`ZOTrainingArguments`;
 * ``zo_optim.integrations.hf.trl`` — ``ZOSFTTrainer`` / ``ZOSFTConfig`` on TRL's ``SFTTrainer``

@@ -13,9 +13,15 @@ accelerate 1.15):
   probe point between ``training_step`` and ``optimizer.step()``, which fuses the restore into the
   update, so a step costs the 3 weight passes of ``step(closure)`` instead of 4 (measured with
   ``zo-optim bench trainer-overhead``: full-parameter MiniLM 1.16× → 1.01× the raw loop).
-  Nothing outside the probes sees those weights: a forward of the model outside the probes (a
-  callback's evaluation) and ``model.state_dict()`` restore them first (hooks on the model), and
-  ``train()`` restores them when it ends, normally or by an exception.
+  User code never sees those weights: before any callback event that a callback other than
+  ZOTrainer's own implements (``on_substep_end``, ``on_pre_optimizer_step``, ...), the weights are
+  restored to θ (one extra pass in such steps; none when no callback looks), a forward of the model
+  and ``model.state_dict()`` restore them first (hooks on the model), and ``train()`` restores them
+  when it ends, normally or by an exception. Only code running inside ``training_step`` itself (a
+  subclass that overrides it and reads the weights after ``super().training_step``) sees θ ± ε·u.
+* ``train()`` ending by an exception (Ctrl-C) in the middle of a gradient-accumulation step discards
+  that step's partial estimate: nothing is pending afterwards (saving works), and the next ``train()``
+  measures that step afresh.
 
 Loss weighting: the Trainer's ``num_items_in_batch`` is never passed to the loss (it is the token
 count of the whole accumulated batch, multiplied by the world size under
@@ -45,7 +51,9 @@ from transformers import Trainer
 
 from ... import rng
 from ...optim import ZOOptimizer
-from ._args import force_no_clipping, resolve_optimizer, warn_unused_optim, zo_settings
+from ._args import force_no_clipping, no_gradient_checkpointing, resolve_optimizer, warn_unused_optim, zo_settings
+from ._guidance import LossWatch, ZOCallback, first_run_hints, zo_default_lr
+from ._resume import step_from_trainer_state
 from ._sharded import prepare_sharded
 
 __all__ = ["ZOTrainer", "ZOTrainerMixin", "label_count", "unwrap_zo_optimizer"]
@@ -111,6 +119,20 @@ def _refuse_fp16(args: Any) -> None:
         )
 
 
+def _refuse_foreign_params(opt: ZOOptimizer, model: nn.Module) -> None:
+    """ValueError when the optimizer holds tensors that are not parameters of the model the Trainer trains."""
+    own = {id(p) for p in model.parameters()}
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    foreign = sum(id(p) not in own for p in mine)
+    if foreign:
+        raise ValueError(
+            f"{foreign} of the optimizer's {len(mine)} parameters are not parameters of the model this ZOTrainer "
+            f"trains (model={type(model).__name__}): they would be updated while the model's loss does not depend "
+            "on them, so the model would not train. Build the optimizer over this model, "
+            "e.g. zo_optim.MeZO(model.parameters(), ...) with the same model passed to ZOTrainer(model=model)"
+        )
+
+
 class ZOTrainerMixin:
     """Mix into ``transformers.Trainer`` (or a subclass, e.g. TRL's ``SFTTrainer``) *before* it.
 
@@ -125,15 +147,19 @@ class ZOTrainerMixin:
         if train_args is not None:  # before the Trainer builds its accelerator (and GradScaler)
             _refuse_fp16(train_args)
             force_no_clipping(train_args)
+            no_gradient_checkpointing(train_args)
         super().__init__(*args, **kwargs)
         trainer: Any = self
         self.zo_settings = zo_settings(trainer.args)
         _refuse_fp16(trainer.args)
         force_no_clipping(trainer.args)
+        no_gradient_checkpointing(trainer.args)
         if trainer.optimizer is None and trainer.optimizer_cls_and_kwargs is None:
             warn_unused_optim(trainer.args)  # with an optimizer passed in, args.optim is not the user's choice
         if trainer.optimizer is not None:
-            unwrap_zo_optimizer(trainer.optimizer)  # refuse a first-order optimizer now, not at step 1
+            opt = unwrap_zo_optimizer(trainer.optimizer)  # refuse a first-order optimizer now, not at step 1
+            if trainer.model is not None:
+                _refuse_foreign_params(opt, trainer.model)
         if trainer.optimizer_cls_and_kwargs is not None:
             cls = trainer.optimizer_cls_and_kwargs[0]
             if not (isinstance(cls, type) and issubclass(cls, ZOOptimizer)):
@@ -146,6 +172,10 @@ class ZOTrainerMixin:
         self._zo_probing = False  # True while the forwards of one estimate run (compute_loss may ask)
         self._zo_probe_index = -1
         self._zo_hooks: dict[int, list[Any]] = {}  # id(model) -> handles of its restore-before-use hooks
+        # first in the list: it restores θ before the other callbacks of an event run
+        self._zo_callback = ZOCallback(self)
+        trainer.callback_handler.callbacks.insert(0, self._zo_callback)
+        self._zo_loss_watch = LossWatch(self.zo_settings["zo_loss_window"])
 
     # ------------------------------------------------------------------ optimizer
 
@@ -153,6 +183,15 @@ class ZOTrainerMixin:
     def zo_optimizer(self) -> ZOOptimizer:
         """The zo-optim optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``)."""
         return unwrap_zo_optimizer(self.optimizer)  # type: ignore[attr-defined]
+
+    def _zo_optimizer_or_none(self) -> ZOOptimizer | None:
+        opt = getattr(self, "optimizer", None)
+        if opt is None:
+            return None
+        try:
+            return unwrap_zo_optimizer(opt)
+        except TypeError:
+            return None
 
     def _zo_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """The Trainer's decay / no-decay split, as (name, tensor) pairs so names reach the optimizer."""
@@ -175,35 +214,56 @@ class ZOTrainerMixin:
         opt_model = trainer.model if model is None else model
         if trainer.optimizer is None:
             s = self.zo_settings
+            cls = (trainer.optimizer_cls_and_kwargs[0] if trainer.optimizer_cls_and_kwargs is not None
+                   else resolve_optimizer(s["zo_optimizer"]))
+            own_lr = trainer.optimizer_cls_and_kwargs is not None and "lr" in trainer.optimizer_cls_and_kwargs[1]
+            lr = None if own_lr else zo_default_lr(trainer.args, cls, opt_model)
+            if lr is not None:  # the AdamW default was left: the registry's value, in args too (logs, scheduler)
+                trainer.args.learning_rate = lr
             if trainer.optimizer_cls_and_kwargs is not None:
-                cls, user_kwargs = trainer.optimizer_cls_and_kwargs
+                user_kwargs = trainer.optimizer_cls_and_kwargs[1]
                 kwargs: dict[str, Any] = {"lr": trainer.args.learning_rate, "seed": self._zo_default_seed(),
                                           **dict(user_kwargs)}
             else:
-                cls = resolve_optimizer(s["zo_optimizer"])
                 kwargs = {"lr": trainer.args.learning_rate, "zo_eps": s["zo_eps"], "num_queries": s["zo_num_queries"],
                           "seed": self._zo_default_seed(), **s["zo_optimizer_kwargs"]}
                 if s["zo_perturbation"] == "transient":
                     kwargs["module"] = opt_model
             trainer.optimizer = cls(self._zo_param_groups(opt_model), **kwargs)
+            first_run_hints(unwrap_zo_optimizer(trainer.optimizer))
         unwrap_zo_optimizer(trainer.optimizer)
         return trainer.optimizer
 
     # ------------------------------------------------------------------ deferred restore
 
-    def _zo_restore_weights(self) -> None:
-        """Bring perturbed weights back to θ (after a deferred-restore estimate), unless a probe is running."""
+    def _zo_restore_weights(self) -> bool:
+        """Bring perturbed weights back to θ (after a deferred-restore estimate), unless a probe is running.
+
+        Returns whether a restore pass ran.
+        """
         if self._zo_probing:
+            return False
+        opt = self._zo_optimizer_or_none()
+        if opt is None or not opt.weights_perturbed:
+            return False
+        opt.restore_weights()
+        return True
+
+    def _zo_discard_pending(self) -> None:
+        """After ``train()`` ended by an exception: drop the partial estimate of the step it was in (and restore θ).
+
+        Kept, it would make the optimizer refuse ``state_dict()`` (a checkpoint folder with the model and no
+        optimizer), and the next ``train()`` would fold the stale micro-batches into its first step.
+        """
+        opt = self._zo_optimizer_or_none()
+        if opt is None or opt.pending_seed is None:
             return
-        opt = getattr(self, "optimizer", None)
-        if opt is None:
-            return
-        try:
-            opt = unwrap_zo_optimizer(opt)
-        except TypeError:
-            return
-        if opt.weights_perturbed:
-            opt.restore_weights()
+        opt.take_estimate()  # restores the weights and empties the accumulator; the step counter stays
+        logger.warning(
+            "zo-optim: train() stopped in the middle of step %d after %d of its micro-batches; their partial "
+            "estimate is discarded (the weights are θ, the step counter stays at %d): saving works, and the next "
+            "train() or resume measures that step afresh", opt.step_count + 1, self._zo_micro, opt.step_count)
+        self._zo_micro = 0
 
     def _zo_guard(self, model: nn.Module) -> None:
         """Hooks that restore the weights before any use outside the probes: a forward, a ``state_dict()``.
@@ -224,8 +284,12 @@ class ZOTrainerMixin:
                                      model.register_state_dict_pre_hook(restore)]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._zo_callback.reset_window()
         try:
             return super().train(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._zo_discard_pending()  # Ctrl-C between the micro-batches of one step
+            raise
         finally:
             self._zo_restore_weights()  # an interrupted step leaves θ, never θ ± ε·u
             for handles in self._zo_hooks.values():
@@ -337,6 +401,14 @@ class ZOTrainerMixin:
 
     # ------------------------------------------------------------------ logging
 
+    # ------------------------------------------------------------------ resume
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if checkpoint is not None:
+            trainer: Any = self
+            step_from_trainer_state(self.zo_optimizer, trainer.lr_scheduler, checkpoint)
+
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
         # no gradients exist: log no grad_norm at all rather than the 0.0 of empty .grad fields
         return None
@@ -352,10 +424,14 @@ class ZOTrainerMixin:
             except TypeError:
                 opt = None
             if opt is not None:
-                if opt.last_projected_grads is not None:
-                    logs["zo/projected_grad"] = float(opt.last_projected_grads.float().mean())
+                cb = self._zo_callback
+                if cb.g_steps:  # the mean over the steps of this logging window, like "loss"
+                    logs["zo/projected_grad"] = cb.g_sum / cb.g_steps
+                    logs["zo/projected_grad_abs"] = cb.g_abs_sum / cb.g_steps
+                cb.reset_window()
                 logs["zo/skipped_steps"] = float(opt.skipped_steps)
                 logs["zo/step"] = float(opt.step_count)
+            self._zo_loss_watch.add(int(self.state.global_step), float(logs["loss"]))  # type: ignore[attr-defined]
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
