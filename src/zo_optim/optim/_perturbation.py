@@ -120,6 +120,9 @@ class _UseWatch(TorchFunctionMode):
         self.owner = owner
         self.watched = watched
 
+    # Dynamo must not trace the watch (it fails on its Python bookkeeping inside torch.compile'd forwards):
+    # the first estimate's forwards then run eagerly around each call, the later ones compiled
+    @torch.compiler.disable
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         o = self.owner
@@ -186,6 +189,10 @@ class TransientPerturbation:
         self._handles.clear()
         self.attached = False
 
+    # The hooks run inside a torch.compile'd forward: Dynamo graph-breaks around them instead of tracing the
+    # perturbation (ops' checks, Python-side dicts of backups), which it cannot, and they run eagerly as they do
+    # without compile. The compiled graphs read the parameters' storage, which the hooks change in place.
+    @torch.compiler.disable
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if self.scale == 0.0 or id(module) in self._backups:
             return
@@ -208,6 +215,7 @@ class TransientPerturbation:
             self._in_hook = False
         self.passes += 1
 
+    @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # copy back, then forget the backup: an interrupt in between leaves it for restore() (copying twice is
         # harmless; forgetting first could lose it). The pre-hook likewise records the backup before perturbing.
@@ -261,6 +269,11 @@ class PerturbationModes:
         tied ``F.linear(h, emb.weight)``, whose share of the estimate would silently be zero.
         ``check_uses=False`` skips the check (a hook that only logs a parameter's values).
         """
+        # not while a step is in flight (from a closure): switching modes would strand its perturbation
+        with self._guard.exclusive("attach"):
+            self._attach(module, check_uses)
+
+    def _attach(self, module: torch.nn.Module, check_uses: bool) -> None:
         owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
         missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
         if missing:
@@ -268,15 +281,24 @@ class PerturbationModes:
                 f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
                 "on any sub-module of the attached module; attach the model that owns all of them"
             )
-        # not while a step is in flight (from a closure): switching modes would strand its perturbation
-        with self._guard.exclusive("attach"):
-            self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
-            if self._transient.attached:
-                self._transient.detach()
-            self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-            self._transient.attach(module.modules())
-            self._transient.checked = not check_uses
-            self._perturbation = self._transient
+        self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
+        if self._transient.attached:
+            self._transient.detach()
+        self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        self._transient.attach(module.modules())
+        self._transient.checked = not check_uses
+        self._attached = (module, check_uses)
+        self._perturbation = self._transient
+
+    def _reattach(self) -> None:
+        """After ``add_param_group`` in transient mode: the attach checks again, over the new parameters too.
+
+        They must be registered on the attached model, the modules added to it since :meth:`attach` get their
+        hooks, and the next estimate watches the forwards again (a new parameter read outside its module).
+        Without this a parameter of a module added later was never perturbed but was updated.
+        """
+        module, check_uses = self._attached
+        self._attach(module, check_uses)
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach` and return to in-place perturbation."""
