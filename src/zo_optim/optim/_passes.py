@@ -1,25 +1,27 @@
-"""The passes over the weights: perturbation passes and the update pass, all or nothing across chunks.
+"""The passes over the weights: perturbation passes and the update pass, all or nothing under real errors.
 
-* perturbation pass: θ ← θ + s·u_k on every (group, device) chunk (``ops.perturb_``); a chunk that
-  fails takes back the chunks already moved.
-* update pass: the subclass's ``_fused_update`` (the algorithm's fused restore + update op) on every
-  chunk; a chunk that fails leaves the chunks the op has processed restored and updated, and only the
-  others are restored by a pass.
+* perturbation pass: θ ← θ + s·u_k on every (group, device) chunk (``ops.perturb_``), called in *units*
+  (``_units``) that an op writes all or nothing: one dtype of a chunk on the fused backends (one kernel
+  launch each), one tensor on the plain-torch ones (which loop tensor by tensor). A unit that fails takes
+  back the units already moved (up to the round trip's float32 rounding).
+* update pass: the subclass's ``_fused_update`` (the algorithm's fused restore + update op) unit by unit.
+  The units it has updated cannot be taken back (their state moved too): when a later unit fails, the
+  others are restored to θ and the step stays pending with its progress (``Accumulator.applied``), so
+  ``step()`` applies the rest once the cause is fixed and the counter advances then; no unit is updated
+  twice.
 * ``_update_from_pending``: the pending estimate averaged (across ranks in data parallel), then the
-  update pass, or the restore and skip (or raise) of a non-finite step.
+  update pass, or the restore and skip (or raise) of a non-finite step; or the rest of a part-way update.
 * ``_update_from_scalars``: the update pass from given scalars (the work of ``apply_update``).
 
-What can fail fails before the first write: the backend of every chunk is resolved
-(``_check_backends``), and the hyper-parameters and the preconditioner are checked
-(``_check_step_inputs``) while no weight has moved.
+What can fail for a reason we can see fails before the first write: every chunk's backend is resolved and
+its tensors and state buffers get the ops' checks (``_check_backends``: a parameter reassigned with
+``p.data = ...`` between steps is refused there, not by the update of its group after the groups before
+it were written), and the hyper-parameters and the preconditioner are checked (``_check_step_inputs``)
+while no weight has moved.
 
-Errors: from the first perturbation until the fused update has run, any
-exception (KeyboardInterrupt included) restores the weights before it
-propagates. Every pass is all or nothing across the (group, device) chunks:
-backends and per-tensor settings are validated before the first pass, a
-perturbation pass that fails on a later chunk takes back the earlier ones, and
-an update that fails part-way restores only the chunks the fused op has not
-processed (those it processed are restored and updated).
+Errors: from the first perturbation until the fused update has run, any exception (KeyboardInterrupt
+included) restores the weights before it propagates. Not covered: an error inside one tensor of the
+``chunked`` backend (it works slice by slice) and a second error while a pass is taken back.
 
 A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: the passes read the
 optimizer's groups, state, counters and perturbation mode, and call the subclass hooks
