@@ -199,6 +199,10 @@ def test_update_failing_part_way_is_finished_by_step_exactly_once(info: Optimize
         opt.take_estimate()
     with pytest.raises(RuntimeError, match="failed part-way"):
         opt.apply_update(0, [0.0] * opt.num_queries)
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        opt.state_dict()
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        opt.step(loss_closure(model, x, y))
     opt.step()  # the rest of step 2
     assert opt.step_count == 2 and opt.pending_seed is None
     opt.step(loss_closure(model, x, y))
@@ -359,6 +363,17 @@ def test_transient_use_check_runs_again_after_add_param_group():
     with pytest.raises(ValueError, match=r"2\.weight \(read by"):
         opt.step(lambda: base() + 1e-3 * model[2].weight.square().sum())
     assert_bitwise(before, weights(model))
+
+
+def test_parameters_are_named_in_errors_without_a_question_mark():
+    """The transient refusal used "?" for a parameter its attached model did not name; the fallback is the
+    name of a named param group, else the trainable position and shape."""
+    w, v = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+    named = zo_optim.MeZO([("enc.w", w)], lr=1e-2, seed=SEED)
+    assert named._param_label(id(w)) == "enc.w"
+    plain = zo_optim.MeZO([w, v], lr=1e-2, seed=SEED)
+    plain._refresh_layout()
+    assert plain._param_label(id(v)) == "trainable parameter 1 (shape (4,))"
 
 
 # ---------------------------------------------------------------- 4. torch.compile with transient hooks
