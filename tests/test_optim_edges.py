@@ -395,8 +395,8 @@ def test_transient_mode_under_torch_compile_matches_eager(backend: str):
     runs = []
     for compiled in (False, True):
         model = tiny_model()
-        fwd = torch.compile(model, backend=backend) if compiled else model
         opt = zo_optim.ZOAdam(model.parameters(), lr=1e-2, seed=SEED, backend="reference", module=model)
+        fwd = torch.compile(model, backend=backend) if compiled else model  # compiled after attach()
         for _ in range(3):
             opt.step(lambda fwd=fwd: ((fwd(x) - y) ** 2).mean())
         runs.append(weights(model))

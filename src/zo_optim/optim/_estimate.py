@@ -289,6 +289,8 @@ class MeasuredEstimate:
         distributed = _distributed.active(self.data_parallel)
         # the first estimate after attach(): every optimised parameter the forwards read must be perturbed there
         watch = pert is self._transient and not self._transient.checked
+        if pert is self._transient:
+            self._transient.make_compile_safe()  # torch.compile may have come into use since attach()
         try:
             with self._transient.watch(set(self._tensor_ids)) if watch else contextlib.nullcontext():
                 if self.needs_center_loss or self.estimator == "forward":

@@ -38,6 +38,7 @@ needs the optimizer's call guard and trainable parameters, so it is a mixin, not
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -120,9 +121,6 @@ class _UseWatch(TorchFunctionMode):
         self.owner = owner
         self.watched = watched
 
-    # Dynamo must not trace the watch (it fails on its Python bookkeeping inside torch.compile'd forwards):
-    # the first estimate's forwards then run eagerly around each call, the later ones compiled
-    @torch.compiler.disable
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         o = self.owner
@@ -159,6 +157,9 @@ class TransientPerturbation:
         # whether the forwards of an estimate were watched for uses of unperturbed parameters since attach()
         self.checked = False
         self.unperturbed_uses: dict[int, str] = {}  # id(param) -> the torch call that read it unperturbed
+        self._pre_impl: Callable[..., None] = self._pre
+        self._post_impl: Callable[..., None] = self._post
+        self._compile_safe = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TransientPerturbation:
         # copy.deepcopy(model) copies the model's hooks, which are bound methods of this object: the copy's
@@ -170,10 +171,36 @@ class TransientPerturbation:
         for mod in modules:
             if not any(p is not None for p in mod._parameters.values()):
                 continue
-            self._handles.append(mod.register_forward_pre_hook(self._pre))
-            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
+            self._handles.append(mod.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(mod.register_forward_hook(self._post_hook, always_call=True))
         self.attached = True
         self.checked = False
+        self.make_compile_safe()
+
+    # The registered hooks are trampolines to ``_pre_impl``/``_post_impl``: once torch.compile is in use those
+    # become ``torch.compiler.disable`` versions, so that Dynamo, which inlines module hooks into a compiled
+    # forward, graph-breaks around them instead of tracing the perturbation (the ops' checks, the Python dicts of
+    # backups), which it cannot: they run eagerly, as without compile, and change the parameters' storage in
+    # place, where the compiled graphs read it. Swapped in lazily because torch.compiler.disable imports
+    # torch._dynamo (and Triton), which ``import zo_optim`` must not (tests/test_ops.py); torch.optim.Optimizer
+    # imports it when an optimizer is built, so in practice attach() already finds it.
+    def _pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        return self._pre_impl(module, args)
+
+    def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        return self._post_impl(module, args, output)
+
+    def make_compile_safe(self) -> None:
+        """Exclude the hooks and the use watch from Dynamo if torch.compile is in use (``torch._dynamo`` imported;
+        ``torch.compile(model)`` imports it when called, so before the estimate whose closure runs the model)."""
+        if self._compile_safe or "torch._dynamo" not in sys.modules:
+            return
+        self._pre_impl = torch.compiler.disable(self._pre)
+        self._post_impl = torch.compiler.disable(self._post)
+        if not getattr(_UseWatch, "compile_safe", False):
+            _UseWatch.__torch_function__ = torch.compiler.disable(_UseWatch.__torch_function__)
+            _UseWatch.compile_safe = True
+        self._compile_safe = True
 
     @contextlib.contextmanager
     def watch(self, watched: set[int]) -> Iterator[None]:
@@ -189,10 +216,6 @@ class TransientPerturbation:
         self._handles.clear()
         self.attached = False
 
-    # The hooks run inside a torch.compile'd forward: Dynamo graph-breaks around them instead of tracing the
-    # perturbation (ops' checks, Python-side dicts of backups), which it cannot, and they run eagerly as they do
-    # without compile. The compiled graphs read the parameters' storage, which the hooks change in place.
-    @torch.compiler.disable
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if self.scale == 0.0 or id(module) in self._backups:
             return
@@ -215,7 +238,6 @@ class TransientPerturbation:
             self._in_hook = False
         self.passes += 1
 
-    @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # copy back, then forget the backup: an interrupt in between leaves it for restore() (copying twice is
         # harmless; forgetting first could lose it). The pre-hook likewise records the backup before perturbing.
