@@ -707,12 +707,12 @@ def test_unusable_backend_on_a_later_chunk_fails_before_any_pass():
     backend_or_skip("cpu")
     x, y = tiny_data()
     model, groups = _two_group_model()
-    model[2].double()
 
     def closure():
         return ((model[2](torch.tanh(model[0](x)).double()).float() - y) ** 2).mean()
 
     opt = zo_optim.MeZO(groups, lr=0.0, backend="cpu", seed=0)
+    model[2].double()  # after construction, which refuses float64 with backend="cpu" (tests/test_optim_edges.py)
     before = weights(model)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="use backend='reference'"):

@@ -216,9 +216,11 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     for i, p in enumerate(params):
         if isinstance(p, torch.Tensor):
             _sharding.check_tensor(f"params[{i}]", p)
+    # every rank resolves the same backend: "sharded" is whether the tensors are DTensors, not whether this rank's
+    # offsets happen to be 0 (rank 0's are), or rank 0 would run Triton and the others chunked on CUDA
+    sharded = any(_sharding.is_dtensor(p) for p in params)
     params, offsets = _sharding.unwrap(params)
     states = {k: (None if v is None else [_sharding.local(s) for s in v]) for k, v in states.items()}
-    sharded = any(offsets)
     device = _checks.check_params(params, tensor_ids)
     kwargs["seed"] = _checks.check_seed(kwargs["seed"])
     _checks.check_choice("distribution", kwargs.get("distribution", "gaussian"), _checks.DISTRIBUTIONS)

@@ -49,9 +49,14 @@ def _slices(numel: int) -> Iterator[tuple[int, int]]:
 
 
 def _chunked(
-    op: Callable[..., None], state_names: Sequence[str], per_tensor: Sequence[str] = ()
+    op: Callable[..., None], state_names: Sequence[str], per_tensor: Sequence[str] = (), undo: bool = False
 ) -> Callable[..., None]:
-    """``op`` of the reference run tensor by tensor, slice by slice (states sliced alongside)."""
+    """``op`` of the reference run tensor by tensor, slice by slice (states sliced alongside).
+
+    ``undo`` (``perturb_``: its own inverse with ``-scale``): a slice that fails (an allocation of its
+    temporaries) takes back the slices of its tensor already moved, so the op leaves whole tensors moved
+    or not (the optimizers' pass engine calls it one tensor at a time and takes back the tensors before).
+    """
 
     def run(params: Sequence[torch.Tensor], tensor_ids: Sequence[int], *args: Any, **kwargs: Any) -> None:
         # args: the reference's other positional ones (seed, then scale or coeffs); its states are keyword-only
@@ -64,16 +69,28 @@ def _chunked(
             flat = param.view(-1)
             flat_states = {name: (None if v is None else v[i].view(-1)) for name, v in states.items()}
             one = {name: [v[i]] for name, v in lists.items()}
-            for start, end in _slices(flat.numel()):
-                sliced = {name: (None if s is None else [s[start:end]]) for name, s in flat_states.items()}
-                op([flat[start:end]], [tensor_id], *args, **sliced, **one, **kwargs, offset=offsets[i] + start)
+            done = 0
+            try:
+                for start, end in _slices(flat.numel()):
+                    sliced = {name: (None if s is None else [s[start:end]]) for name, s in flat_states.items()}
+                    op([flat[start:end]], [tensor_id], *args, **sliced, **one, **kwargs, offset=offsets[i] + start)
+                    done = end
+            except BaseException:
+                if undo and done:
+                    back_args, back = (args, {**kwargs, "scale": -kwargs["scale"]}) if "scale" in kwargs else (
+                        (args[0], -args[1], *args[2:]), kwargs)
+                    for start, end in _slices(done):
+                        sliced = {name: (None if s is None else [s[start:end]]) for name, s in flat_states.items()}
+                        op([flat[start:end]], [tensor_id], *back_args, **sliced, **one, **back,
+                           offset=offsets[i] + start)
+                raise
 
     run.__name__ = run.__qualname__ = op.__name__
     run.__doc__ = f"The reference's ``{op.__name__}`` on slices of at most ``CHUNK_NUMEL`` elements."
     return run
 
 
-perturb_ = _chunked(reference.perturb_, ("precond",))
+perturb_ = _chunked(reference.perturb_, ("precond",), undo=True)
 sgd_update_ = _chunked(reference.sgd_update_, ("momentum_buffers",))
 adamw_update_ = _chunked(reference.adamw_update_, ("exp_avgs", "exp_avg_sqs"))
 precond_sgd_update_ = _chunked(reference.precond_sgd_update_, ("precond",))

@@ -64,6 +64,8 @@ class Checkpointing:
         after ``step()`` (as ``transformers.Trainer`` does) or after ``take_estimate()``.
         """
         with self._guard.exclusive("state_dict"):
+            if self._acc is not None and self._acc.applied is not None:
+                raise RuntimeError(self._partial_help())
             if self._acc is not None:
                 raise RuntimeError(
                     f"{type(self).__name__}.state_dict() was called while an estimate is pending (estimate() without "
@@ -123,6 +125,8 @@ class Checkpointing:
                 f"state dict was saved with RNG contract {zo.get('rng_version')!r} but this zo-optim uses "
                 f"{rng.RNG_VERSION!r}; perturbations would differ, so resuming is refused"
             )
+        if self._acc is not None and self._acc.applied is not None:
+            raise RuntimeError(self._partial_help())
         if self._acc is not None:
             raise RuntimeError("an estimate is pending; apply it with step() before loading a state dict")
         # ---- validate everything; nothing below changes the optimizer until every check has passed

@@ -72,7 +72,9 @@ import torch
 from . import _distributed
 from ._validation import as_seed, as_weight
 
-__all__ = ["CLOSURE_HELP", "Accumulator", "Closure", "MeasuredEstimate", "NonFiniteLossError", "Probes"]
+__all__ = [
+    "CLOSURE_HELP", "Accumulator", "Closure", "MeasuredEstimate", "NonFiniteLossError", "PartialUpdate", "Probes",
+]
 
 Closure = Callable[[], Any]
 
@@ -121,6 +123,17 @@ class Probes:
         return torch.stack([t.mean() for t in self.plus + self.minus]).mean()
 
 
+@dataclass
+class PartialUpdate:
+    """An update pass that failed part-way: its scalars and how many of its units (``units``: the tensor ids of
+    each, in pass order) were applied. Kept with the pending estimate until ``step()`` applies the rest."""
+
+    grads: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    units: list[tuple[int, ...]]
+    done: int
+
+
 class Accumulator:
     """Weighted running sums of the scalars of several estimates of one step (gradient accumulation).
 
@@ -142,6 +155,8 @@ class Accumulator:
         self.nonfinite = False
         # positions of the trainable parameters when the first estimate was measured
         self.layout: tuple[int, ...] = ()
+        # set when the update pass of this estimate failed part-way (see UpdatePasses._update_pass)
+        self.applied: PartialUpdate | None = None
 
     def add(self, grads: torch.Tensor, extras: dict[str, torch.Tensor], nonfinite: bool, weight: float = 1.0) -> None:
         if self.count and set(extras) != set(self.extras):
@@ -196,6 +211,7 @@ class MeasuredEstimate:
         if type(loss).__module__ == "numpy" and getattr(loss, "dtype", None) is not None and loss.dtype.kind == "f":
             loss = torch.as_tensor(loss)  # a NumPy floating scalar/array keeps its dtype, like a tensor
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            self._check_same_batch(probes, torch.tensor(0.0))
             probes.per_example.append(False)
             return torch.tensor([float(loss)], dtype=torch.float64, device=device)
         if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
@@ -215,9 +231,30 @@ class MeasuredEstimate:
                 "the closure returned an empty loss vector (shape (0,)); return a scalar or a non-empty [B] vector "
                 "(an empty micro-batch must not be passed to the optimizer)"
             )
+        self._check_same_batch(probes, loss)
         probes.per_example.append(loss.dim() == 1)
         dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
         return loss.detach().reshape(-1).to(device=device, dtype=dtype)
+
+    def _check_same_batch(self, probes: Probes, loss: torch.Tensor) -> None:
+        """Every closure call of one estimate must return the same kind of loss over the same examples: the
+        differences L+_b − L−_b pair example b of one probe with example b of the other (HELENE's per-example
+        scalars), and means over different batches would difference two different losses."""
+        first = next(iter(probes.all_losses()), None)
+        if first is None:
+            return
+        shape = tuple(loss.shape)
+        was = (first.numel(),) if probes.per_example[0] else ()
+        if shape != was:
+            def kind(s: tuple[int, ...]) -> str:
+                return f"{s[0]} per-example losses (shape {s})" if s else "a scalar loss"
+
+            raise ValueError(
+                f"{type(self).__name__}: the closure returned {kind(shape)} at call {len(probes.per_example) + 1} "
+                f"of this estimate but {kind(was)} at its first call: every call of one estimate must evaluate the "
+                "same batch (the loss differences pair them example by example). Nothing was changed (weights "
+                "restored, no estimate recorded); make the closure use one fixed batch per estimate"
+            )
 
     def _estimate(self, closure: Closure, keep_perturbed: bool, seed: Any = None, weight: Any = None) -> torch.Tensor:
         if closure is None or not callable(closure):
@@ -227,6 +264,8 @@ class MeasuredEstimate:
         w = 1.0 if weight is None else as_weight(weight)
         self._require_trainable()
         layout = self._layout()  # the parameters this estimate perturbs (a closure may change requires_grad)
+        if self._acc is not None and self._acc.applied is not None:
+            raise RuntimeError(self._partial_help())
         if self._acc is not None:
             self._check_layout(self._acc.layout, "estimate")
         self._sync_seed()
@@ -250,6 +289,8 @@ class MeasuredEstimate:
         distributed = _distributed.active(self.data_parallel)
         # the first estimate after attach(): every optimised parameter the forwards read must be perturbed there
         watch = pert is self._transient and not self._transient.checked
+        if pert is self._transient:
+            self._transient.make_compile_safe()  # torch.compile may have come into use since attach()
         try:
             with self._transient.watch(set(self._tensor_ids)) if watch else contextlib.nullcontext():
                 if self.needs_center_loss or self.estimator == "forward":
@@ -295,24 +336,7 @@ class MeasuredEstimate:
             self._transient.checked = True
             return
         names = self._transient_names
-        where = [f"{names.get(pid, '?')} (read by {func})" for pid, func in uses.items()]
-        raise ValueError(
-            f"{type(self).__name__}: perturbation='transient' perturbs a parameter only inside the forward of the "
-            f"module that registers it, but the forwards read {len(where)} optimised parameter(s) outside it: "
-            f"{', '.join(where[:5])}{', ...' if len(where) > 5 else ''}. Their share of the gradient estimate would "
-            "silently be zero (e.g. nn.MultiheadAttention reads out_proj.weight in its own forward; a tied output "
-            "layer F.linear(h, emb.weight); a regulariser in the closure). Nothing was changed (weights restored, "
-            "no estimate recorded). Fix: use perturbation='inplace' (opt.detach()), freeze those parameters, or "
-            "call the module that owns them (self.out_proj(h)) instead of reading its weight"
-        )
-
-    def _check_transient_uses(self) -> None:
-        uses = self._transient.unperturbed_uses
-        if not uses:
-            self._transient.checked = True
-            return
-        names = self._transient_names
-        where = [f"{names.get(pid, '?')} (read by {func})" for pid, func in uses.items()]
+        where = [f"{names.get(pid) or self._param_label(pid)} (read by {func})" for pid, func in uses.items()]
         raise ValueError(
             f"{type(self).__name__}: perturbation='transient' perturbs a parameter only inside the forward of the "
             f"module that registers it, but the forwards read {len(where)} optimised parameter(s) outside it: "

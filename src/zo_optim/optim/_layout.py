@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..ops import _checks as ops_checks
 from ..ops import _sharding
 
@@ -53,6 +54,10 @@ class ParamLayout:
             try:
                 self._check_group(self.param_groups[-1])
                 self._check_memory()
+                self._check_dtypes(self.param_groups[-1])
+                # transient mode: the new parameters must be registered on the attached model and get its hooks
+                if getattr(self, "_transient", None) is not None and self._transient.attached:
+                    self._reattach()
             except BaseException:
                 self.param_groups.pop()  # a refused group is not kept
                 raise
@@ -62,6 +67,17 @@ class ParamLayout:
         self._ensure_state()
         tensors = [_sharding.local(v) for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
+
+    def _param_label(self, pid: int) -> str:
+        """How an error names the parameter with ``id(p) == pid``: its name from a named param group, else its
+        trainable position and shape."""
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group.get("param_names", [None] * len(group["params"])), strict=True):
+                if id(p) == pid:
+                    if name is not None:
+                        return str(name)
+                    return f"trainable parameter {self._tensor_ids.get(pid, '?')} (shape {tuple(p.shape)})"
+        return f"an unknown parameter (id {pid})"
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -125,6 +141,26 @@ class ParamLayout:
                         loc = _sharding.local(p)
                         buf = torch.full(loc.shape, init, dtype=torch.float32, device=loc.device)
                         self.state[p][name] = _sharding.like(p, buf)
+
+    def _check_dtypes(self, group: dict[str, Any]) -> None:
+        """Refuse now, with the first step's message, a trainable parameter no op can step: a dtype the ops do
+        not compute (complex, integer), or one the chosen fast backend does not (float64 with ``backend="cpu"``
+        or ``"triton"``). (The device and the backend's installation are checked at the first step: a model may
+        still move to its device after the optimizer is built.)"""
+        for i, p in enumerate(group["params"]):
+            if not p.requires_grad:
+                continue
+            where = f"{type(self).__name__}: param group {len(self.param_groups) - 1}, params[{i}]"
+            if p.dtype not in ops_checks.SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{where} ({ops_checks.describe(p)}) has dtype {p.dtype}: only float32, bfloat16, float16 (and "
+                    "float64 on the reference backend) can be perturbed; freeze it (requires_grad=False)"
+                )
+            if p.dtype not in ops.FAST_DTYPES:
+                try:
+                    ops.resolve_backend(self.backend, p.device, [p.dtype])
+                except RuntimeError as e:
+                    raise RuntimeError(f"{where} ({ops_checks.describe(p)}): {e}") from None
 
     def _check_memory(self) -> None:
         """Every parameter owns its memory: no stride-0 expand, no tensor twice, no overlapping views.

@@ -38,6 +38,7 @@ needs the optimizer's call guard and trainable parameters, so it is a mixin, not
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -158,6 +159,9 @@ class TransientPerturbation:
         # whether the forwards of an estimate were watched for uses of unperturbed parameters since attach()
         self.checked = False
         self.unperturbed_uses: dict[int, str] = {}  # id(param) -> the torch call that read it unperturbed
+        self._pre_impl: Callable[..., None] = self._pre
+        self._post_impl: Callable[..., None] = self._post
+        self._compile_safe = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TransientPerturbation:
         # copy.deepcopy(model) copies the model's hooks, which are bound methods of this object: the copy's
@@ -169,10 +173,36 @@ class TransientPerturbation:
         for mod in modules:
             if not any(p is not None for p in mod._parameters.values()):
                 continue
-            self._handles.append(mod.register_forward_pre_hook(self._pre))
-            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
+            self._handles.append(mod.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(mod.register_forward_hook(self._post_hook, always_call=True))
         self.attached = True
         self.checked = False
+        self.make_compile_safe()
+
+    # The registered hooks are trampolines to ``_pre_impl``/``_post_impl``: once torch.compile is in use those
+    # become ``torch.compiler.disable`` versions, so that Dynamo, which inlines module hooks into a compiled
+    # forward, graph-breaks around them instead of tracing the perturbation (the ops' checks, the Python dicts of
+    # backups), which it cannot: they run eagerly, as without compile, and change the parameters' storage in
+    # place, where the compiled graphs read it. Swapped in lazily because torch.compiler.disable imports
+    # torch._dynamo (and Triton), which ``import zo_optim`` must not (tests/test_ops.py); torch.optim.Optimizer
+    # imports it when an optimizer is built, so in practice attach() already finds it.
+    def _pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        return self._pre_impl(module, args)
+
+    def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        return self._post_impl(module, args, output)
+
+    def make_compile_safe(self) -> None:
+        """Exclude the hooks and the use watch from Dynamo if torch.compile is in use (``torch._dynamo`` imported;
+        ``torch.compile(model)`` imports it when called, so before the estimate whose closure runs the model)."""
+        if self._compile_safe or "torch._dynamo" not in sys.modules:
+            return
+        self._pre_impl = torch.compiler.disable(self._pre)
+        self._post_impl = torch.compiler.disable(self._post)
+        if not getattr(_UseWatch, "compile_safe", False):
+            _UseWatch.__torch_function__ = torch.compiler.disable(_UseWatch.__torch_function__)
+            _UseWatch.compile_safe = True
+        self._compile_safe = True
 
     @contextlib.contextmanager
     def watch(self, watched: set[int]) -> Iterator[None]:
@@ -272,6 +302,11 @@ class PerturbationModes:
                 f"positions {sharded[:5]}): FSDP2's forward runs on all-gathered copies, not on the shards the "
                 "hooks would perturb. Use perturbation='inplace' (the default; exact for float32 weights)"
             )
+        # not while a step is in flight (from a closure): switching modes would strand its perturbation
+        with self._guard.exclusive("attach"):
+            self._attach(module, check_uses)
+
+    def _attach(self, module: torch.nn.Module, check_uses: bool) -> None:
         owned = {id(p) for m in module.modules() for p in m._parameters.values() if p is not None}
         missing = [i for i, p in enumerate(self._trainable()) if id(p) not in owned]
         if missing:
@@ -279,15 +314,24 @@ class PerturbationModes:
                 f"{len(missing)} optimised parameters (trainable positions {missing[:5]}) are not registered "
                 "on any sub-module of the attached module; attach the model that owns all of them"
             )
-        # not while a step is in flight (from a closure): switching modes would strand its perturbation
-        with self._guard.exclusive("attach"):
-            self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
-            if self._transient.attached:
-                self._transient.detach()
-            self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-            self._transient.attach(module.modules())
-            self._transient.checked = not check_uses
-            self._perturbation = self._transient
+        self._inplace.restore()  # an estimate(..., restore=False) offset belongs to the in-place mode
+        if self._transient.attached:
+            self._transient.detach()
+        self._transient_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        self._transient.attach(module.modules())
+        self._transient.checked = not check_uses
+        self._attached = (module, check_uses)
+        self._perturbation = self._transient
+
+    def _reattach(self) -> None:
+        """After ``add_param_group`` in transient mode: the attach checks again, over the new parameters too.
+
+        They must be registered on the attached model, the modules added to it since :meth:`attach` get their
+        hooks, and the next estimate watches the forwards again (a new parameter read outside its module).
+        Without this a parameter of a module added later was never perturbed but was updated.
+        """
+        module, check_uses = self._attached
+        self._attach(module, check_uses)
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach` and return to in-place perturbation."""

@@ -356,6 +356,8 @@ class ZOOptimizer(
         with self._guard.exclusive("take_estimate"):
             if self._acc is None:
                 raise RuntimeError("no pending estimate: call estimate(closure) first")
+            if self._acc.applied is not None:
+                raise RuntimeError(self._partial_help())  # part of it is applied: it must not be applied again
             self._inplace.restore()  # after estimate(..., restore=False): the update is applied elsewhere
             grads, extras = self._acc.mean()
             seed = self._acc.seed
