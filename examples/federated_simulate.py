@@ -58,7 +58,7 @@ def run(rounds: int = 200, progress: bool = True) -> dict[str, object]:
         if progress:
             print(f"{name}: {rounds} rounds, full-data loss {full:.4f}, bytes up {res.bytes_up} "
                   f"down {res.bytes_down} ({res.bytes_up / rounds / 2:.1f} B up per client per round), "
-                  f"replicas identical: {res.replicas_identical()}")
+                  f"replicas identical: {res.replicas_identical().describe()}")
         out[name] = (res, full)
     return out
 

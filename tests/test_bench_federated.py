@@ -29,7 +29,8 @@ def test_bench_federated_ci_size(tmp_path, capsys):
     best = {(r["name"], r["metric"]): r["value"] for r in rows if r["x"] == "best"}
     for m in ("hiso", "decomfl"):
         assert 0.0 <= best[(m, "final_accuracy")] <= 1.0 and best[(m, "best_lr")] in (0.01, 0.03)
-        assert best[(m, "bytes_up_per_reply")] == 62  # 20 B of scalars + 42 B of header fields (protocol 3, docs/federated.md)
+        # 20 B of scalars + 42 B of header fields (protocol 3, docs/federated.md)
+        assert best[(m, "bytes_up_per_reply")] == 62
     # DeComFL reaches its own mean final accuracy in at least one seed: the target is attainable by definition
     assert math.isfinite(best[("decomfl", "rounds_to_target")])
     out = capsys.readouterr().out

@@ -37,8 +37,10 @@ def main(grid: Grid, context: Context) -> None:
         result.evaluate_metrics_serverapp)]
     up = sum(r.bytes_up for r in strategy.server.history)
     down = sum(r.bytes_down for r in strategy.server.history)
+    replicas = strategy.replicas_identical()  # a ReplicaCheck: true only if every client was checked and identical
     print(f"held-out accuracy: {first['accuracy']:.3f} -> {last['accuracy']:.3f}, loss {first['loss']:.4f} -> "
           f"{last['loss']:.4f}; {len(strategy.server.history)} rounds, payload {up} B up / {down} B down; "
-          f"replicas identical: {strategy.replicas_identical()}; refused: {strategy.refused or 'none'}", flush=True)
+          f"replicas identical: {bool(replicas)} ({replicas.describe()}); refused: {strategy.refused or 'none'}",
+          flush=True)
     context.state["zo_result"] = MetricRecord({"accuracy": float(last["accuracy"]), "loss": float(last["loss"]),
-                                               "identical": int(strategy.replicas_identical())})
+                                               "identical": int(bool(replicas))})

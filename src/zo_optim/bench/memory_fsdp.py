@@ -143,8 +143,9 @@ def _launch(cfg: dict[str, Any], world: int) -> list[dict[str, Any]]:
     # does not shrink: an FSDP2 forward of OPT-350m over 2 ranks then added 970 MiB to a rank's VmHWM instead of
     # 315 MiB with the fixed threshold (measured 2026-12-06, this bench's inference-fsdp; the unsharded forward
     # adds 113 MiB either way). Set MALLOC_MMAP_THRESHOLD_ yourself to measure another allocator setting.
-    base = dict({"MALLOC_MMAP_THRESHOLD_": "131072"}, **os.environ, TOKENIZERS_PARALLELISM="false",
-                **assets.offline_env())
+    # (a dict display, not dict(**...): the user's environment may already hold the offline variables)
+    base = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "TOKENIZERS_PARALLELISM": "false",
+            **assets.offline_env()}
     if world > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen([sys.executable, "-m", "zo_optim.bench.memory_fsdp", json.dumps(cfg)],
