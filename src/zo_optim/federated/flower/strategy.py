@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +58,14 @@ class ZOStrategy(_Messaging, Strategy):
         poll_interval: seconds between pulls.
         sync_at_end: bring every client to the final position after the last round
             (``"query.sync"`` tasks, no compute) and collect their checksums.
+        resume: a server checkpoint (file or ``checkpoint_dir``) to continue from, loaded here, before
+            the handshake (:meth:`Server.load_checkpoint`: validated whole, a bad file raises
+            :class:`~zo_optim.federated.checkpoint.CheckpointError` and nothing changes). The rounds
+            then run from ``server.position + 1`` to ``num_rounds`` (the total), and the clients
+            rejoin at the handshake with the positions they announce; to end bit-identical to the
+            uninterrupted run they must keep their state across Flower runs
+            (``make_client_app(state_dir=...)``). ``min_nodes`` defaults to the clients the
+            checkpoint knows.
         **server_kwargs: passed to :class:`Server` (``aggregation``, ``log_limit``,
             ``snapshot_every``, ``max_abs_scalar``, ``extras``, ...).
 
@@ -80,15 +89,14 @@ class ZOStrategy(_Messaging, Strategy):
         handshake_timeout: float = 300.0,
         poll_interval: float = 0.05,
         sync_at_end: bool = True,
+        resume: str | os.PathLike[str] | None = None,
         **server_kwargs: Any,
     ) -> None:
         for name in ("clients", "release_after"):
             if name in server_kwargs:
                 raise ValueError(f"Invalid argument: {name} (the strategy sets it: clients register at the "
                                  "handshake, a client is released when its message is answered or expires)")
-        if min_nodes is None:
-            min_nodes = clients_per_round
-        if not isinstance(min_nodes, int) or min_nodes < 1:
+        if min_nodes is not None and (not isinstance(min_nodes, int) or min_nodes < 1):
             raise ValueError(f"Invalid min_nodes: {min_nodes!r} (an int >= 1)")
         if not round_timeout > 0:
             raise ValueError(f"Invalid round_timeout: {round_timeout!r} (seconds > 0)")
@@ -105,7 +113,19 @@ class ZOStrategy(_Messaging, Strategy):
         self.server = Server(optimizer, clients=(), clients_per_round=clients_per_round, local_steps=local_steps,
                              server_seed=server_seed, round_timeout=round_timeout, release_after=2**62,
                              **server_kwargs)
-        self.min_nodes = min_nodes
+        self.wire_up: dict[int, int] = {}
+        self.wire_down: dict[int, int] = {}
+        # the record byte counters travel with the server's checkpoint, so a resumed run's totals are the whole run's
+        self.server.checkpoint_extra = lambda: {"flower": {"wire_up": dict(self.wire_up),
+                                                           "wire_down": dict(self.wire_down)}}
+        if resume is not None:
+            extra = self.server.load_checkpoint(resume)  # atomic: a bad checkpoint raises and changes nothing
+            wire = extra.get("flower", {}) if isinstance(extra, dict) else {}
+            self.wire_up = {int(k): int(v) for k, v in wire.get("wire_up", {}).items()}
+            self.wire_down = {int(k): int(v) for k, v in wire.get("wire_down", {}).items()}
+            if min_nodes is None:
+                min_nodes = max(1, len(self.server.clients))
+        self.min_nodes = clients_per_round if min_nodes is None else min_nodes
         self.round_timeout = float(round_timeout)
         self.message_ttl = float(message_ttl)
         self.handshake_timeout = float(handshake_timeout)
@@ -116,8 +136,6 @@ class ZOStrategy(_Messaging, Strategy):
         self.refused: dict[int, str] = {}
         self.client_checksums: dict[int, str] = {}
         self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
-        self.wire_up: dict[int, int] = {}
-        self.wire_down: dict[int, int] = {}
         self._known_nodes: set[int] = set()
         self._pending: dict[str, _Pending] = {}
         self._hellos: list[tuple[int, Hello]] = []
@@ -143,6 +161,12 @@ class ZOStrategy(_Messaging, Strategy):
         if self.server.position != server_round - 1:
             raise ValueError(f"Invalid server_round: {server_round} (the next round is {self.server.position + 1})")
         tasks = self.server.open_round()
+        for c in [c for c in tasks if c not in self.node_of]:
+            # a client the resumed checkpoint knows but whose node has not said hello in this run: no node to
+            # send to, so it is released now and the round records it as dropped (as a lost message would be)
+            del tasks[c]
+            self.server.release(c)
+            log.warning("round %d: client %d has no node in this run (not reconnected): dropped", server_round - 1, c)
         return [self._message(grid, "train", t, self.node_of[c]) for c, t in tasks.items()]
 
     def aggregate_train(self, server_round: int,
@@ -191,16 +215,20 @@ class ZOStrategy(_Messaging, Strategy):
                              "initial model itself (pass None)")
         if not isinstance(num_rounds, int) or num_rounds < 0:
             raise ValueError(f"Invalid num_rounds: {num_rounds!r} (an int >= 0)")
+        first = self.server.position  # 0, or the rounds a resumed checkpoint had closed
+        if num_rounds < first:
+            raise ValueError(f"Invalid num_rounds: {num_rounds} (the total; the resumed checkpoint has already "
+                             f"closed {first} rounds)")
         self._grid = grid
         wait = self.handshake_timeout if timeout is None else float(timeout)
         self.summary()
         result = Result()
         if evaluate_fn is not None:
-            res = evaluate_fn(0, self._arrays())
+            res = evaluate_fn(first, self._arrays())
             if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+                result.evaluate_metrics_serverapp[first] = res
         self.handshake(grid, timeout=wait)
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first + 1, num_rounds + 1):
             self._discover(grid)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
@@ -264,6 +292,7 @@ class ZOStrategy(_Messaging, Strategy):
         unchecked: list[tuple[int | str, str]] = [
             (c, f"owes a reply for round {owes[c]}" if c in owes else "sent no checksum at the final sync")
             for c in self.node_of if c not in self.client_checksums]
+        unchecked += [(c, "did not reconnect after the resume") for c in self.server.clients if c not in self.node_of]
         unchecked += [(f"node {n}", f"refused: {why}") for n, why in self.refused.items()]
         return check_replicas(self.server.checksum(), self.client_checksums, unchecked)
 
