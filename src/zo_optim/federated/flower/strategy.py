@@ -8,7 +8,6 @@ class. The Flower facts both are built around are listed in :mod:`zo_optim.feder
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -23,12 +22,12 @@ from ...optim.base import ZOOptimizer
 from ..consistency import ReplicaCheck, check_replicas
 from ..protocol import Hello
 from ..server import RoundRecord, Server
-from ._environment import flower_environment
+from ._environment import flower_environment, flower_logger
 from .messaging import _Messaging, _Pending
 
 __all__ = ["ZOStrategy"]
 
-log = logging.getLogger(__name__)
+log = flower_logger("strategy")
 
 
 class ZOStrategy(_Messaging, Strategy):
@@ -58,6 +57,11 @@ class ZOStrategy(_Messaging, Strategy):
         poll_interval: seconds between pulls.
         sync_at_end: bring every client to the final position after the last round
             (``"query.sync"`` tasks, no compute) and collect their checksums.
+        idle_timeout: seconds a round waits, before it opens, for an eligible client while none is (every
+            connected client still owes a reply, or no node is connected): a round never closes empty
+            just because late replies have not released their clients yet. Default ``message_ttl + 5``
+            (by then every owed message has expired and its client is released); ``0``: never wait.
+            No wait when every client is quarantined (quarantine ends by round count).
         resume: a server checkpoint (file or ``checkpoint_dir``) to continue from, loaded here, before
             the handshake (:meth:`Server.load_checkpoint`: validated whole, a bad file raises
             :class:`~zo_optim.federated.checkpoint.CheckpointError` and nothing changes). The rounds
@@ -89,6 +93,7 @@ class ZOStrategy(_Messaging, Strategy):
         handshake_timeout: float = 300.0,
         poll_interval: float = 0.05,
         sync_at_end: bool = True,
+        idle_timeout: float | None = None,
         resume: str | os.PathLike[str] | None = None,
         **server_kwargs: Any,
     ) -> None:
@@ -104,6 +109,10 @@ class ZOStrategy(_Messaging, Strategy):
             message_ttl = 3.0 * round_timeout
         if not message_ttl >= round_timeout:
             raise ValueError(f"Invalid message_ttl: {message_ttl!r} (seconds >= round_timeout {round_timeout})")
+        if idle_timeout is None:
+            idle_timeout = message_ttl + 5.0
+        if not idle_timeout >= 0:
+            raise ValueError(f"Invalid idle_timeout: {idle_timeout!r} (seconds >= 0)")
         if not handshake_timeout > 0:
             raise ValueError(f"Invalid handshake_timeout: {handshake_timeout!r} (seconds > 0)")
         if not poll_interval > 0:
@@ -128,6 +137,7 @@ class ZOStrategy(_Messaging, Strategy):
         self.min_nodes = clients_per_round if min_nodes is None else min_nodes
         self.round_timeout = float(round_timeout)
         self.message_ttl = float(message_ttl)
+        self.idle_timeout = float(idle_timeout)
         self.handshake_timeout = float(handshake_timeout)
         self.poll_interval = float(poll_interval)
         self.sync_at_end = sync_at_end
@@ -230,6 +240,7 @@ class ZOStrategy(_Messaging, Strategy):
         self.handshake(grid, timeout=wait)
         for server_round in range(first + 1, num_rounds + 1):
             self._discover(grid)
+            self._wait_for_eligible(grid, server_round - 1)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
             self._pump(grid, lambda: self.server.all_replied or self.server.deadline_passed())
@@ -241,7 +252,50 @@ class ZOStrategy(_Messaging, Strategy):
                     result.evaluate_metrics_serverapp[server_round] = res
         if self.sync_at_end:
             self.sync(grid, timeout=wait)
+        self._log_summary(first)
         return result
+
+    @property
+    def rounds_trained(self) -> int:
+        """Closed rounds (this run and any resumed from) whose aggregate was applied: at least one valid reply,
+        not refused as a whole. The others were applied as empty rounds (every replica only moves its position)."""
+        return sum(1 for r in self.server.history if r.participants and not r.aggregate_refused)
+
+    def _eligible_connected(self) -> list[int]:
+        return [c for c in self.server.eligible() if c in self.node_of]
+
+    def _wait_for_eligible(self, grid: Grid, rnd: int) -> None:
+        """Before round ``rnd`` opens: while no connected client may be sampled and one could become so (a client
+        owes a reply, or no node is connected yet), pull replies and look for new nodes, up to ``idle_timeout``."""
+        if self._eligible_connected() or self.idle_timeout == 0:
+            return
+        if self.node_of and not self.server.owes:
+            return  # every connected client is quarantined: only rounds end a quarantine, waiting cannot help
+        log.info("round %d: no eligible client (%d owe a reply, %d connected); waiting up to %.1fs", rnd,
+                 len(self.server.owes), len(self.node_of), self.idle_timeout)
+        t0 = time.monotonic()
+        last = [t0]
+
+        def ready() -> bool:
+            if time.monotonic() - last[0] >= 1.0:  # new nodes: a Grid call, so once a second
+                last[0] = time.monotonic()
+                self._discover(grid)
+            return bool(self._eligible_connected())
+
+        self._pump(grid, ready, deadline=t0 + self.idle_timeout)
+        waited = time.monotonic() - t0
+        if self._eligible_connected():
+            log.info("round %d: %d client(s) eligible after %.1fs", rnd, len(self._eligible_connected()), waited)
+        else:
+            log.warning("round %d: still no eligible client after %.1fs: the round runs empty", rnd, waited)
+
+    def _log_summary(self, first: int) -> None:
+        hist = self.server.history
+        ran = hist[first:]
+        trained = sum(1 for r in ran if r.participants and not r.aggregate_refused)
+        log.info("ZOStrategy: %d round(s) run (%d trained, %d empty), %d trained of %d in the federation; "
+                 "replicas: %s", len(ran), trained, len(ran) - trained, self.rounds_trained, len(hist),
+                 self.replicas_identical().describe())
 
     def handshake(self, grid: Grid, timeout: float | None = None) -> None:
         """Wait for ``min_nodes`` nodes, send each a hello query and register the clients that match.
@@ -312,9 +366,15 @@ class ZOStrategy(_Messaging, Strategy):
         }
         if math.isfinite(rec.loss):
             metrics["loss"] = rec.loss
-        log.info("round %d: %d/%d participants, loss %s, payload %d B up / %d B down", rec.round,
-                 len(rec.participants), len(rec.sampled), f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "n/a",
-                 rec.bytes_up, rec.bytes_down)
+        refused = "; ".join(f"client {c}: {why}" for c, why in rec.rejected)
+        log.info("round %d: %d/%d participants%s%s, loss %s, payload %d B up / %d B down, records %d B up / %d B down"
+                 "%s%s", rec.round, len(rec.participants), len(rec.sampled),
+                 f", dropped {list(rec.dropped)}" if rec.dropped else "",
+                 f", refused {len(rec.rejected)} ({refused})" if rec.rejected else "",
+                 f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "n/a", rec.bytes_up, rec.bytes_down,
+                 metrics["wire_bytes_up"], metrics["wire_bytes_down"],
+                 f", quarantined {rec.quarantined}" if rec.quarantined else "",
+                 f", aggregate refused ({rec.aggregate_refused}): applied empty" if rec.aggregate_refused else "")
         return MetricRecord(metrics)
 
     def _arrays(self) -> ArrayRecord:
