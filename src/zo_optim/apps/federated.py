@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="write the server's checkpoint here after every --checkpoint-every rounds (atomic), with "
-                        "the run's settings (args.json), so that --resume can continue it")
+                        "the run's settings (args.json), so that --resume can continue it; with --engine flower "
+                        "each SuperNode's client state too, in DIR/clients")
     p.add_argument("--checkpoint-every", type=positive_int, default=1, help="rounds between checkpoints")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR with its saved settings (and keep checkpointing "
