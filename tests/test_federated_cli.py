@@ -207,3 +207,49 @@ def test_cli_killed_with_sigkill_resumes_bit_identical(tmp_path):
     rows = [r.rsplit(",", 1)[0] for r in (tmp_path / "b" / "rounds.csv").read_text().splitlines()]
     assert len(rows) == 41 and rows == [r.rsplit(",", 1)[0] for r in (tmp_path / "c" / "rounds.csv").read_text()
                                         .splitlines()]
+
+
+@pytest.mark.slow
+def test_flower_cli_killed_with_sigkill_resumes_bit_identical(tmp_path):
+    """--engine flower: the CLI (ServerApp, Ray SuperNodes) is SIGKILLed with its process group after its checkpoint
+    reached a round; `--resume` runs a new Flower run whose nodes rejoin from DIR/clients, and ends with the
+    checksum of the in-process engine's uninterrupted run (which the Flower engine equals,
+    test_flower_engine_gives_the_same_checksum_as_simulate)."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from zo_optim.federated.checkpoint import read_checkpoint
+
+    args = [*TINY, "--rounds", "30", "--local-steps", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), "src") if p)}
+    ck = tmp_path / "ck"
+    # a session of its own: the kill takes Ray's processes (started by the CLI) down with it
+    proc = subprocess.Popen([sys.executable, "-m", "zo_optim.cli", "federated", *args, "--engine", "flower",
+                             "--out", str(tmp_path / "a"), "--checkpoint-dir", str(ck)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (ck / "server.ckpt").exists() and read_checkpoint(ck)["server"]["replica"]["position"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = read_checkpoint(ck)["server"]["replica"]["position"]
+    assert 2 <= killed_at < 30 and len(list((ck / "clients").glob("client-*.ckpt"))) == 3
+    resumed = subprocess.run([sys.executable, "-m", "zo_optim.cli", "federated", "--out", str(tmp_path / "b"),
+                              "--no-progress", "--resume", str(ck)], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = federated_cli.run(federated_cli.build_parser().parse_args([*args, "--out", str(tmp_path / "c")]))
+    assert re.search(r"^checksum: ([0-9a-f]{64})$", resumed.stdout, re.M).group(1) == full["checksum"]
+    assert "all identical to the server" in resumed.stdout
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["engine"] == "flower" and summary["participations"] == full["participations"]

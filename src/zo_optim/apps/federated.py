@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="write the server's checkpoint here after every --checkpoint-every rounds (atomic), with "
-                        "the run's settings (args.json), so that --resume can continue it")
+                        "the run's settings (args.json), so that --resume can continue it; with --engine flower "
+                        "each SuperNode's client state too, in DIR/clients")
     p.add_argument("--checkpoint-every", type=positive_int, default=1, help="rounds between checkpoints")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR with its saved settings (and keep checkpointing "
@@ -87,9 +88,6 @@ def _resume_settings(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.engine == "flower" and (args.checkpoint_dir or args.resume):
-        raise ValueError("Invalid --checkpoint-dir/--resume with --engine flower: the Flower ServerApp does not "
-                         "checkpoint yet; use the in-process engine")
     if args.clients_per_round > args.clients:
         raise ValueError(f"Invalid --clients-per-round: {args.clients_per_round} (more than --clients {args.clients})")
     if not 0.0 <= args.dropout < 1.0:
@@ -171,12 +169,20 @@ def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -
     os.environ[_OPT_ENV] = json.dumps({"name": args.optimizer, "lr": lr, "zo_eps": args.zo_eps,
                                        "num_queries": args.num_queries, "seed": args.seed})
     model = task.model_fn()
+    # --checkpoint-dir: the ServerApp's checkpoint there, and each SuperNode's client state in DIR/clients (keyed by
+    # client id, so the nodes of a resumed Flower run rejoin where they stopped: ZOStrategy(resume=) docs)
+    state_dir = None if args.checkpoint_dir is None else args.checkpoint_dir / "clients"
+    if state_dir is not None and args.resume is None:
+        for stale in state_dir.glob("client-*.ckpt"):  # a new federation in an old directory: its clients start at 0
+            stale.unlink()
     strategy = ZOStrategy(_flower_optimizer(model), clients_per_round=args.clients_per_round,
                           local_steps=args.local_steps, server_seed=args.seed, min_nodes=args.clients,
-                          aggregation=args.aggregation)
+                          aggregation=args.aggregation, checkpoint_dir=args.checkpoint_dir,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume)
+    started = strategy.server.position  # > 0 on --resume: those rounds were reported by the run that closed them
 
     def evaluate_fn(server_round: int, arrays: Any) -> None:
-        if server_round > 0:
+        if server_round > started:
             on_round(strategy.server.history[-1], model)
 
     # one CPU for Ray: one actor runs the clients' messages in turn (the test measured 17 s vs 26 s with 2)
@@ -184,7 +190,8 @@ def _run_flower(args: argparse.Namespace, task: Any, lr: float, on_round: Any) -
                "init_args": {"num_cpus": 1, "include_dashboard": False}}
     try:
         run_simulation(make_server_app(strategy, args.rounds, evaluate_fn=evaluate_fn),
-                       make_client_app(_flower_model, _flower_optimizer, _flower_data, local_steps=args.local_steps),
+                       make_client_app(_flower_model, _flower_optimizer, _flower_data, local_steps=args.local_steps,
+                                       state_dir=state_dir),
                        num_supernodes=args.clients, backend_config=backend)
     finally:
         if ray.is_initialized():

@@ -3,9 +3,13 @@
 A node's client lives in three places, each valid only with the next: an in-process cache
 (:data:`_PARTICIPANTS`, per (run, node)), ``context.state`` (position, counters, server seed and a
 token; weights + optimizer state as a blob, or the path of a node-local cache file) and, with
-``cache_dir``, that file. In deployment each message may run in a fresh ``flwr-clientapp``
-process, so the state is written after every message and the cache is used only while its token
-matches ``context.state``'s.
+``cache_dir``, that file. All three die with the Flower run (``context.state`` is per run); with
+``state_dir`` the whole client state is also written, atomically and self-checking
+(:func:`~zo_optim.federated.checkpoint.write_checkpoint`), to ``state_dir/client-<id>.ckpt``, keyed
+by the client id rather than the run, so a node of a *later* run (a ServerApp resumed from its
+checkpoint) rejoins with its position, batch counter and weights. In deployment each message may
+run in a fresh ``flwr-clientapp`` process, so the state is written after every message and the cache
+is used only while its token matches ``context.state``'s.
 
 The handlers are methods of :class:`_ClientNode`, a module-level class: Ray ships the ClientApp with
 every message (cloudpickle), and a closure would travel *by value* with the globals it names (a
@@ -29,6 +33,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from ...optim.base import ZOOptimizer
+from ..checkpoint import read_checkpoint, write_checkpoint
 from ..client import FederatedWrapper
 from ..protocol import ProtocolError, Task, decode
 from ._environment import flower_environment
@@ -79,6 +84,7 @@ class _ClientNode:
         extras: tuple[str, ...],
         client_id: Callable[[Context], int] | None,
         cache_dir: Path | None,
+        state_dir: Path | None = None,
     ) -> None:
         self.model_fn = model_fn
         self.optimizer_fn = optimizer_fn
@@ -87,6 +93,7 @@ class _ClientNode:
         self.extras = extras
         self.client_id = client_id
         self.cache_dir = cache_dir
+        self.state_dir = state_dir
         self.model_takes_context = len(inspect.signature(model_fn).parameters) > 0
         self.opt_takes_context = len(inspect.signature(optimizer_fn).parameters) > 1
 
@@ -139,6 +146,12 @@ class _ClientNode:
         cached = _PARTICIPANTS.get(key)
         if state is None:
             p = self.build(context)  # a new run for this node (or its state was lost: the protocol answers a gap)
+            path = self.state_file(p.wrapper.client_id)
+            if path is not None and path.exists():
+                # a node of a later run (the server resumed): continue from the state the last run left. A
+                # truncated or altered file raises CheckpointError (the node fails its hello, with the reason)
+                # rather than rejoining at 0 with its batch counter reset
+                p.wrapper.load_state_dict(read_checkpoint(path))
         elif cached is not None and cached.token == state.get("token"):
             return cached
         else:
@@ -175,8 +188,15 @@ class _ClientNode:
             tmp.write_bytes(sd["snapshot"])
             tmp.replace(path)  # atomic: a crash leaves the previous state, never half a file
             rec["cache_file"] = str(path)
+        state_file = self.state_file(p.wrapper.client_id)
+        if state_file is not None:
+            write_checkpoint(state_file, sd)  # tmp + fsync + rename: a kill leaves the old state or the new, whole
         context.state[STATE_KEY] = rec
         p.token = token
+
+    def state_file(self, client_id: int) -> Path | None:
+        """The node-local file that outlives the Flower run (``state_dir``), or None."""
+        return None if self.state_dir is None else self.state_dir / f"client-{client_id}.ckpt"
 
 
 def make_client_app(
@@ -188,6 +208,7 @@ def make_client_app(
     extras: Iterable[str] = (),
     client_id: Callable[[Context], int] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` running a :class:`FederatedWrapper` per node.
 
@@ -208,6 +229,12 @@ def make_client_app(
             deployment), else the node id.
         cache_dir: keep weights and optimizer state in a file per (run, node) under this
             node-local directory instead of inside ``context.state`` (big models).
+        state_dir: also write the whole client state after every message to
+            ``state_dir/client-<client id>.ckpt`` (atomic, sha256-checked), and load it when a node
+            starts with an empty ``context.state``: a node of a later Flower run (the ServerApp
+            resumed with ``ZOStrategy(resume=...)``) rejoins where it stopped. Use one directory
+            per federation: a file from another federation is refused at the handshake (its
+            position or weights do not match the server's).
 
     Every message may run in a fresh process (deployment): the client's position, counters,
     server seed and weights + optimizer state are written to ``context.state`` (the blob, or
@@ -217,7 +244,7 @@ def make_client_app(
     """
     flower_environment()
     node = _ClientNode(model_fn, optimizer_fn, data_fn, local_steps, tuple(extras), client_id,
-                       None if cache_dir is None else Path(cache_dir))
+                       None if cache_dir is None else Path(cache_dir), None if state_dir is None else Path(state_dir))
     if not callable(local_steps) and (not isinstance(local_steps, int) or local_steps < 1):
         raise ValueError(f"Invalid local_steps: {local_steps!r} (an int >= 1, or local_steps(context))")
     app = ClientApp()

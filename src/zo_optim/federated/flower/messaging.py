@@ -13,7 +13,6 @@ strategy module to the round logic.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from flwr.serverapp import Grid
 from ..protocol import Hello, ProtocolError, Reply, Task, decode, reply_client_id
 from ..protocol import Message as ZOMessage
 from ..server import Server
+from ._environment import flower_logger
 from .records import META_KEY, RECORD_KEY, hello_query_content, message_content, record_data, wire_bytes
 
 __all__: list[str] = []
 
-log = logging.getLogger(__name__)
+log = flower_logger("messaging")
 
 
 @dataclass

@@ -8,8 +8,8 @@ class. The Flower facts both are built around are listed in :mod:`zo_optim.feder
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,12 +22,12 @@ from ...optim.base import ZOOptimizer
 from ..consistency import ReplicaCheck, check_replicas
 from ..protocol import Hello
 from ..server import RoundRecord, Server
-from ._environment import flower_environment
+from ._environment import flower_environment, flower_logger
 from .messaging import _Messaging, _Pending
 
 __all__ = ["ZOStrategy"]
 
-log = logging.getLogger(__name__)
+log = flower_logger("strategy")
 
 
 class ZOStrategy(_Messaging, Strategy):
@@ -57,6 +57,19 @@ class ZOStrategy(_Messaging, Strategy):
         poll_interval: seconds between pulls.
         sync_at_end: bring every client to the final position after the last round
             (``"query.sync"`` tasks, no compute) and collect their checksums.
+        idle_timeout: seconds a round waits, before it opens, for an eligible client while none is (every
+            connected client still owes a reply, or no node is connected): a round never closes empty
+            just because late replies have not released their clients yet. Default ``message_ttl + 5``
+            (by then every owed message has expired and its client is released); ``0``: never wait.
+            No wait when every client is quarantined (quarantine ends by round count).
+        resume: a server checkpoint (file or ``checkpoint_dir``) to continue from, loaded here, before
+            the handshake (:meth:`Server.load_checkpoint`: validated whole, a bad file raises
+            :class:`~zo_optim.federated.checkpoint.CheckpointError` and nothing changes). The rounds
+            then run from ``server.position + 1`` to ``num_rounds`` (the total), and the clients
+            rejoin at the handshake with the positions they announce; to end bit-identical to the
+            uninterrupted run they must keep their state across Flower runs
+            (``make_client_app(state_dir=...)``). ``min_nodes`` defaults to the clients the
+            checkpoint knows.
         **server_kwargs: passed to :class:`Server` (``aggregation``, ``log_limit``,
             ``snapshot_every``, ``max_abs_scalar``, ``extras``, ...).
 
@@ -80,15 +93,15 @@ class ZOStrategy(_Messaging, Strategy):
         handshake_timeout: float = 300.0,
         poll_interval: float = 0.05,
         sync_at_end: bool = True,
+        idle_timeout: float | None = None,
+        resume: str | os.PathLike[str] | None = None,
         **server_kwargs: Any,
     ) -> None:
         for name in ("clients", "release_after"):
             if name in server_kwargs:
                 raise ValueError(f"Invalid argument: {name} (the strategy sets it: clients register at the "
                                  "handshake, a client is released when its message is answered or expires)")
-        if min_nodes is None:
-            min_nodes = clients_per_round
-        if not isinstance(min_nodes, int) or min_nodes < 1:
+        if min_nodes is not None and (not isinstance(min_nodes, int) or min_nodes < 1):
             raise ValueError(f"Invalid min_nodes: {min_nodes!r} (an int >= 1)")
         if not round_timeout > 0:
             raise ValueError(f"Invalid round_timeout: {round_timeout!r} (seconds > 0)")
@@ -96,6 +109,10 @@ class ZOStrategy(_Messaging, Strategy):
             message_ttl = 3.0 * round_timeout
         if not message_ttl >= round_timeout:
             raise ValueError(f"Invalid message_ttl: {message_ttl!r} (seconds >= round_timeout {round_timeout})")
+        if idle_timeout is None:
+            idle_timeout = message_ttl + 5.0
+        if not idle_timeout >= 0:
+            raise ValueError(f"Invalid idle_timeout: {idle_timeout!r} (seconds >= 0)")
         if not handshake_timeout > 0:
             raise ValueError(f"Invalid handshake_timeout: {handshake_timeout!r} (seconds > 0)")
         if not poll_interval > 0:
@@ -105,9 +122,22 @@ class ZOStrategy(_Messaging, Strategy):
         self.server = Server(optimizer, clients=(), clients_per_round=clients_per_round, local_steps=local_steps,
                              server_seed=server_seed, round_timeout=round_timeout, release_after=2**62,
                              **server_kwargs)
-        self.min_nodes = min_nodes
+        self.wire_up: dict[int, int] = {}
+        self.wire_down: dict[int, int] = {}
+        # the record byte counters travel with the server's checkpoint, so a resumed run's totals are the whole run's
+        self.server.checkpoint_extra = lambda: {"flower": {"wire_up": dict(self.wire_up),
+                                                           "wire_down": dict(self.wire_down)}}
+        if resume is not None:
+            extra = self.server.load_checkpoint(resume)  # atomic: a bad checkpoint raises and changes nothing
+            wire = extra.get("flower", {}) if isinstance(extra, dict) else {}
+            self.wire_up = {int(k): int(v) for k, v in wire.get("wire_up", {}).items()}
+            self.wire_down = {int(k): int(v) for k, v in wire.get("wire_down", {}).items()}
+            if min_nodes is None:
+                min_nodes = max(1, len(self.server.clients))
+        self.min_nodes = clients_per_round if min_nodes is None else min_nodes
         self.round_timeout = float(round_timeout)
         self.message_ttl = float(message_ttl)
+        self.idle_timeout = float(idle_timeout)
         self.handshake_timeout = float(handshake_timeout)
         self.poll_interval = float(poll_interval)
         self.sync_at_end = sync_at_end
@@ -116,8 +146,6 @@ class ZOStrategy(_Messaging, Strategy):
         self.refused: dict[int, str] = {}
         self.client_checksums: dict[int, str] = {}
         self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
-        self.wire_up: dict[int, int] = {}
-        self.wire_down: dict[int, int] = {}
         self._known_nodes: set[int] = set()
         self._pending: dict[str, _Pending] = {}
         self._hellos: list[tuple[int, Hello]] = []
@@ -143,6 +171,12 @@ class ZOStrategy(_Messaging, Strategy):
         if self.server.position != server_round - 1:
             raise ValueError(f"Invalid server_round: {server_round} (the next round is {self.server.position + 1})")
         tasks = self.server.open_round()
+        for c in [c for c in tasks if c not in self.node_of]:
+            # a client the resumed checkpoint knows but whose node has not said hello in this run: no node to
+            # send to, so it is released now and the round records it as dropped (as a lost message would be)
+            del tasks[c]
+            self.server.release(c)
+            log.warning("round %d: client %d has no node in this run (not reconnected): dropped", server_round - 1, c)
         return [self._message(grid, "train", t, self.node_of[c]) for c, t in tasks.items()]
 
     def aggregate_train(self, server_round: int,
@@ -191,17 +225,22 @@ class ZOStrategy(_Messaging, Strategy):
                              "initial model itself (pass None)")
         if not isinstance(num_rounds, int) or num_rounds < 0:
             raise ValueError(f"Invalid num_rounds: {num_rounds!r} (an int >= 0)")
+        first = self.server.position  # 0, or the rounds a resumed checkpoint had closed
+        if num_rounds < first:
+            raise ValueError(f"Invalid num_rounds: {num_rounds} (the total; the resumed checkpoint has already "
+                             f"closed {first} rounds)")
         self._grid = grid
         wait = self.handshake_timeout if timeout is None else float(timeout)
         self.summary()
         result = Result()
         if evaluate_fn is not None:
-            res = evaluate_fn(0, self._arrays())
+            res = evaluate_fn(first, self._arrays())
             if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+                result.evaluate_metrics_serverapp[first] = res
         self.handshake(grid, timeout=wait)
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first + 1, num_rounds + 1):
             self._discover(grid)
+            self._wait_for_eligible(grid, server_round - 1)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
             self._pump(grid, lambda: self.server.all_replied or self.server.deadline_passed())
@@ -213,7 +252,50 @@ class ZOStrategy(_Messaging, Strategy):
                     result.evaluate_metrics_serverapp[server_round] = res
         if self.sync_at_end:
             self.sync(grid, timeout=wait)
+        self._log_summary(first)
         return result
+
+    @property
+    def rounds_trained(self) -> int:
+        """Closed rounds (this run and any resumed from) whose aggregate was applied: at least one valid reply,
+        not refused as a whole. The others were applied as empty rounds (every replica only moves its position)."""
+        return sum(1 for r in self.server.history if r.participants and not r.aggregate_refused)
+
+    def _eligible_connected(self) -> list[int]:
+        return [c for c in self.server.eligible() if c in self.node_of]
+
+    def _wait_for_eligible(self, grid: Grid, rnd: int) -> None:
+        """Before round ``rnd`` opens: while no connected client may be sampled and one could become so (a client
+        owes a reply, or no node is connected yet), pull replies and look for new nodes, up to ``idle_timeout``."""
+        if self._eligible_connected() or self.idle_timeout == 0:
+            return
+        if self.node_of and not self.server.owes:
+            return  # every connected client is quarantined: only rounds end a quarantine, waiting cannot help
+        log.info("round %d: no eligible client (%d owe a reply, %d connected); waiting up to %.1fs", rnd,
+                 len(self.server.owes), len(self.node_of), self.idle_timeout)
+        t0 = time.monotonic()
+        last = [t0]
+
+        def ready() -> bool:
+            if time.monotonic() - last[0] >= 1.0:  # new nodes: a Grid call, so once a second
+                last[0] = time.monotonic()
+                self._discover(grid)
+            return bool(self._eligible_connected())
+
+        self._pump(grid, ready, deadline=t0 + self.idle_timeout)
+        waited = time.monotonic() - t0
+        if self._eligible_connected():
+            log.info("round %d: %d client(s) eligible after %.1fs", rnd, len(self._eligible_connected()), waited)
+        else:
+            log.warning("round %d: still no eligible client after %.1fs: the round runs empty", rnd, waited)
+
+    def _log_summary(self, first: int) -> None:
+        hist = self.server.history
+        ran = hist[first:]
+        trained = sum(1 for r in ran if r.participants and not r.aggregate_refused)
+        log.info("ZOStrategy: %d round(s) run (%d trained, %d empty), %d trained of %d in the federation; "
+                 "replicas: %s", len(ran), trained, len(ran) - trained, self.rounds_trained, len(hist),
+                 self.replicas_identical().describe())
 
     def handshake(self, grid: Grid, timeout: float | None = None) -> None:
         """Wait for ``min_nodes`` nodes, send each a hello query and register the clients that match.
@@ -264,6 +346,7 @@ class ZOStrategy(_Messaging, Strategy):
         unchecked: list[tuple[int | str, str]] = [
             (c, f"owes a reply for round {owes[c]}" if c in owes else "sent no checksum at the final sync")
             for c in self.node_of if c not in self.client_checksums]
+        unchecked += [(c, "did not reconnect after the resume") for c in self.server.clients if c not in self.node_of]
         unchecked += [(f"node {n}", f"refused: {why}") for n, why in self.refused.items()]
         return check_replicas(self.server.checksum(), self.client_checksums, unchecked)
 
@@ -283,9 +366,15 @@ class ZOStrategy(_Messaging, Strategy):
         }
         if math.isfinite(rec.loss):
             metrics["loss"] = rec.loss
-        log.info("round %d: %d/%d participants, loss %s, payload %d B up / %d B down", rec.round,
-                 len(rec.participants), len(rec.sampled), f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "n/a",
-                 rec.bytes_up, rec.bytes_down)
+        refused = "; ".join(f"client {c}: {why}" for c, why in rec.rejected)
+        log.info("round %d: %d/%d participants%s%s, loss %s, payload %d B up / %d B down, records %d B up / %d B down"
+                 "%s%s", rec.round, len(rec.participants), len(rec.sampled),
+                 f", dropped {list(rec.dropped)}" if rec.dropped else "",
+                 f", refused {len(rec.rejected)} ({refused})" if rec.rejected else "",
+                 f"{rec.loss:.5f}" if math.isfinite(rec.loss) else "n/a", rec.bytes_up, rec.bytes_down,
+                 metrics["wire_bytes_up"], metrics["wire_bytes_down"],
+                 f", quarantined {rec.quarantined}" if rec.quarantined else "",
+                 f", aggregate refused ({rec.aggregate_refused}): applied empty" if rec.aggregate_refused else "")
         return MetricRecord(metrics)
 
     def _arrays(self) -> ArrayRecord:
