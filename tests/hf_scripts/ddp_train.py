@@ -14,26 +14,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
-from transformers import TrainerCallback
+from recording import RecordG, SequentialZOTrainer
 
 import hf_tiny as T
-from zo_optim.integrations.hf import ZOTrainer
-
-
-class SequentialZOTrainer(ZOTrainer):
-    """Batches in dataset order, so one process with batch 4 sees what two ranks with batch 2 see together."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return torch.utils.data.SequentialSampler(self.train_dataset)
-
-
-class RecordG(TrainerCallback):
-    def __init__(self):
-        self.trainer = None
-        self.grads = []
-
-    def on_optimizer_step(self, args, state, control, **kw):
-        self.grads.append(self.trainer.zo_optimizer.last_projected_grads.clone())
 
 
 def run(out: str, batch: int, steps: int = 3) -> dict:

@@ -21,24 +21,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
-from transformers import TrainerCallback
+from recording import RecordG, SequentialZOTrainer
 
 import hf_tiny as T
-from zo_optim.integrations.hf import ZOTrainer
-
-
-class SequentialZOTrainer(ZOTrainer):
-    def _get_train_sampler(self, *args, **kwargs):
-        return torch.utils.data.SequentialSampler(self.train_dataset)
-
-
-class RecordG(TrainerCallback):
-    def __init__(self):
-        self.trainer = None
-        self.grads = []
-
-    def on_optimizer_step(self, args, state, control, **kw):
-        self.grads.append(self.trainer.zo_optimizer.last_projected_grads.clone())
 
 
 def run(out: str, sharded: bool, steps: int = 3, gpu: bool = False, trainer_fsdp: bool = False) -> dict:
