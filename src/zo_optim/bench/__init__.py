@@ -8,7 +8,11 @@
 * :mod:`~zo_optim.bench.finetune` (``bench finetune``): the MiniLM tweet fine-tune through the HF Trainer;
 * :mod:`~zo_optim.bench.trainer_overhead` (``bench trainer-overhead``): a ZOTrainer step vs the raw loop;
 * :mod:`~zo_optim.bench.memory` (``bench memory``): peak memory, MeZO via ZOTrainer vs inference vs AdamW;
-* :mod:`~zo_optim.bench.federated` (``bench federated``): HiSo vs DeComFL, rounds and bytes.
+* :mod:`~zo_optim.bench.federated` (``bench federated``): HiSo vs DeComFL, rounds and bytes;
+* :mod:`~zo_optim.bench.federated_attack` (``bench federated-attack``): one sign-flipping client per
+  aggregation rule, the distance from the honest run;
+* :mod:`~zo_optim.bench.federated_scale` (``bench federated-scale``): 10,000 clients, 1% a round, 1,000
+  rounds: server time, bytes, memory and catch-up cost.
 
 Shared: :mod:`~zo_optim.bench.report` (CSV, tables, plots, environment), :mod:`~zo_optim.bench.timing`,
 :mod:`~zo_optim.bench.shapes` (real models' parameter lists), :mod:`~zo_optim.bench.baselines` (MeZO's loop).
