@@ -27,8 +27,9 @@ def _run(cmd: list[str], tmp_path: Path) -> str:
     # The smoke run must show LEARNING: held-out accuracy up by MARGIN after 60 steps at the registry's lr
     # (head-only for the full model, adapters + head for LoRA; 128 held-out tweets, everything seeded, so the
     # run is deterministic). Measured on this CPU: full 0.477 -> 0.523 (+0.047, 6 tweets), LoRA 0.477 -> 0.539
-    # (+0.062, 8 tweets); MARGIN = 0.03 (4 tweets) leaves 2 tweets of slack for other CPUs' float rounding. An lr
-    # of 0, or an update never applied, gives exactly +0.0: accuracy is a function of the unchanged weights.
+    # (+0.062, 8 tweets), torchrun 2 ranks 0.477 -> 0.555 (+0.078); MARGIN = 0.03 (4 tweets) leaves 2 tweets of
+    # slack for other CPUs' float rounding. An lr of 0, or an update never applied, gives exactly +0.0 (measured:
+    # --lr 0 prints 0.477 -> 0.477): accuracy is a function of the unchanged weights.
     acc = re.findall(r"held-out accuracy: ([0-9.]+) -> ([0-9.]+) \(([0-9]+) steps", proc.stdout)
     assert acc, proc.stdout[-2000:]
     for before, after, _ in acc:
