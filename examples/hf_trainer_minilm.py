@@ -24,6 +24,11 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding  # noqa: E402
 
 from zo_optim.integrations.hf import ZOTrainer, ZOTrainingArguments  # noqa: E402  (was: Trainer, TrainingArguments)
+from zo_optim.optim.registry import recommended_lr  # noqa: E402
+
+# --smoke: steps, batch size, train examples, held-out examples, max tokens. Enough steps for held-out accuracy
+# to rise measurably (tests/test_examples_hf.py states the margin and how it was derived), few enough for CI.
+SMOKE = (60, 16, 960, 128, 24)
 
 
 class Tweets(torch.utils.data.Dataset):
@@ -50,17 +55,22 @@ def main(argv=None) -> dict:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-5 full, 1e-3 LoRA")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-5 full, 1e-3 LoRA; --smoke: the registry's demo/head or finetune/lora lr")
     p.add_argument("--train-examples", type=int, default=2000)
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--max-len", type=int, default=48)
     p.add_argument("--out", default="zo-hf-minilm")
-    p.add_argument("--smoke", action="store_true", help="2 steps on 32 tweets (CI)")
+    p.add_argument("--head-only", action="store_true", help="train only the classifier head (the encoder is frozen)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head init, batch order and perturbations")
+    p.add_argument("--smoke", action="store_true", help="60 steps on a few tweets, head-only unless --lora (CI)")
     a = p.parse_args(argv)
     if a.smoke:
-        a.steps, a.batch_size, a.train_examples, a.eval_examples, a.max_len = 2, 4, 32, 16, 24
+        a.steps, a.batch_size, a.train_examples, a.eval_examples, a.max_len = SMOKE
+        a.head_only = True
 
     tokenizer = assets.load_minilm_tokenizer()
+    torch.manual_seed(a.seed)  # the fresh classifier head is drawn here, before the Trainer seeds anything
     model = AutoModelForSequenceClassification.from_pretrained(str(assets.minilm_path()), num_labels=2,
                                                                local_files_only=True)
     if a.lora:
@@ -68,7 +78,15 @@ def main(argv=None) -> dict:
 
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                                  target_modules=["query", "value"]))
-    lr = a.lr if a.lr is not None else (1e-3 if a.lora else 1e-5)
+    elif a.head_only:  # the encoder (and BERT's pooler) stay as loaded; only the fresh linear classifier trains
+        for n, prm in model.named_parameters():
+            prm.requires_grad_(n.startswith("classifier."))
+    if a.lr is not None:
+        lr = a.lr
+    elif a.smoke:  # the registry's tuned lrs: the head task (demo --train head) and LoRA through ZOTrainer
+        lr = recommended_lr(a.optimizer, "finetune/lora" if a.lora else "demo/head")
+    else:
+        lr = 1e-3 if a.lora else 1e-5
     split = assets.load_tweet_sentiment(n_train=a.train_examples, n_eval=a.eval_examples)
     train = Tweets(tokenizer, split.train_texts, split.train_labels, a.max_len)
     held_out = Tweets(tokenizer, split.eval_texts, split.eval_labels, a.max_len)
@@ -76,7 +94,7 @@ def main(argv=None) -> dict:
     args = ZOTrainingArguments(
         output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch_size, learning_rate=lr,
         lr_scheduler_type="constant", logging_steps=max(1, a.steps // 10), save_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=0,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=a.seed,
         ddp_backend="gloo" if "LOCAL_RANK" in os.environ and not torch.cuda.is_available() else None,
         zo_optimizer=a.optimizer, zo_eps=1e-3, zo_loss_weighting="tokens",
     )

@@ -54,6 +54,16 @@ def backend_or_skip(name: str, device: torch.device | str = "cpu") -> str:
     return name
 
 
+def backend_runs(name: str, device: torch.device | str = "cpu") -> bool:
+    """Whether ``name`` runs here, for a test that checks less without it: False only where
+    :func:`backend_or_skip` would skip (an optional dependency absent by design); a broken backend fails."""
+    try:
+        backend_or_skip(name, device)
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
 def _installed(package: str) -> bool:
     try:
         return importlib.util.find_spec(package) is not None

@@ -88,3 +88,15 @@ def test_a_refusal_fails_unless_triton_runs_on_cuda_by_design(monkeypatch):
     monkeypatch.setenv("ZO_OPTIM_TRITON_DEVICE", "cuda")
     with pytest.raises(pytest.skip.Exception, match="triton runs compiled on CUDA"):
         backend_or_skip("triton")
+
+
+def test_backend_runs_reduces_a_check_only_for_an_absent_dependency(no_numba, monkeypatch):
+    # what test_bench / test_bench_memory use to decide whether the cpu rows are expected: before issue 26
+    # they asked ops.available_backends(), which drops a broken backend as silently as an absent numba
+    monkeypatch.setattr(backend_checks, "REQUIRED", set())
+    assert backend_checks.backend_runs("reference")
+    monkeypatch.setattr(backend_checks, "_installed", lambda package: False)
+    assert not backend_checks.backend_runs("cpu")
+    monkeypatch.setattr(backend_checks, "_installed", lambda package: True)
+    with pytest.raises(pytest.fail.Exception, match="backend 'cpu' is broken"):
+        backend_checks.backend_runs("cpu")
