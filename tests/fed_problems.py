@@ -53,3 +53,30 @@ def mezo(model: torch.nn.Module, backend: str = "reference", **kw) -> zo_optim.M
 
 def hiso(model: torch.nn.Module, backend: str = "reference", **kw) -> zo_optim.HiSo:
     return zo_optim.HiSo(model.parameters(), **{"lr": 0.05, "backend": backend, **kw})
+
+
+def server_and_clients(opt_fn=mezo, tau: int = 1, exact: str | None = None, model=mlp_fn):
+    """A 2-client federation: a Server and two welcomed FederatedWrapper clients, as (wrapper, model) pairs."""
+    from zo_optim.federated import FederatedWrapper, Server
+
+    server = Server(opt_fn(model()), clients=2, clients_per_round=2, local_steps=tau, server_seed=99)
+    ws = []
+    for c in range(2):
+        m = model()
+        w = FederatedWrapper(opt_fn(m), tau, client_id=c, model=None if exact == "restore" else m, exact=exact)
+        w.welcome(server.handshake(w.hello()))
+        ws.append((w, m))
+    return server, ws
+
+
+def rounds_with_replay(server, ws, datasets, replay, rounds: int) -> None:
+    """``rounds`` rounds in which every sampled client computes its reply (each must be accepted) while ``replay``
+    (a Replica) only applies the logged entries; then every client is synced to the server's position."""
+    for _ in range(rounds):
+        for c, task in server.open_round().items():
+            w, m = ws[c]
+            assert server.receive(w.handle(task, lambda s, m=m, c=c: batch_loss(*datasets[c])(m, s))).accepted
+        server.close_round()
+        replay.apply(server.entry(server.position - 1))
+    for w, _ in ws:
+        w.handle(server.sync_task(w.client_id))

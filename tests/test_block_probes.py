@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import zo_optim
-from fed_problems import batch_loss, data, mlp_fn
+from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
 from zo_optim import rng
-from zo_optim.federated import FederatedWrapper, Replica, Server
+from zo_optim.federated import Replica
 from zo_optim.optim._subspace import block_index
 
 
@@ -135,24 +135,12 @@ def test_federated_clients_equal_a_scalar_only_replay(exact):
         return zo_optim.MeZO(_layer_groups(m), lr=0.05, block_probes=True, backend="reference")
 
     ds, tau = data(2), 2
-    server = Server(opt_fn(mlp_fn()), clients=2, clients_per_round=2, local_steps=tau, server_seed=99)
-    ws = []
-    for c in range(2):
-        m = mlp_fn()
-        w = FederatedWrapper(opt_fn(m), tau, client_id=c, model=None if exact == "restore" else m, exact=exact)
-        w.welcome(server.handshake(w.hello()))
-        ws.append((w, m))
+    server, ws = server_and_clients(opt_fn, tau, exact)
     replay_model = mlp_fn()
     replay = Replica(opt_fn(replay_model), local_steps=tau, server_seed=99)
     start = [p.detach().clone() for p in replay_model.parameters()]
-    for _ in range(4):
-        for c, task in server.open_round().items():
-            w, m = ws[c]
-            assert server.receive(w.handle(task, lambda s, m=m, c=c: batch_loss(*ds[c])(m, s))).accepted
-        server.close_round()
-        replay.apply(server.entry(server.position - 1))
+    rounds_with_replay(server, ws, ds, replay, rounds=4)
     for w, _ in ws:
-        w.handle(server.sync_task(w.client_id))
         assert w.checksum() == server.checksum() == replay.checksum()
     moved = [not torch.equal(p, s) for p, s in zip(replay_model.parameters(), start, strict=True)]
     assert any(moved[:2]) and any(moved[2:])  # both blocks were drawn in 8 steps

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zo_optim
-from fed_problems import batch_loss, data, hiso, mezo, mlp_fn, model_fn
+from fed_problems import batch_loss, data, hiso, mezo, mlp_fn, model_fn, rounds_with_replay, server_and_clients
 from zo_optim import rng
 from zo_optim.federated import (
     PROTOCOL_VERSION,
@@ -137,34 +137,16 @@ def test_aggregate_median_trimmed_weighted():
     assert aggregate(y, np.ones(2), "mean")[0] == np.float32((1.0 + 2.0**-25) / 2)
 
 
-def _pair(opt_fn=mezo, tau=1, exact=None, model=mlp_fn):
-    ms = model()
-    server = Server(opt_fn(ms), clients=2, clients_per_round=2, local_steps=tau, server_seed=99)
-    ws = []
-    for c in range(2):
-        m = model()
-        w = FederatedWrapper(opt_fn(m), tau, client_id=c, model=None if exact == "restore" else m, exact=exact)
-        w.welcome(server.handshake(w.hello()))
-        ws.append((w, m))
-    return server, ws
-
-
 @pytest.mark.parametrize("exact", ["transient", "restore"])
 @pytest.mark.parametrize("tau", [1, 3])
 def test_clients_that_computed_equal_a_pure_replay(exact, tau):
     ds = data(2)
-    server, ws = _pair(lambda m: zo_optim.MeZO(m.parameters(), lr=0.05, momentum=0.9, backend="reference"), tau,
-                       exact)
+    server, ws = server_and_clients(
+        lambda m: zo_optim.MeZO(m.parameters(), lr=0.05, momentum=0.9, backend="reference"), tau, exact)
     replay = Replica(zo_optim.MeZO(mlp_fn().parameters(), lr=0.05, momentum=0.9, backend="reference"),
                      local_steps=tau, server_seed=99)
-    for _ in range(4):
-        for c, task in server.open_round().items():
-            w, m = ws[c]
-            assert server.receive(w.handle(task, lambda s, m=m, c=c: batch_loss(*ds[c])(m, s))).accepted
-        server.close_round()
-        replay.apply(server.entry(server.position - 1))
+    rounds_with_replay(server, ws, ds, replay, rounds=4)
     for w, _ in ws:
-        w.handle(server.sync_task(w.client_id))
         assert w.checksum() == server.checksum() == replay.checksum()
     assert server.optimizer.step_count == 4 * tau
 
@@ -225,7 +207,7 @@ def test_hiso_with_k_interval_is_refused():
 
 
 def test_handshake_refuses_other_contracts():
-    server, _ = _pair()
+    server, _ = server_and_clients()
     good = FederatedWrapper(mezo(mlp_fn()), 1, client_id=5).hello()
     assert server.handshake(good).accepted and 5 in server.clients
     cases = {
@@ -251,7 +233,7 @@ def _other_weights() -> torch.nn.Module:
 
 
 def test_handshake_refuses_other_initial_weights_and_names_the_fix():
-    server, _ = _pair()
+    server, _ = server_and_clients()
     hello = FederatedWrapper(mezo(_other_weights()), 1, client_id=6).hello()
     welcome = server.handshake(encode(hello))
     assert not welcome.accepted and 6 not in server.clients
@@ -279,7 +261,7 @@ def test_a_snapshot_does_not_change_the_state_digest():
 
 def test_state_digest_is_checked_at_every_position_the_chain_keeps():
     ds = data(2)
-    server, ws = _pair()
+    server, ws = server_and_clients()
     for _ in range(3):
         for c, task in server.open_round().items():
             w, m = ws[c]
@@ -308,7 +290,7 @@ def test_state_digest_is_checked_at_every_position_the_chain_keeps():
 
 
 def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
-    server, ws = _pair()
+    server, ws = server_and_clients()
     w, _ = ws[0]
     task = server.task_for(0, compute=False)
     for bad in ({"algorithm": "hiso"}, {"rng_version": "x"}, {"local_steps": 2}, {"version": PROTOCOL_VERSION + 1}):
@@ -324,7 +306,7 @@ def test_client_refuses_a_task_of_another_contract_and_answers_gaps():
 
 
 def test_server_validates_replies():
-    server, ws = _pair()
+    server, ws = server_and_clients()
     ds = data(2)
     tasks = server.open_round()
     w, m = ws[0]
@@ -374,7 +356,7 @@ def test_dirichlet_split_partitions_and_skews():
 
 def test_release_frees_a_client_that_owes_a_reply():
     # engines that learn a task is gone (Flower: an error reply, an expired message) release the client at once
-    server, ws = _pair()
+    server, ws = server_and_clients()
     server.open_round()
     assert not server.all_replied
     assert server.release(1) and not server.release(1)  # it owed round 0; now it owes nothing
