@@ -59,7 +59,9 @@ class ZOStrategy(_Messaging, Strategy):
             (``"query.sync"`` tasks, no compute) and collect their checksums.
         idle_timeout: seconds a round waits, before it opens, for an eligible client while none is (every
             connected client still owes a reply, or no node is connected): a round never closes empty
-            just because late replies have not released their clients yet. Default ``message_ttl + 5``
+            just because late replies have not released their clients yet. Once one is, the replies other
+            connected clients still owe get up to ``min(round_timeout, idle_timeout)`` more, so the round
+            samples ``clients_per_round`` clients rather than the first one freed. Default ``message_ttl + 5``
             (by then every owed message has expired and its client is released); ``0``: never wait.
             No wait when every client is quarantined (quarantine ends by round count).
         resume: a server checkpoint (file or ``checkpoint_dir``) to continue from, loaded here, before
@@ -283,11 +285,25 @@ class ZOStrategy(_Messaging, Strategy):
             return bool(self._eligible_connected())
 
         self._pump(grid, ready, deadline=t0 + self.idle_timeout)
-        waited = time.monotonic() - t0
         if self._eligible_connected():
-            log.info("round %d: %d client(s) eligible after %.1fs", rnd, len(self._eligible_connected()), waited)
+            self._gather_late_replies(grid)
+            log.info("round %d: %d client(s) eligible after %.1fs", rnd, len(self._eligible_connected()),
+                     time.monotonic() - t0)
         else:
+            waited = time.monotonic() - t0
             log.warning("round %d: still no eligible client after %.1fs: the round runs empty", rnd, waited)
+
+    def _gather_late_replies(self, grid: Grid) -> None:
+        """The wait found a first eligible client: late replies that released it usually arrive together (one
+        slow round for everyone), so give the others owed by connected clients up to ``min(round_timeout,
+        idle_timeout)`` more to arrive, or the round opens with the first one alone and samples fewer than
+        ``clients_per_round`` clients while the rest are about to be free."""
+        def enough() -> bool:
+            owed = [c for c in self.server.owes if c in self.node_of]
+            return not owed or len(self._eligible_connected()) >= self.server.clients_per_round
+
+        if not enough():
+            self._pump(grid, enough, deadline=time.monotonic() + min(self.round_timeout, self.idle_timeout))
 
     def _log_summary(self, first: int) -> None:
         hist = self.server.history
