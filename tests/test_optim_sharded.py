@@ -157,6 +157,32 @@ def _resume(tmp, failures):
     for _ in range(2):
         opt2.step(closure)
     _compare(whole, _gathered(model2, opt2), "DCP resume", failures)
+    # 1b. the same through DCP's state dict helpers (FQN-keyed; they keep only "state" and "param_groups")
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt = _run(name, kwargs, dtype, "auto", sharded=True, steps=2)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=os.path.join(tmp, "ckpt-helpers"))
+    model2 = _model(dtype, sharded=True)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.mul_(0.5)
+    opt2 = getattr(zo_optim, name)(model2.parameters(), **kwargs, backend="auto", seed=99)
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=os.path.join(tmp, "ckpt-helpers"))
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    if any(p.grad is not None for p in model2.parameters()):
+        failures.append("DCP helpers: gradients were allocated (their zero-gradient 'initialisation' step ran)")
+    closure = _closure(model2, dtype)
+    for _ in range(2):
+        opt2.step(closure)
+    _compare(whole, _gathered(model2, opt2), "DCP state dict helpers resume", failures)
     # 2. the replicated run's state dict (full tensors) loaded into a sharded optimizer: each rank keeps its rows
     ref_model, ref_opt = _run(name, kwargs, dtype, "auto", sharded=False, steps=2)
     full_sd = ref_opt.state_dict()
@@ -242,6 +268,52 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         _refusals(failures)
         print(f"rank {rank}: all {time.perf_counter() - t0:.1f} s", flush=True)
         torch.save(failures, os.path.join(tmp, f"failures{rank}.pt"))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: f"{CASES[i][0]}-{i}")
+def test_dcp_state_dict_helpers_resume_bit_for_bit(case):
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict on one process (the 2-rank FSDP2 run is in the
+    spawned test): they drop the top-level "zo" section (seed, step counter), key the state by parameter name,
+    and "initialise" an optimizer with empty state by a zero-gradient step() without closure."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    import zo_optim
+
+    name, kwargs = CASES[case]
+    cls = getattr(zo_optim, name)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+
+    def closure(m):
+        return lambda: (m(x) ** 2).mean(dim=1)
+
+    def make(seed):
+        torch.manual_seed(0)
+        model = Net()
+        return model, cls(model.parameters(), **kwargs, backend="chunked", seed=seed)
+
+    model, opt = make(1234)
+    for _ in range(4):
+        opt.step(closure(model))
+    model2, opt2 = make(1234)
+    for _ in range(2):
+        opt2.step(closure(model2))
+    osd = get_optimizer_state_dict(model2, opt2)
+    assert "zo" not in osd and {type(k) for k in osd["state"]} <= {str}  # what DCP makes of our state dict
+    model3, opt3 = make(99)  # another seed: the load must bring the counters back
+    get_optimizer_state_dict(model3, opt3)  # on a fresh optimizer too (MeZO without momentum: never any state)
+    with torch.no_grad():
+        for p3, p2 in zip(model3.parameters(), model2.parameters(), strict=True):
+            p3.copy_(p2)
+    set_optimizer_state_dict(model3, opt3, osd)
+    assert all(p.grad is None for p in model3.parameters())  # no zero-gradient "initialisation" step
+    assert (opt3.step_count, opt3.base_seed) == (2, opt.base_seed)
+    for _ in range(2):
+        opt3.step(closure(model3))
+    for a, b in zip(model.parameters(), model3.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, p3 in zip(model.parameters(), model3.parameters(), strict=True):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt3.state[p3][k]), k
 
 
 @pytest.mark.distributed
