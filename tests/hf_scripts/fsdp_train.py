@@ -10,8 +10,9 @@ final weights and optimizer state.
 
 On 2 CUDA GPUs (``benchmarks/gpu_check.sh``): ``--gpu-check OUT`` runs the Trainer's own FSDP2 path
 (``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2, ...}``, nccl) and the replicated run under
-torchrun and exits 1 unless they end bit-identical (both on the chunked backend: Triton does not take
-shards yet, and z differs across backends by a few ulp).
+torchrun and exits 1 unless they end bit-identical (both on the chunked backend, so that the check is about the
+Trainer's path: z differs across backends by a few ulp; Triton's shard kernels are checked by ``zo-optim check``
+and tests/test_ops_sharding.py on the GPU).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run(out: str, sharded: bool, steps: int = 3, gpu: bool = False, trainer_fsdp
         try:  # the Trainer's best-model loader would write full tensors into the shards: refused, before any step
             SequentialZOTrainer(model=model, args=T.zo_args(out, save_strategy="steps", save_steps=1,
                                                             eval_strategy="steps", load_best_model_at_end=True),
-                                train_dataset=T.causal_lm_rows(4, seed=3))
+                                train_dataset=T.causal_lm_rows(4, seed=3), eval_dataset=T.causal_lm_rows(2, seed=4))
             raise AssertionError("load_best_model_at_end was accepted on a sharded model")
         except ValueError as e:
             assert "load_best_model_at_end" in str(e), e

@@ -166,7 +166,7 @@ def resolve_backend(
         return "chunked"
     if sharded and not _TABLE[name].shards:
         raise RuntimeError(
-            f"backend {name!r} does not take shards of sharded (DTensor) parameters yet; use backend='chunked' "
+            f"backend {name!r} does not take shards of sharded (DTensor) parameters; use backend='chunked' "
             "(or 'auto', which picks it for them) or backend='reference'"
         )
     if name in _PLAIN_TORCH:
