@@ -307,6 +307,10 @@ def test_dcp_state_dict_helpers_resume_bit_for_bit(case):
     set_optimizer_state_dict(model3, opt3, osd)
     assert all(p.grad is None for p in model3.parameters())  # no zero-gradient "initialisation" step
     assert (opt3.step_count, opt3.base_seed) == (2, opt.base_seed)
+    # the groups' copies of the zo section are not hyper-parameters: they stay out of the live groups (the
+    # federated layer digests those, and a stale step counter there would split replicas)
+    opt2.load_state_dict(opt2.state_dict())
+    assert all("zo" not in g for o in (opt2, opt3) for g in o.param_groups)
     for _ in range(2):
         opt3.step(closure(model3))
     for a, b in zip(model.parameters(), model3.parameters(), strict=True):

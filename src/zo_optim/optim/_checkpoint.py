@@ -181,7 +181,10 @@ class Checkpointing:
         old = {k: self.__dict__[k] for k in ("state", "param_groups")}
         old_attrs = (self.base_seed, self._t, self.skipped_steps, self._seed_synced, self._runtime_state())
         try:
-            super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            # without the groups' copies of the zo section: they are not hyper-parameters (the live groups would
+            # carry a stale step counter, and replicas' config digests would differ)
+            saved_groups = [{k: v for k, v in g.items() if k != "zo"} for g in state_dict["param_groups"]]
+            super().load_state_dict({"state": {}, "param_groups": saved_groups})
             self.state = ZOState(dict, self.state)  # torch's load made it a plain defaultdict again
             for p, entry in state.items():
                 self.state[p] = entry
