@@ -10,7 +10,8 @@
 # 2. zo-optim check first: every backend's self-check (Philox known answers, z, one perturb and one fused update per
 #    dtype against the reference) on every device, with a perturb-vs-copy GB/s figure per row (check.txt); then
 #    tests/test_triton_backend.py COMPILED on CUDA (ZO_OPTIM_TRITON_DEVICE=cuda: no interpreter) against
-#    the reference: Philox/Rademacher/rounding words bitwise, Gaussian z within 1e-6, bf16/fp16 rounding exact.
+#    the reference: Philox/Rademacher/rounding words bitwise, Gaussian z within 1e-6, bf16/fp16 rounding exact;
+#    and tests/test_ops_sharding.py: the kernels on shards of sharded (FSDP2) tensors at unaligned offsets.
 # 3. zo-optim bench kernels on the OPT-1.3b parameter list, fp32 and bf16, with the measured copy bandwidth
 #    (the roofline, dst.copy_(src) timed in the same run); zo-optim bench step on OPT-1.3b bf16, batch 16x128,
 #    random weights from the config. Both time with CUDA events after warm-up, medians of repeats
@@ -35,7 +36,7 @@ PY="${PYTHON:-python3}"
 KERNELS_ARGS=(--models opt-1.3b --dtypes fp32,bf16 --ops sgd --providers mezo-loop,triton --warmup 3 --repeat 20)
 STEP_ARGS=(--model opt-1.3b --dtype bf16 --batch 16 --seq 128 --backend triton --warmup 2 --steps 10)
 MEMORY_ARGS=(--models bert-large opt-350m --batch-size 8 --max-len 64 --steps 2)
-PYTEST_ARGS=(tests/test_triton_backend.py -q -p no:cacheprovider)
+PYTEST_ARGS=(tests/test_triton_backend.py tests/test_ops_sharding.py -q -p no:cacheprovider)
 CHECK_ARGS=(--dtypes float32,bfloat16,float16)
 
 if [[ $# -gt 0 ]]; then
@@ -48,7 +49,7 @@ if [[ $# -gt 0 ]]; then
       echo "zo-optim bench memory ${MEMORY_ARGS[*]} --out RESULTS_DIR/memory"
       echo "$PY tests/hf_scripts/fsdp_train.py RESULTS_DIR/fsdp2_trainer --gpu-check"
       exit 0 ;;
-    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 fi

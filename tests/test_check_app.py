@@ -31,10 +31,11 @@ def test_every_row_passes_and_carries_a_bandwidth_figure(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     rows = _rows(out)
-    assert set(rows) == {(b, "cpu", d) for b in ("chunked", "reference") for d in ("-", "float32", "bfloat16")}
+    dtypes = ("-", "shards", "float32", "bfloat16")
+    assert set(rows) == {(b, "cpu", d) for b in ("chunked", "reference") for d in dtypes}
     assert all(r[5] == "PASS" for r in rows.values())
     # perturb and copy GB/s, and the ratio, on every dtype row
-    assert "GB/s" in out and all(r[7] == "/" for k, r in rows.items() if k[2] != "-")
+    assert "GB/s" in out and all(r[7] == "/" for k, r in rows.items() if k[2] not in ("-", "shards"))
     assert f"torch {torch.__version__}" in out and "RNG contract philox4x32-10/bm4/v1" in out
 
 
@@ -53,9 +54,10 @@ def test_a_forced_failure_exits_1_and_names_the_check(capsys, monkeypatch):
     assert rc == 1, out
     rows = _rows(out)
     assert rows[("chunked", "cpu", "-")][5:] == ["FAIL", "(rademacher,", "gaussian)"]
+    assert rows[("chunked", "cpu", "shards")][5:] == ["FAIL", "(shard-rademacher,", "shard-gaussian)"]
     assert rows[("chunked", "cpu", "float32")][5:] == ["FAIL", "(perturb)"]
-    assert rows[("reference", "cpu", "float32")][5] == "PASS"
-    assert "3 check(s) FAILED" in out and "chunked on cpu - rademacher: FAILED" in out
+    assert rows[("reference", "cpu", "float32")][5] == "PASS" and rows[("reference", "cpu", "shards")][5] == "PASS"
+    assert "5 check(s) FAILED" in out and "chunked on cpu - rademacher: FAILED" in out
     assert "attach this whole output to a bug report" in out
 
 
@@ -95,6 +97,6 @@ def test_the_cli_runs_it():
            "--dtypes", "float32", "--no-bandwidth"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "all 2 rows passed" in res.stdout
+    assert "all 3 rows passed" in res.stdout
     help_ = subprocess.run([sys.executable, "-m", "zo_optim.cli", "--help"], capture_output=True, text=True, env=env)
     assert "check " in help_.stdout

@@ -52,3 +52,27 @@ def test_zotrainer_on_a_fully_sharded_model_equals_the_replicated_run(tmp_path):
     for k, v in d0["weights"].items():
         assert torch.equal(s0["weights"][k], v), k
         assert torch.equal(s1["weights"][k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zotrainer_checkpoints_of_a_sharded_model_resume_bit_for_bit(tmp_path):
+    """Trainer checkpoints of a fully_shard model (ZO-Adam: state sharded like its parameter): the resumed run
+    ends where the uninterrupted one does, weights, moments, step counter and lr schedule, on both ranks."""
+    _torchrun(tmp_path / "resume", "--resume")
+    r0, r1 = (torch.load(tmp_path / "resume" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # the model gathered into a plain HF checkpoint (rank 0), the optimizer's shards by every rank (DCP)
+    files = r0["files"]
+    assert "model.safetensors" in files and "zo_optimizer_dcp" in files and "optimizer.pt" not in files
+    for r in (r0, r1):
+        whole, resumed = r["whole"], r["resumed"]
+        assert whole["step"] == resumed["step"] == 4 and whole["lr"] == resumed["lr"]
+        init = T.tiny_gpt2().state_dict()
+        assert any(not torch.equal(v, init[k]) for k, v in whole["weights"].items()), "did not train"
+        assert whole["state"] and whole["state"].keys() == resumed["state"].keys()
+        for part in ("weights", "state"):
+            for k, v in whole[part].items():
+                assert torch.equal(resumed[part][k], v), (part, k)
+    # trainer.save_model() of the sharded model is the gathered model, loadable by from_pretrained
+    for k, v in r0["pretrained"].items():
+        assert torch.equal(v, r0["whole"]["weights"][k]), k

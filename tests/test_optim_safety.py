@@ -105,7 +105,9 @@ def corruptions(info: OptimizerInfo, opt) -> dict[str, tuple]:
     """name -> (corrupt(sd), exception, regex)."""
     group_keys = set(opt.defaults)
     out = {
-        "no zo section": (_delete(("zo",)), ValueError, "not a zo-optim state dict"),
+        # (the copies in the param groups stand in for a missing top-level section: DCP's state dict helpers)
+        "no zo section": (lambda sd: [d.pop("zo") for d in (sd, *sd["param_groups"])], ValueError,
+                          "not a zo-optim state dict"),
         "zo not a dict": (_set(("zo",), [1, 2]), ValueError, "not a zo-optim state dict"),
         "missing step": (_delete(("zo", "step")), ValueError, r"zo\['step'\] is missing"),
         "missing base_seed": (_delete(("zo", "base_seed")), ValueError, r"zo\['base_seed'\] is missing"),

@@ -84,6 +84,27 @@ def test_first_use_runs_the_check_once_per_device_and_dtype(fresh, monkeypatch):
     assert runs[-1] == ("triton", str(DEVICE), torch.float16) and len(runs) == 4
 
 
+@interpreter_only
+def test_shards_get_their_own_check_and_a_lost_offset_fails_it(fresh, monkeypatch):
+    pytest.importorskip("triton")
+    from zo_optim.ops.triton import launch
+
+    plain = {c.name for c in selfcheck.verified("triton", DEVICE, [torch.float32])}
+    assert not any(n.startswith("shard") for n in plain)  # no shard variant compiled for unsharded users
+    checks = selfcheck.verified("triton", DEVICE, [torch.float32], sharded=True)
+    assert {c.name for c in checks} - plain == {"shard-rademacher", "shard-gaussian"}
+    assert all(c.passed for c in checks), selfcheck.describe(c for c in checks if not c.passed)
+    # offsets rounded down to the 4-element Philox group (the hard case of an unaligned shard) fail both
+    real = launch._for_each_group
+
+    def rounded(params, tensor_ids, states, extra_cols=None, offsets=None):
+        return real(params, tensor_ids, states, extra_cols, None if offsets is None else [o // 4 * 4 for o in offsets])
+
+    monkeypatch.setattr(launch, "_for_each_group", rounded)
+    failed = {c.name for c in selfcheck.run_checks("triton", DEVICE, shards=True) if not c.passed}
+    assert failed == {"shard-rademacher", "shard-gaussian"}
+
+
 def test_other_backends_are_not_gated(fresh, monkeypatch):
     monkeypatch.setattr(selfcheck, "run_checks", lambda *a: pytest.fail("a plain-torch backend was self-checked"))
     ops.perturb_([torch.zeros(5)], [0], SEED, 1e-3, backend="chunked")

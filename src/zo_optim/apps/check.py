@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             checks = selfcheck.run_checks(backend, device)
             failures += [c for c in checks if not c.passed]
             rows.append(_row(backend, device, "-", checks, ""))
+            checks = selfcheck.run_checks(backend, device, shards=True)  # shards of sharded tensors (FSDP2)
+            failures += [c for c in checks if not c.passed]
+            rows.append(_row(backend, device, "shards", checks, ""))
             for name in dtypes:
                 dtype = DTYPES[name]
                 checks = selfcheck.run_checks(backend, device, dtype)

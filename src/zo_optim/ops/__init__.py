@@ -21,7 +21,7 @@ Backends:
 
 Sharded parameters (FSDP2's ``DTensor``, ``Shard(0)``/``Replicate()``) are written through their local
 shards at their global element offsets, exactly the unsharded op's values (:mod:`._sharding`);
-``reference``, ``chunked`` and ``cpu`` take shards, ``triton`` not yet (``auto`` picks ``chunked``).
+every backend takes shards.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _cpu_refuses(device: torch.device) -> str | None:
 _TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", "zo_optim.ops.triton", ("cuda",), 'pip install "zo-optim[triton]" (Linux; CPU tensors need '
             'TRITON_INTERPRET=1 set before importing triton)', "the Triton kernels", _triton_refuses,
-            self_checked=True, shards=False),
+            self_checked=True),
     Backend("cpu", "zo_optim.ops.cpu", ("cpu",), 'pip install "zo-optim[cpu]" (installs numba)', "numba's kernels",
             _cpu_refuses),
     Backend("chunked", "zo_optim.ops.chunked"),
@@ -166,7 +166,7 @@ def resolve_backend(
         return "chunked"
     if sharded and not _TABLE[name].shards:
         raise RuntimeError(
-            f"backend {name!r} does not take shards of sharded (DTensor) parameters yet; use backend='chunked' "
+            f"backend {name!r} does not take shards of sharded (DTensor) parameters; use backend='chunked' "
             "(or 'auto', which picks it for them) or backend='reference'"
         )
     if name in _PLAIN_TORCH:
@@ -248,7 +248,8 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     if _TABLE[name].self_checked:
         # Kernels compiled for this machine are checked before their first write on it (cached per process):
         # a failure raises for an explicit backend and falls back to "chunked" with a warning for "auto".
-        name = importlib.import_module("zo_optim.ops.selfcheck").gate(backend, name, device, [p.dtype for p in params])
+        name = importlib.import_module("zo_optim.ops.selfcheck").gate(backend, name, device, [p.dtype for p in params],
+                                                                      sharded=sharded)
     module = load_backend(name)
     if sharded:
         kwargs["offsets"] = offsets

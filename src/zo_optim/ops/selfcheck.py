@@ -17,7 +17,11 @@ process:
   scale·1e-6 before its one rounding, which can then land one ulp away);
 * per dtype, ``restore+update`` — one fused restore + momentum-SGD update (q = 2, weight decay,
   Rademacher z, stochastic rounding for bf16/fp16) against the reference op: bit for bit, params and
-  momentum buffer (Rademacher z makes every float32 operation the reference's).
+  momentum buffer (Rademacher z makes every float32 operation the reference's);
+* before the first op on shards of sharded tensors (FSDP2), ``shard-rademacher`` and ``shard-gaussian``
+  — the two perturbs of zeros above, run as two shards of the tensor split at :data:`SHARD_SPLIT` (an
+  offset that is a multiple of neither 4 nor 128) in one call: the same bounds against the contract's z
+  of the whole tensor. Checked only when shards come (a separate kernel variant: no compile for others).
 
 The scratch tensors have :data:`NUMEL` elements: two full blocks of the Triton default (the unmasked,
 alignment-hinted path) and a masked tail. The reference always runs on the CPU (the spec). On a
@@ -52,6 +56,9 @@ KNOWN_ANSWERS = (
 GAUSSIAN_ATOL = 1e-6
 #: elements of the scratch tensors: two full Triton blocks of 2048 and a masked tail of 77
 NUMEL = 2 * 2048 + 77
+#: where the second shard of the shard checks starts: past one full block of 2048 and not a multiple of the
+#: 4-element Philox group or of Rademacher's 128 elements per counter, so its first block starts before it
+SHARD_SPLIT = 2048 + 13
 # Seed and tensor id with the top bit of every word set: the kernels pass uint32 words as int32 bit patterns.
 SEED = 0x9E3779B97F4A7C15
 TENSOR_ID = 0x80000003
@@ -135,6 +142,27 @@ def _rng_checks(backend: str, device: torch.device) -> list[Check]:
     return out
 
 
+def _shard_checks(backend: str, device: torch.device) -> list[Check]:
+    mod = load_backend(backend)
+    query, out = 3, []
+    for dist in ("rademacher", "gaussian"):
+        shards = [torch.zeros(SHARD_SPLIT, device=device), torch.zeros(NUMEL - SHARD_SPLIT, device=device)]
+        if backend == "reference":  # the spec takes one offset per call
+            for t, off in zip(shards, (0, SHARD_SPLIT), strict=True):
+                mod.perturb_([t], [TENSOR_ID], SEED, 1.0, query=query, distribution=dist, offset=off)
+        else:
+            mod.perturb_(shards, [TENSOR_ID] * 2, SEED, 1.0, query=query, distribution=dist, offsets=[0, SHARD_SPLIT])
+        got = torch.cat([t.cpu() for t in shards])
+        if dist == "rademacher":
+            out.append(_bitwise(backend, device, "-", "shard-rademacher", got, rng.rademacher(SEED, TENSOR_ID, NUMEL,
+                                                                                                  query)))
+        else:
+            err = _max_abs(got, rng.normal(SEED, TENSOR_ID, NUMEL, query))
+            out.append(Check(backend, str(device), "-", "shard-gaussian", err, f"{GAUSSIAN_ATOL:g}",
+                             err <= GAUSSIAN_ATOL))
+    return out
+
+
 def _scratch(dtype: torch.dtype, salt: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(salt)
     return torch.randn(NUMEL, generator=gen).to(dtype)
@@ -179,10 +207,13 @@ def _guarded(backend: str, device: torch.device, dtype: str, name: str, fn, *arg
 
 
 @torch.no_grad()
-def run_checks(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> list[Check]:
+def run_checks(backend: str, device: torch.device | str, dtype: torch.dtype | None = None, *,
+               shards: bool = False) -> list[Check]:
     """Run the checks of ``backend`` on ``device`` now (uncached): the RNG ones when ``dtype`` is None,
-    else the op ones for that dtype (float32, bfloat16 or float16)."""
+    else the op ones for that dtype (float32, bfloat16 or float16); with ``shards``, the shard-offset ones."""
     device = torch.device(device)
+    if shards:
+        return _guarded(backend, device, "-", "shards", _shard_checks, backend, device)
     if dtype is None:
         return _guarded(backend, device, "-", "rng", _rng_checks, backend, device)
     if dtype not in _DTYPES:
@@ -193,19 +224,22 @@ def run_checks(backend: str, device: torch.device | str, dtype: torch.dtype | No
 _lock = threading.Lock()
 _cache: dict[tuple[str, str, str], list[Check]] = {}
 _warned: set[tuple[str, str]] = set()
-_passed: set[tuple[str, torch.device, frozenset[torch.dtype]]] = set()
+_passed: set[tuple[str, torch.device, frozenset[torch.dtype], bool]] = set()
 
 
-def verified(backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> list[Check]:
-    """The checks of ``backend`` on ``device`` for ``dtypes`` (the RNG ones and each dtype's), run on first
-    use and cached for the process."""
+def verified(backend: str, device: torch.device, dtypes: Iterable[torch.dtype], sharded: bool = False) -> list[Check]:
+    """The checks of ``backend`` on ``device`` for ``dtypes`` (the RNG ones, each dtype's, and with ``sharded``
+    the shard-offset ones), run on first use and cached for the process."""
     keys = [("-", None)] + [(_DTYPES[d], d) for d in sorted(set(dtypes), key=str) if d in _DTYPES]
+    if sharded:
+        keys.append(("shards", None))
     out: list[Check] = []
     with _lock:
         for key, dtype in keys:
             k = (backend, str(device), key)
             if k not in _cache:
-                _cache[k] = run_checks(backend, device, dtype)
+                _cache[k] = run_checks(backend, device, shards=True) if key == "shards" else run_checks(
+                    backend, device, dtype)
             out += _cache[k]
     return out
 
@@ -214,14 +248,16 @@ def describe(checks: Iterable[Check]) -> str:
     return "; ".join(c.line() for c in checks)
 
 
-def gate(requested: str, backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str:
-    """The backend to run: ``backend`` when it passed its self-check on ``device`` for ``dtypes``, else
+def gate(requested: str, backend: str, device: torch.device, dtypes: Iterable[torch.dtype],
+         sharded: bool = False) -> str:
+    """The backend to run: ``backend`` when it passed its self-check on ``device`` for ``dtypes`` (and for
+    shards, when ``sharded``), else
     :data:`FALLBACK` with one :class:`SelfCheckWarning` per (backend, device) when ``requested`` is
     ``"auto"``; a ``RuntimeError`` when ``backend`` was requested by name (nothing written yet)."""
-    key = (backend, device, frozenset(dtypes))
+    key = (backend, device, frozenset(dtypes), sharded)
     if key in _passed:  # the per-op fast path once verified: one set lookup
         return backend
-    failed = [c for c in verified(backend, device, key[2]) if not c.passed]
+    failed = [c for c in verified(backend, device, key[2], sharded) if not c.passed]
     if not failed:
         _passed.add(key)
         return backend

@@ -10,6 +10,12 @@ optimizer exactly as it was. The state dict is also the only way to copy an opti
 and ``copy``/``deepcopy`` are refused with a pointer to it (a copy would lose the seed, step
 counter, lock and hooks, and would not share the model's parameters).
 
+torch.distributed.checkpoint's ``get_optimizer_state_dict``/``set_optimizer_state_dict`` (the FSDP2
+route to sharded checkpoints) work on it as on ``torch.optim`` optimizers: they keep only ``state`` and
+``param_groups`` (so the ``zo`` section travels in every param group too, under ``"zo"``), pass
+parameter names (FQNs) instead of int ids on load (accepted), and would "initialize" an optimizer with
+empty state by a zero-gradient ``step()`` without closure (:class:`ZOState` prevents it).
+
 A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: it extends
 ``torch.optim.Optimizer.state_dict``/``load_state_dict`` through ``super()`` and calls the
 subclass hooks (``_check_group``, ``_buffers``, ``_settings``, ``_runtime_state``, ...) on the
@@ -19,6 +25,7 @@ optimizer itself.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +35,36 @@ from .. import rng
 from ..ops import _sharding
 from ._validation import as_seed, is_int
 
-__all__ = ["Checkpointing"]
+__all__ = ["Checkpointing", "ZOState"]
+
+
+class ZOState(defaultdict):
+    """The optimizer's per-parameter state (``opt.state``): torch's ``defaultdict(dict)``, truthy even when empty.
+
+    Why: ``torch.distributed.checkpoint.state_dict``'s ``get_optimizer_state_dict`` and
+    ``set_optimizer_state_dict`` treat an optimizer whose ``state`` is empty (falsy) as uninitialised and
+    "initialise" it: a zero gradient for every parameter, ``lr`` set to 0, ``step(closure=None)``. A
+    zeroth-order optimizer has no gradient step (``step()`` without closure raises: it needs the loss), its
+    buffers are created on demand (the state dict of a fresh optimizer already has them), and those zero
+    gradients alone would take a full gradient's memory, which ZO training exists to avoid. MeZO without
+    momentum has no state at all, ever.
+    """
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _zo_section(state_dict: Mapping[str, Any]) -> Any:
+    """The ``zo`` section of a state dict: top level, or (after torch.distributed.checkpoint's
+    ``get/set_optimizer_state_dict``, which keep only ``state`` and ``param_groups``) a param group's copy."""
+    if "zo" in state_dict:
+        return state_dict["zo"]
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, (list, tuple)):
+        for g in groups:
+            if isinstance(g, Mapping) and "zo" in g:
+                return g["zo"]
+    return None
 
 
 class Checkpointing:
@@ -101,6 +137,10 @@ class Checkpointing:
             # runtime flags that change the next steps; restored by load_state_dict
             "runtime": self._runtime_state(),
         }
+        # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups" (with
+        # every group's entries): a copy in each group brings the seed and step counter through it
+        for g in sd["param_groups"]:
+            g["zo"] = dict(sd["zo"])
         return sd
 
     def _load_state_dict(self, state_dict: Any) -> None:
@@ -109,7 +149,7 @@ class Checkpointing:
                 f"{type(self).__name__}.load_state_dict() takes the dict returned by state_dict(), got a "
                 f"{type(state_dict).__name__}; load it with opt.load_state_dict(torch.load(path, weights_only=True))"
             )
-        zo = state_dict.get("zo")
+        zo = _zo_section(state_dict)
         if not isinstance(zo, Mapping):
             raise ValueError(
                 "not a zo-optim state dict (no 'zo' entry); "
@@ -141,7 +181,11 @@ class Checkpointing:
         old = {k: self.__dict__[k] for k in ("state", "param_groups")}
         old_attrs = (self.base_seed, self._t, self.skipped_steps, self._seed_synced, self._runtime_state())
         try:
-            super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            # without the groups' copies of the zo section: they are not hyper-parameters (the live groups would
+            # carry a stale step counter, and replicas' config digests would differ)
+            saved_groups = [{k: v for k, v in g.items() if k != "zo"} for g in state_dict["param_groups"]]
+            super().load_state_dict({"state": {}, "param_groups": saved_groups})
+            self.state = ZOState(dict, self.state)  # torch's load made it a plain defaultdict again
             for p, entry in state.items():
                 self.state[p] = entry
             self.base_seed, self._t, self.skipped_steps = base_seed, t, skipped
@@ -189,8 +233,11 @@ class Checkpointing:
         out = []
         for i, (own, sg) in enumerate(zip(self.param_groups, saved, strict=True)):
             ids = sg.get("params")
-            if not isinstance(ids, (list, tuple)) or not all(is_int(j) for j in ids):
-                raise ValueError(f"Invalid state dict: param_groups[{i}]['params'] must be a list of int ids")
+            # int ids (state_dict()), or parameter names (torch.distributed.checkpoint's set_optimizer_state_dict)
+            if not isinstance(ids, (list, tuple)) or not all(is_int(j) or isinstance(j, str) for j in ids):
+                raise ValueError(
+                    f"Invalid state dict: param_groups[{i}]['params'] must be a list of int ids (or of parameter names)"
+                )
             if len(ids) != len(own["params"]):
                 raise ValueError(
                     f"Invalid state dict: param_groups[{i}] has {len(ids)} parameters, this optimizer's group {i} "
@@ -206,7 +253,8 @@ class Checkpointing:
                 or not all(isinstance(n, str) for n in names)
             ):
                 raise ValueError(f"Invalid state dict: param_groups[{i}]['param_names'] must list one str per param")
-            group = {**sg, "params": own["params"]}
+            group = {k: v for k, v in sg.items() if k != "zo"}  # the zo section's copy is not a hyper-parameter
+            group["params"] = own["params"]
             if names is None and "param_names" in own:
                 group["param_names"] = own["param_names"]
             try:

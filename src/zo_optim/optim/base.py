@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import ops, rng
-from ._checkpoint import Checkpointing
+from ._checkpoint import Checkpointing, ZOState
 from ._estimate import CLOSURE_HELP, Accumulator, Closure, MeasuredEstimate, NonFiniteLossError, Probes
 from ._guard import CallGuard
 from ._layout import ParamLayout
@@ -176,6 +176,7 @@ class ZOOptimizer(
         self._transient_names: dict[int, str] = {}
         self._warned_slow_fallback = False
         super().__init__(params, defaults)
+        self.state = ZOState(dict)  # truthy when empty: see ZOState (torch.distributed.checkpoint)
         for p in self._all_params():
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported: zeroth-order ops need dense tensors")

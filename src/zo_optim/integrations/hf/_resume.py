@@ -35,9 +35,10 @@ _SCHEDULER = "scheduler.pt"
 
 
 def _has_optimizer_state(checkpoint: str) -> bool:
-    # optimizer.pt / optimizer.bin, the per-rank files of sharded saves, SageMaker's optimizer.pt_*
+    # optimizer.pt / optimizer.bin, the per-rank files of sharded saves, SageMaker's optimizer.pt_*, and the
+    # shards ZOTrainer writes with torch.distributed.checkpoint for a model sharded by fully_shard
     return bool(glob.glob(os.path.join(checkpoint, "*optimizer.pt*")) or glob.glob(os.path.join(checkpoint,
-                                                                                            "optimizer.bin")))
+                "optimizer.bin")) or os.path.isdir(os.path.join(checkpoint, "zo_optimizer_dcp")))
 
 
 def step_from_trainer_state(opt: ZOOptimizer, scheduler: Any, checkpoint: str) -> None:

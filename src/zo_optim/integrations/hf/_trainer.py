@@ -51,6 +51,7 @@ from transformers import Trainer
 
 from ... import rng
 from ...optim import ZOOptimizer
+from . import _sharded
 from ._args import force_no_clipping, no_gradient_checkpointing, resolve_optimizer, warn_unused_optim, zo_settings
 from ._guidance import LossWatch, ZOCallback, first_run_hints, zo_default_lr
 from ._resume import step_from_trainer_state
@@ -403,8 +404,35 @@ class ZOTrainerMixin:
 
     # ------------------------------------------------------------------ resume
 
+    # A model sharded by fully_shard: the model gathered to rank 0 (a plain HF checkpoint), the optimizer's
+    # shards written by every rank with torch.distributed.checkpoint (see _sharded)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        trainer: Any = self
+        if not _sharded.is_sharded(trainer.model):
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        _sharded.save_model(trainer, output_dir if output_dir is not None else trainer.args.output_dir)
+        if trainer.args.push_to_hub and not _internal_call:
+            trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        trainer: Any = self
+        if not _sharded.is_sharded(trainer.model):
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        _sharded.save_optimizer_and_scheduler(trainer, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        trainer: Any = self
+        if model is None and _sharded.is_sharded(trainer.model):
+            return _sharded.load_model(trainer, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        trainer: Any = self
+        if checkpoint is not None and _sharded.is_sharded(trainer.model):
+            _sharded.load_optimizer_and_scheduler(trainer, checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         if checkpoint is not None:
             trainer: Any = self
             step_from_trainer_state(self.zo_optimizer, trainer.lr_scheduler, checkpoint)

@@ -1,8 +1,14 @@
 """Python launchers of the Triton kernels: tables, grouping, one launch per (device, dtype).
 
 The public functions take exactly the keyword arguments of
-:mod:`zo_optim.ops.reference` (minus ``compute_dtype``) and receive validated,
-contiguous tensors from :mod:`zo_optim.ops`.
+:mod:`zo_optim.ops.reference` (minus ``compute_dtype``; ``offsets``, one per tensor, instead of
+``offset``) and receive validated, contiguous tensors from :mod:`zo_optim.ops`.
+
+Shards (``offsets``: the contract index of each tensor's element 0, FSDP2's ``Shard(0)``): a
+shard's programs are the blocks of the unsharded tensor that overlap it, so every program still
+generates z for one whole aligned block of contract indices (any offset, not only multiples of
+the 4-element Philox group or of the block) and masks the elements outside the shard; the kernels
+are compiled with ``SHARDED`` for such calls and read the offset from the slot table's last column.
 
 Host-side tables. Each call splits its tensors by dtype (they share one device)
 and launches one kernel per group over all of that group's tensors. A group is
@@ -114,17 +120,18 @@ class TableCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]]) -> Tables:
+    def get(self, device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]],
+            sharded: bool = False) -> Tables:
         """The tables of ``rows`` (columns: address, numel, tensor_id, then addresses up to
-        column ``n_addr``, then other ints), built on a miss."""
-        key = (device, block, n_addr, tuple(rows))
+        column ``n_addr``, then other ints; with ``sharded``, last the offset of a shard), built on a miss."""
+        key = (device, block, n_addr, sharded, tuple(rows))
         tables = self._entries.get(key)
         if tables is not None:
             self.hits += 1
             self._entries.move_to_end(key)
             return tables
         self.misses += 1
-        tables = _build_tables(device, block, n_addr, rows)
+        tables = _build_tables(device, block, n_addr, rows, sharded)
         self._entries[key] = tables
         self.nbytes += tables.nbytes
         # The newest entry always stays (the caller is about to launch with it).
@@ -137,12 +144,21 @@ class TableCache:
 table_cache = TableCache()
 
 
-def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]]) -> Tables:
+def _first_last_block(numel: int, offset: int, block: int) -> tuple[int, int]:
+    """The blocks of the unsharded tensor (aligned to ``block`` in contract indices) that overlap the
+    elements [offset, offset + numel): the kernels generate z for whole aligned blocks and mask the rest."""
+    if numel == 0:
+        return 0, 0
+    return offset // block, (offset + numel + block - 1) // block
+
+
+def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tuple[int, ...]],
+                  sharded: bool = False) -> Tables:
     ncol = len(rows[0])
     slot_tab = torch.tensor(rows, dtype=torch.int64).reshape(-1)
     blocks = [
-        torch.arange((numel + block - 1) // block, dtype=torch.int64) + (slot << 32)
-        for slot, (_, numel, *_rest) in enumerate(rows)
+        torch.arange(*_first_last_block(row[1], row[-1] if sharded else 0, block), dtype=torch.int64) + (slot << 32)
+        for slot, row in enumerate(rows)
     ]
     blk_tab = torch.cat(blocks)
     host = torch.cat([slot_tab, blk_tab])
@@ -154,7 +170,10 @@ def _build_tables(device: torch.device, block: int, n_addr: int, rows: list[tupl
         buf = pinned.to(device, non_blocking=True)
     else:
         buf = host.to(device)
-    aligned = all(r[0] % 16 == 0 and all(a % 16 == 0 for a in r[3:n_addr]) for r in rows)
+    # 16-byte aligned addresses; a shard also needs its offset to be a multiple of 16 elements, so that the
+    # address of a block's first element (offset − a multiple of the block) keeps the alignment
+    aligned = all(r[0] % 16 == 0 and all(a % 16 == 0 for a in r[3:n_addr]) and (not sharded or r[-1] % 16 == 0)
+                  for r in rows)
     return Tables(buf[: slot_tab.numel()], buf[slot_tab.numel():], blk_tab.numel(), ncol, aligned, pinned)
 
 
@@ -200,30 +219,38 @@ def _launch(kernel, grid: tuple[int], *args, **constexprs) -> None:
         kernel[grid](*args, **constexprs)
 
 
-def _for_each_group(params, tensor_ids, states: Sequence[Tensors | None], extra_cols=None):
-    """Yield (dtype, Tables) per dtype group, skipping groups without elements.
+def _for_each_group(params, tensor_ids, states: Sequence[Tensors | None], extra_cols=None, offsets=None):
+    """Yield (dtype, Tables, block, sharded) per dtype group, skipping groups without elements.
 
     ``states``: per-param float32 buffers whose addresses fill columns 3..;
-    ``extra_cols(i)``: more int columns for param i (HELENE's clip bits).
+    ``extra_cols(i)``: more int columns for param i (HELENE's clip bits);
+    ``offsets``: the contract index of each param's element 0 (shards of sharded tensors), the last column.
     """
     block = _block
+    sharded = offsets is not None
     for dtype, idx in _groups(params).items():
         rows = []
         for i in idx:
             p = params[i]
-            rng.check_numel(p.numel(), f"params[{i}]")
+            off = offsets[i] if sharded else 0
+            if off < 0:
+                raise ValueError(f"Invalid offsets[{i}]: {off} (an element index >= 0)")
+            rng.check_numel(off + p.numel(), f"params[{i}]")
             row = (p.data_ptr(), p.numel(), tensor_ids[i], *(_address(None if s is None else s[i]) for s in states))
             if extra_cols is not None:
                 row = row + extra_cols(i)
+            if sharded:
+                row = (*row, off)
             rows.append(row)
         if all(r[1] == 0 for r in rows):
             continue
-        tables = table_cache.get(params[idx[0]].device, block, 3 + len(states), rows)
-        yield dtype, tables, block
+        tables = table_cache.get(params[idx[0]].device, block, 3 + len(states), rows, sharded)
+        yield dtype, tables, block, sharded
 
 
-def _common(tables: Tables, dtype: torch.dtype, distribution: str, rounding: str, block: int) -> dict:
+def _common(tables: Tables, dtype: torch.dtype, distribution: str, rounding: str, block: int, sharded: bool) -> dict:
     return dict(
+        SHARDED=sharded,
         NCOL=tables.ncol,
         DTYPE=_TL_DTYPES[dtype],
         RADEMACHER=distribution == "rademacher",
@@ -252,14 +279,15 @@ def perturb_(
     precond: Tensors | None = None,
     rounding: str = "nearest",
     rounding_slot: int = 1,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     r"""In place :math:`\theta \leftarrow \theta + \text{scale}\cdot z_{\text{query}} \odot \text{precond}^{-1/2}`."""
     lo, hi = _seed_words(seed)
     qa, rs = _i32(query, "query"), _i32(rounding_slot, "rounding_slot")
-    for dtype, t, block in _for_each_group(params, tensor_ids, [precond]):
+    for dtype, t, block, sharded in _for_each_group(params, tensor_ids, [precond], offsets=offsets):
         _launch(
             kernels.perturb_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, float(scale), qa, rs,
-            HAS_PRECOND=precond is not None, **_common(t, dtype, distribution, rounding, block),
+            HAS_PRECOND=precond is not None, **_common(t, dtype, distribution, rounding, block, sharded),
         )
 
 
@@ -278,18 +306,19 @@ def sgd_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + ZO-SGD (see :func:`zo_optim.ops.reference.sgd_update_`)."""
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
     rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
-    for dtype, t, block in _for_each_group(params, tensor_ids, [momentum_buffers]):
+    for dtype, t, block, sharded in _for_each_group(params, tensor_ids, [momentum_buffers], offsets=offsets):
         _launch(
             kernels.sgd_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs, float(lr),
             float(weight_decay), float(momentum), float(restore_scale), rq, rs,
             HAS_WD=weight_decay != 0.0, HAS_MOMENTUM=momentum_buffers is not None,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
-            **_common(t, dtype, distribution, rounding, block),
+            **_common(t, dtype, distribution, rounding, block, sharded),
         )
 
 
@@ -312,6 +341,7 @@ def adamw_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + AdamW (see :func:`zo_optim.ops.reference.adamw_update_`)."""
     lo, hi = _seed_words(seed)
@@ -320,13 +350,13 @@ def adamw_update_(
     # Host scalars in float64 like the reference, rounded to float32 once as kernel arguments.
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
-    for dtype, t, block in _for_each_group(params, tensor_ids, [exp_avgs, exp_avg_sqs]):
+    for dtype, t, block, sharded in _for_each_group(params, tensor_ids, [exp_avgs, exp_avg_sqs], offsets=offsets):
         _launch(
             kernels.adamw_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs, 1.0 - lr * weight_decay,
             float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, step_size, bias2_sqrt, float(eps),
             float(restore_scale), rq, rs,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
-            **_common(t, dtype, distribution, rounding, block),
+            **_common(t, dtype, distribution, rounding, block, sharded),
         )
 
 
@@ -351,6 +381,7 @@ def precond_sgd_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + preconditioned SGD + preconditioner update (HiZOO Σ, HiSo K)."""
     check_precond_rule(rule, update_precond, precond_coeffs)
@@ -358,7 +389,7 @@ def precond_sgd_update_(
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
     rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
-    for dtype, t, block in _for_each_group(params, tensor_ids, [precond]):
+    for dtype, t, block, sharded in _for_each_group(params, tensor_ids, [precond], offsets=offsets):
         _launch(
             kernels.precond_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs,
             coeffs if precond_coeffs is None else precond_coeffs, float(lr), float(weight_decay),
@@ -366,7 +397,7 @@ def precond_sgd_update_(
             rq, rs,
             HAS_WD=weight_decay != 0.0, UPDATE=bool(update_precond), HIZOO=hizoo,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
-            **_common(t, dtype, distribution, rounding, block),
+            **_common(t, dtype, distribution, rounding, block, sharded),
         )
 
 
@@ -393,13 +424,15 @@ def helene_update_(
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_slot: int = 0,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Fused restore + HELENE (see :func:`zo_optim.ops.reference.helene_update_`)."""
     lo, hi = _seed_words(seed)
     q = coeffs.numel()
     rq, rs = _i32(restore_query, "restore_query"), _i32(rounding_slot, "rounding_slot")
     clip_bits = [_f32_bits(float(c)) for c in clip]
-    for dtype, t, block in _for_each_group(params, tensor_ids, [exp_avgs, hessians], lambda i: (clip_bits[i],)):
+    for dtype, t, block, sharded in _for_each_group(params, tensor_ids, [exp_avgs, hessians], lambda i: (clip_bits[i],),
+                                                      offsets):
         _launch(
             kernels.helene_kernel, (t.n_blocks,), t.slot_tab, t.blk_tab, lo, hi, coeffs,
             coeffs if hessian_coeffs is None else hessian_coeffs, float(lr), 1.0 - lr * weight_decay,
@@ -407,5 +440,5 @@ def helene_update_(
             rq, rs,
             UPDATE=bool(update_hessian), GNB=hessian_coeffs is not None,
             HAS_RESTORE=restore_scale != 0.0, NUM_Q=q, RESTORE_IN_Q=restore_query < q,
-            **_common(t, dtype, distribution, rounding, block),
+            **_common(t, dtype, distribution, rounding, block, sharded),
         )
