@@ -23,6 +23,7 @@ from ..consistency import ReplicaCheck, check_replicas
 from ..protocol import Hello
 from ..server import RoundRecord, Server
 from ._environment import flower_environment, flower_logger
+from .identity import Identities
 from .messaging import _Messaging, _Pending
 
 __all__ = ["ZOStrategy"]
@@ -126,14 +127,18 @@ class ZOStrategy(_Messaging, Strategy):
                              **server_kwargs)
         self.wire_up: dict[int, int] = {}
         self.wire_down: dict[int, int] = {}
-        # the record byte counters travel with the server's checkpoint, so a resumed run's totals are the whole run's
+        self.identities = Identities()
+        # the record byte counters and the identity pins travel with the server's checkpoint, so a resumed run's
+        # totals are the whole run's and a returning client must prove the secret it first registered with
         self.server.checkpoint_extra = lambda: {"flower": {"wire_up": dict(self.wire_up),
-                                                           "wire_down": dict(self.wire_down)}}
+                                                           "wire_down": dict(self.wire_down),
+                                                           "identities": self.identities.state_dict()}}
         if resume is not None:
             extra = self.server.load_checkpoint(resume)  # atomic: a bad checkpoint raises and changes nothing
             wire = extra.get("flower", {}) if isinstance(extra, dict) else {}
             self.wire_up = {int(k): int(v) for k, v in wire.get("wire_up", {}).items()}
             self.wire_down = {int(k): int(v) for k, v in wire.get("wire_down", {}).items()}
+            self.identities = Identities.from_state(wire.get("identities", {}))
             if min_nodes is None:
                 min_nodes = max(1, len(self.server.clients))
         self.min_nodes = clients_per_round if min_nodes is None else min_nodes
@@ -150,7 +155,8 @@ class ZOStrategy(_Messaging, Strategy):
         self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
         self._known_nodes: set[int] = set()
         self._pending: dict[str, _Pending] = {}
-        self._hellos: list[tuple[int, Hello]] = []
+        self._hellos: list[tuple[int, Hello, str]] = []
+        self.rebound: list[tuple[int, int, int]] = []  # (client, old node, new node): restarted nodes re-bound
         self._deferred_hellos = False
         self._grid: Grid | None = None
 
@@ -172,6 +178,7 @@ class ZOStrategy(_Messaging, Strategy):
         self._grid = grid
         if self.server.position != server_round - 1:
             raise ValueError(f"Invalid server_round: {server_round} (the next round is {self.server.position + 1})")
+        self._refresh_away(grid)
         tasks = self.server.open_round()
         for c in [c for c in tasks if c not in self.node_of]:
             # a client the resumed checkpoint knows but whose node has not said hello in this run: no node to
@@ -242,6 +249,7 @@ class ZOStrategy(_Messaging, Strategy):
         self.handshake(grid, timeout=wait)
         for server_round in range(first + 1, num_rounds + 1):
             self._discover(grid)
+            self._refresh_away(grid)
             self._wait_for_eligible(grid, server_round - 1)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
@@ -263,6 +271,18 @@ class ZOStrategy(_Messaging, Strategy):
         not refused as a whole. The others were applied as empty rounds (every replica only moves its position)."""
         return sum(1 for r in self.server.history if r.participants and not r.aggregate_refused)
 
+    def _refresh_away(self, grid: Grid) -> None:
+        """Take out of sampling the clients whose node is not online (Flower marks a node offline when it missed its
+        heartbeats: about 60 s after a kill, by flwr's defaults) or that have no node in this run; they keep their
+        position and are sampled again when their node is back online or a restarted node proves their secret.
+        Without this a dead registration is sampled round after round and each time loses a slot."""
+        online = set(grid.get_node_ids())
+        away = {c for c in self.server.clients if self.node_of.get(c) not in online}
+        for c in sorted(away - self.server.away):
+            log.info("client %d is away (node %s offline or gone): not sampled until it is back", c,
+                     self.node_of.get(c))
+        self.server.away = away
+
     def _eligible_connected(self) -> list[int]:
         return [c for c in self.server.eligible() if c in self.node_of]
 
@@ -271,7 +291,7 @@ class ZOStrategy(_Messaging, Strategy):
         owes a reply, or no node is connected yet), pull replies and look for new nodes, up to ``idle_timeout``."""
         if self._eligible_connected() or self.idle_timeout == 0:
             return
-        if self.node_of and not self.server.owes:
+        if self.node_of and not self.server.owes and not self.server.away:
             return  # every connected client is quarantined: only rounds end a quarantine, waiting cannot help
         log.info("round %d: no eligible client (%d owe a reply, %d connected); waiting up to %.1fs", rnd,
                  len(self.server.owes), len(self.node_of), self.idle_timeout)
@@ -282,6 +302,7 @@ class ZOStrategy(_Messaging, Strategy):
             if time.monotonic() - last[0] >= 1.0:  # new nodes: a Grid call, so once a second
                 last[0] = time.monotonic()
                 self._discover(grid)
+                self._refresh_away(grid)
             return bool(self._eligible_connected())
 
         self._pump(grid, ready, deadline=t0 + self.idle_timeout)
@@ -334,8 +355,8 @@ class ZOStrategy(_Messaging, Strategy):
             self._pump(grid, lambda: not any(p.kind == "hello" for p in self._pending.values()), deadline=end)
         finally:
             self._deferred_hellos = False
-        for node, hello in sorted(self._hellos, key=lambda nh: nh[1].client_id):
-            self._register(node, hello)
+        for node, hello, token in sorted(self._hellos, key=lambda nh: nh[1].client_id):
+            self._register(node, hello, token)
         self._hellos = []
         if not self.node_of:
             raise RuntimeError(f"no SuperNode passed the handshake: {self.refused or 'no hello arrived in time'}")
