@@ -83,6 +83,9 @@ class ZOStrategy(_Messaging, Strategy):
     ``-1``).
     """
 
+    #: seconds the handshake waits for the remaining hellos once ``min_nodes`` have arrived
+    HELLO_GRACE = 10.0
+
     def __init__(
         self,
         optimizer: ZOOptimizer,
@@ -338,7 +341,9 @@ class ZOStrategy(_Messaging, Strategy):
         """Wait for ``min_nodes`` nodes, send each a hello query and register the clients that match.
 
         Hellos are registered in client-id order, so the sampling sequence does not depend on
-        which node started first (the same sequence as :func:`simulate` with the same ids).
+        which node started first (the same sequence as :func:`simulate` with the same ids). Once
+        ``min_nodes`` hellos are in, the others get :attr:`HELLO_GRACE` seconds (a killed node's id stays
+        listed ~60 s and never answers); a hello answered later registers its node when it arrives.
         Raises ``RuntimeError`` if fewer than ``min_nodes`` nodes appear in time or none is accepted.
         """
         timeout = self.handshake_timeout if timeout is None else timeout
@@ -350,9 +355,22 @@ class ZOStrategy(_Messaging, Strategy):
                                    f"min_nodes is {self.min_nodes}")
             time.sleep(self.poll_interval)
         self._deferred_hellos = True
+        enough_at: list[float] = []
+
+        def answered() -> bool:
+            # every hello answered; or min_nodes were and the rest had HELLO_GRACE more seconds: a node id that
+            # Flower still lists as online but whose process is dead (killed; it stays "online" until its heartbeat
+            # deadline, ~60 s) never answers, and must not hold up the federation. Its hello stays outstanding; a
+            # later answer registers the node then (_on_hello), a dead node's expires.
+            if not any(p.kind == "hello" for p in self._pending.values()):
+                return True
+            if len(self._hellos) >= self.min_nodes and not enough_at:
+                enough_at.append(time.monotonic())
+            return bool(enough_at) and time.monotonic() - enough_at[0] >= self.HELLO_GRACE
+
         try:
             self._discover(grid)
-            self._pump(grid, lambda: not any(p.kind == "hello" for p in self._pending.values()), deadline=end)
+            self._pump(grid, answered, deadline=end)
         finally:
             self._deferred_hellos = False
         for node, hello, token in sorted(self._hellos, key=lambda nh: nh[1].client_id):

@@ -1,0 +1,194 @@
+"""A Flower deployment on real processes for tests: a SuperLink, SuperNodes and ``flwr run``, all on 127.0.0.1.
+
+Every process is started here, in its own session (``start_new_session``: its process group holds most of the
+children it spawns: ``flwr-clientapp``, a SuperNode's ``flower-superexec``), and stopped by that group's id plus the
+pids of its descendants (the SuperLink starts its ``flower-superexec``, which starts ``flwr-serverapp``, in a new
+session) — ``kill -9`` of one process and its children, never a search by name. :meth:`Federation.close` (call it in
+a ``finally``) kills every one still alive, :meth:`Federation.leftovers` checks that none is. Ports are chosen
+free at run time; ``FLWR_HOME`` is a directory of the test (Flower's config and installed apps never touch
+``~/.flwr``); runtime dependency installation is off (no network). Each process logs to its own file;
+:meth:`Federation.logs` returns their tails for a failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["Federation", "free_port"]
+
+BIN = Path(sys.executable).parent
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from ``/proc``'s parent ids), children before grandchildren. Flower starts
+    some children in a new session (the SuperLink's ``flower-superexec``, detached), outside the group a kill of the
+    parent's group reaches; they are found here, by ancestry, and killed by pid."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(text[text.rindex(")") + 2:].split()[1])  # the name may hold spaces and parentheses
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        c = todo.pop(0)
+        out.append(c)
+        todo += children.get(c, [])
+    return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it); a race with another process is possible but unlikely."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Federation:
+    """SuperLink + SuperNodes + ``flwr run`` of one Flower app, insecure, on 127.0.0.1."""
+
+    def __init__(self, root: Path, app: Path, env: dict[str, str] | None = None, database: bool = False) -> None:
+        self.root = Path(root)
+        self.app = Path(app)
+        self.home = self.root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                    **(env or {})}
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+            "insecure = true\n")
+        # database: the SuperLink keeps its state (nodes, runs) in a file, so a restarted SuperLink still knows its
+        # SuperNodes (in memory, a restarted SuperLink answers their heartbeats 401 and they exit)
+        self.database = self.root / "superlink.db" if database else None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log_files: dict[str, Path] = {}
+        self._starts: dict[str, int] = {}
+        self._killed: set[int] = set()  # descendants killed by pid (for leftovers())
+
+    # ------------------------------------------------------------------ processes
+
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        if name in self.procs and self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {self.procs[name].pid})")
+        n = self._starts[name] = self._starts.get(name, 0) + 1
+        log = self.root / "logs" / f"{name}.{n}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**self.env, **(env or {})}, cwd=self.root, start_new_session=True)
+        self.procs[name] = proc
+        self.log_files[f"{name}.{n}"] = log
+        return proc
+
+    def start_superlink(self, timeout: float = 60.0) -> subprocess.Popen:
+        """Start the SuperLink and wait until its port accepts connections (``flwr run`` fails before)."""
+        proc = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure",
+                                         "--disable-runtime-dependency-installation",
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         *(["--database", str(self.database)] if self.database else [])])
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        self.wait_for("the SuperLink's port", listening, timeout, watch=("superlink",))
+        return proc
+
+    def start_supernode(self, partition: int, partitions: int, env: dict[str, str] | None = None,
+                        ) -> subprocess.Popen:
+        return self._start(f"supernode{partition}", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--node-config", f"partition-id={partition} num-partitions={partitions}",
+            "--host", "127.0.0.1", "--port", str(free_port())], env)
+
+    def flwr_run(self, run_config: str, timeout: float = 60.0) -> None:
+        """``flwr run <app> local --run-config ...``: it builds the app, submits the run and returns (the ServerApp
+        then runs under the SuperLink); AssertionError with the logs if it fails."""
+        proc = self._start("flwr-run", [str(BIN / "flwr"), "run", str(self.app), "local", "--run-config",
+                                        run_config])
+        rc = proc.wait(timeout=timeout)
+        if rc != 0:
+            raise AssertionError(f"flwr run exited with {rc}\n{self.logs()}")
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` ``name``'s process group and every descendant (detached ones too), then reap it."""
+        proc = self.procs[name]
+        tree = descendants(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._killed.update(tree)
+        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        """Kill every process started here, with its group and descendants (also where the leader already exited:
+        its group's remaining members)."""
+        for name in reversed(list(self.procs)):
+            self.kill(name)
+
+    def alive(self, name: str) -> bool:
+        return name in self.procs and self.procs[name].poll() is None
+
+    # ------------------------------------------------------------------ waiting and logs
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float, watch: tuple[str, ...] = ()) -> float:
+        """Poll ``cond()`` every 0.2 s; returns the seconds waited. AssertionError with every log's tail if it is
+        not true within ``timeout`` or a process in ``watch`` exited."""
+        t0 = time.monotonic()
+        while not cond():
+            dead = [n for n in watch if not self.alive(n)]
+            if dead or time.monotonic() - t0 > timeout:
+                why = f"exited: {dead}" if dead else f"not within {timeout:.0f}s"
+                raise AssertionError(f"waiting for {what}: {why}\n{self.logs()}")
+            time.sleep(0.2)
+        return time.monotonic() - t0
+
+    def leftovers(self, timeout: float = 10.0) -> list[int]:
+        """Process groups started here that still hold a process after ``timeout`` s (killed ones are reaped by
+        their parents or init within that)."""
+        end = time.monotonic() + timeout
+        while True:
+            left = []
+            for proc in self.procs.values():
+                try:
+                    os.killpg(proc.pid, 0)
+                    left.append(proc.pid)
+                except ProcessLookupError:
+                    pass
+            for pid in self._killed:
+                stat = Path(f"/proc/{pid}/stat")
+                try:
+                    if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # a zombie is dead, not yet reaped
+                        left.append(pid)
+                except (OSError, IndexError):
+                    pass
+            if not left or time.monotonic() > end:
+                return left
+            time.sleep(0.2)
+
+    def logs(self, tail: int = 40) -> str:
+        """The tail of every process's log, and of the ServerApps' own logs (``serverapp.*.log`` under the root)."""
+        out = []
+        files = {**self.log_files, **{p.name: p for p in sorted(self.root.rglob("serverapp.*.log"))}}
+        for name, path in files.items():
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            head = f"----- {name} (last {min(tail, len(lines))} of {len(lines)} lines)"
+            out.append("\n".join([head, *lines[-tail:]]))
+        return "\n".join(out)

@@ -1,0 +1,111 @@
+"""Chaos on a real Flower deployment: SuperLink, SuperNodes and ``flwr run`` as separate processes on 127.0.0.1.
+
+``flower_processes.Federation`` starts a SuperLink (insecure, free port, its state in a database file, runtime
+dependency installation off), 3 SuperNodes and ``flwr run`` of the tiny app in ``tests/flower_chaos_app`` (8 rounds,
+2 of the connected clients per round, every client with a node-local ``state_dir``), then:
+
+1. after round 2: ``kill -9`` SuperNode 1 (its process group: the node and its ``flwr-clientapp``) and start it
+   again with the same ``partition-id`` and ``state_dir``. Without SuperNode auth it registers a new node id;
+   the ServerApp re-binds client 1 to it because it proves its secret, and it catches up;
+2. after round 4: a late joiner, SuperNode 3;
+3. after round 5: ``kill -9`` the SuperLink's process group (the ServerApp dies with it), start the SuperLink
+   again and resume with a new ``flwr run ... --run-config "resume=true"`` (``ZOStrategy(resume=checkpoint_dir)``):
+   the rounds continue from the server checkpoint; the SuperNodes, which kept running, rejoin.
+
+What is compared: every client's data is the same full batch and its loss ignores the batch counter, so a round's
+aggregate is the same whichever clients answer (the mean of identical float32 values, summed in float64 and
+divided by their count, is that value exactly). The final server checksum (sha256 of the weights and optimizer
+state) and every client's checksum at the final sync must therefore equal the checksum of ``simulate()`` run
+uninterrupted for the same 8 rounds in this process — and every round must have trained (no empty round), or the
+checksums differ. Faults that lost, repeated or misapplied a round, or a client that did not catch up, fail it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flower_processes import Federation, descendants
+from zo_optim.federated import simulate
+
+APP = Path(__file__).resolve().parent / "flower_chaos_app"
+ROUNDS = 8
+
+
+def reference_checksum(monkeypatch) -> str:
+    monkeypatch.syspath_prepend(str(APP))
+    from zo_chaos_app.task import loss_fn, make_opt, model_fn
+
+    # one client: with identical data any non-empty set of replies aggregates to its scalars (module docstring)
+    res = simulate(model_fn, make_opt, [loss_fn()], rounds=ROUNDS, clients_per_round=1, seed=7)
+    return res.coordinator.checksum()
+
+
+def test_kill_restart_late_join_and_superlink_resume_end_bit_identical(tmp_path, monkeypatch):
+    expected = reference_checksum(monkeypatch)
+    work = tmp_path / "work"
+    work.mkdir()
+    fed = Federation(tmp_path, APP, env={"ZO_CHAOS_STATE_DIR": str(tmp_path / "states")}, database=True)
+    rounds_file = work / "rounds.txt"
+
+    def progress() -> list[tuple[int, int]]:  # (rounds closed, ServerApp pid), one line per round and start
+        text = rounds_file.read_text() if rounds_file.exists() else ""
+        return [(int(a), int(b)) for a, b in (line.split() for line in text.splitlines() if line.strip())]
+
+    def closed() -> int:
+        return progress()[-1][0] if progress() else -1
+
+    t0 = time.monotonic()
+    times = {}
+    try:
+        fed.start_superlink()
+        for i in range(3):
+            fed.start_supernode(i, 4)
+        run = f"work-dir='{work}' num-server-rounds={ROUNDS} clients-per-round=2 min-nodes=3"
+        fed.flwr_run(run)
+        fed.wait_for("round 2", lambda: closed() >= 2, 240, watch=("superlink",))
+        times["round 2"] = time.monotonic() - t0
+        fed.kill("supernode1")
+        killed_at = closed()
+        fed.start_supernode(1, 4)  # same partition-id and state_dir, a new node id
+        fed.wait_for("round 4", lambda: closed() >= 4, 240, watch=("superlink",))
+        times["round 4"] = time.monotonic() - t0
+        fed.start_supernode(3, 4)  # late joiner
+        fed.wait_for("round 5", lambda: closed() >= 5, 240, watch=("superlink",))
+        first_pid = progress()[-1][1]
+        assert first_pid in descendants(fed.procs["superlink"].pid)  # the ServerApp runs under the SuperLink
+        fed.kill("superlink")  # kill -9: the SuperLink, its SuperExec and the ServerApp, no graceful stop
+        left_at = closed()
+        times["superlink killed"] = time.monotonic() - t0
+        fed.start_superlink()
+        fed.flwr_run(run + " resume=true")
+        fed.wait_for("the resumed run's result", lambda: (work / "result.json").exists(), 300,
+                     watch=("superlink", "supernode0", "supernode1", "supernode2", "supernode3"))
+        times["done"] = time.monotonic() - t0
+        result = json.loads((work / "result.json").read_text())
+        first_log = (work / f"serverapp.{first_pid}.log").read_text()
+    finally:
+        fed.close()
+        left = fed.leftovers()
+    print(f"chaos timeline (s): {times}")
+    assert not left, f"process groups left behind: {left}"
+    logs = fed.logs()
+    # the ServerApp was resumed from its checkpoint, not restarted from round 0
+    resumed = [(r, pid) for r, pid in progress() if pid != first_pid]
+    assert resumed and resumed[0][0] == left_at > 0, (progress(), logs)
+    # the restarted SuperNode proved its secret and got client 1 back (no SuperNode auth: a new node id)
+    assert "client 1 returned on node" in first_log, logs
+    hist = result["history"]
+    assert [r[0] for r in hist] == list(range(ROUNDS)) and result["rounds_trained"] == ROUNDS, (hist, logs)
+    assert any(1 in r[2] for r in hist[killed_at + 1:]), hist  # client 1 trained after its restart
+    assert any(3 in r[2] for r in hist), hist  # the late joiner trained
+    assert result["refused"] == {}, result["refused"]
+    # every client verified bit-identical to the uninterrupted run (and so to the server)
+    assert result["checksum"] == expected, (result, logs)
+    assert result["client_checksums"] == {str(c): expected for c in range(4)}, (result, logs)
+    assert result["identical"], result["describe"]
