@@ -76,8 +76,14 @@ class ZOStrategy(_Messaging, Strategy):
         **server_kwargs: passed to :class:`Server` (``aggregation``, ``log_limit``,
             ``snapshot_every``, ``max_abs_scalar``, ``extras``, ...).
 
+    Identity (:mod:`~zo_optim.federated.flower.identity`): a client id is bound to the secret of the node that
+    first registered it (trust on first use; the pins ride in the checkpoint); a hello for that id from another
+    node id is accepted only with the same secret, and then the client is re-bound to the new node (a SuperNode
+    restarted without auth). A client whose node Flower no longer lists as online is away (not sampled).
+
     After :meth:`start`: ``server`` (the :class:`Server`: ``history``, ``rejections``, ``late``,
-    ``checksum()``), ``node_of`` (client id → node id), ``refused`` (node id → reason),
+    ``checksum()``), ``node_of`` (client id → node id), ``refused`` (node id → reason), ``rebound``
+    ((client, old node, new node) per re-bind), ``identities`` (the pins),
     ``client_checksums`` (client id → checksum from the final sync), ``errors``, ``wire_up`` /
     ``wire_down`` (Flower record bytes per round, keys included; the final sync under round
     ``-1``).
