@@ -2,12 +2,12 @@
 
 ``flower_processes.Federation`` starts a SuperLink (insecure, free port, its state in a database file, runtime
 dependency installation off), 3 SuperNodes and ``flwr run`` of the tiny app in ``tests/flower_chaos_app`` (8 rounds,
-2 of the connected clients per round, every client with a node-local ``state_dir``), then:
+every eligible client sampled each round, every client with a node-local ``state_dir``), then:
 
 1. after round 2: ``kill -9`` SuperNode 1 (its process group: the node and its ``flwr-clientapp``) and start it
    again with the same ``partition-id`` and ``state_dir``. Without SuperNode auth it registers a new node id;
    the ServerApp re-binds client 1 to it because it proves its secret, and it catches up;
-2. after round 4: a late joiner, SuperNode 3;
+2. after round 3: a late joiner, SuperNode 3;
 3. after round 5: ``kill -9`` the SuperLink's process group (the ServerApp dies with it), start the SuperLink
    again and resume with a new ``flwr run ... --run-config "resume=true"`` (``ZOStrategy(resume=checkpoint_dir)``):
    the rounds continue from the server checkpoint; the SuperNodes, which kept running, rejoin.
@@ -66,15 +66,17 @@ def test_kill_restart_late_join_and_superlink_resume_end_bit_identical(tmp_path,
         fed.start_superlink()
         for i in range(3):
             fed.start_supernode(i, 4)
-        run = f"work-dir='{work}' num-server-rounds={ROUNDS} clients-per-round=2 min-nodes=3"
+        # every eligible client is sampled each round (m = 4 >= the clients), so the restarted and the late client
+        # surely train; the faults still drop replies (a killed node's), which the identical data makes harmless
+        run = f"work-dir='{work}' num-server-rounds={ROUNDS} clients-per-round=4 min-nodes=3"
         fed.flwr_run(run)
         fed.wait_for("round 2", lambda: closed() >= 2, 240, watch=("superlink",))
         times["round 2"] = time.monotonic() - t0
         fed.kill("supernode1")
         killed_at = closed()
         fed.start_supernode(1, 4)  # same partition-id and state_dir, a new node id
-        fed.wait_for("round 4", lambda: closed() >= 4, 240, watch=("superlink",))
-        times["round 4"] = time.monotonic() - t0
+        fed.wait_for("round 3", lambda: closed() >= 3, 240, watch=("superlink",))
+        times["round 3"] = time.monotonic() - t0
         fed.start_supernode(3, 4)  # late joiner
         fed.wait_for("round 5", lambda: closed() >= 5, 240, watch=("superlink",))
         first_pid = progress()[-1][1]
@@ -97,7 +99,8 @@ def test_kill_restart_late_join_and_superlink_resume_end_bit_identical(tmp_path,
     logs = fed.logs()
     # the ServerApp was resumed from its checkpoint, not restarted from round 0
     resumed = [(r, pid) for r, pid in progress() if pid != first_pid]
-    assert resumed and resumed[0][0] == left_at > 0, (progress(), logs)
+    # (left_at + 1: the kill fell between round left_at + 1's checkpoint and its line in rounds.txt)
+    assert resumed and resumed[0][0] in (left_at, left_at + 1) and left_at >= 5, (progress(), logs)
     # the restarted SuperNode proved its secret and got client 1 back (no SuperNode auth: a new node id)
     assert "client 1 returned on node" in first_log, logs
     hist = result["history"]
