@@ -54,9 +54,10 @@ def free_port() -> int:
 
 
 class Federation:
-    """SuperLink + SuperNodes + ``flwr run`` of one Flower app, insecure, on 127.0.0.1."""
+    """SuperLink + SuperNodes + ``flwr run`` of one Flower app on 127.0.0.1: insecure, or TLS + SuperNode auth."""
 
-    def __init__(self, root: Path, app: Path, env: dict[str, str] | None = None, database: bool = False) -> None:
+    def __init__(self, root: Path, app: Path, env: dict[str, str] | None = None, database: bool = False,
+                 tls: bool = False) -> None:
         self.root = Path(root)
         self.app = Path(app)
         self.home = self.root / "flwr-home"
@@ -65,9 +66,17 @@ class Federation:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                     **(env or {})}
+        # tls: a throw-away CA and server certificate for 127.0.0.1 (openssl), TLS everywhere, and SuperNode
+        # authentication: each SuperNode gets a P-384 key pair (ssh-keygen) registered with `flwr supernode register`
+        # before it starts (so a restarted SuperNode keeps its node id)
+        self.tls = tls
+        self.certs = self.root / "certs"
+        if tls:
+            self._make_certificates()
+        connection = f'root-certificates = "{self.certs / "ca.crt"}"' if tls else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+            f"{connection}\n")
         # database: the SuperLink keeps its state (nodes, runs) in a file, so a restarted SuperLink still knows its
         # SuperNodes (in memory, a restarted SuperLink answers their heartbeats 401 and they exit)
         self.database = self.root / "superlink.db" if database else None
@@ -75,6 +84,33 @@ class Federation:
         self.log_files: dict[str, Path] = {}
         self._starts: dict[str, int] = {}
         self._killed: set[int] = set()  # descendants killed by pid (for leftovers())
+
+    # ------------------------------------------------------------------ TLS and SuperNode keys
+
+    def _tool(self, *cmd: str) -> None:
+        out = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited with {out.returncode}:\n{out.stdout}\n{out.stderr}")
+
+    def _make_certificates(self) -> None:
+        c = self.certs
+        c.mkdir(parents=True, exist_ok=True)
+        self._tool("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(c / "ca.key"),
+                   "-out", str(c / "ca.crt"), "-days", "2", "-subj", "/CN=test CA")
+        self._tool("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(c / "server.key"),
+                   "-out", str(c / "server.csr"), "-subj", "/CN=localhost")
+        (c / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        self._tool("openssl", "x509", "-req", "-in", str(c / "server.csr"), "-CA", str(c / "ca.crt"), "-CAkey",
+                   str(c / "ca.key"), "-CAcreateserial", "-out", str(c / "server.pem"), "-days", "2", "-extfile",
+                   str(c / "san.ext"))
+
+    def node_key(self, partition: int) -> Path:
+        """SuperNode ``partition``'s private key, created and registered with the running SuperLink once."""
+        key = self.certs / f"supernode_{partition}"
+        if not key.exists():
+            self._tool("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key))
+            self._tool(str(BIN / "flwr"), "supernode", "register", str(key) + ".pub", "local")
+        return key
 
     # ------------------------------------------------------------------ processes
 
@@ -93,7 +129,10 @@ class Federation:
 
     def start_superlink(self, timeout: float = 60.0) -> subprocess.Popen:
         """Start the SuperLink and wait until its port accepts connections (``flwr run`` fails before)."""
-        proc = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure",
+        security = (["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                     "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+                    if self.tls else ["--insecure"])
+        proc = self._start("superlink", [str(BIN / "flower-superlink"), *security,
                                          "--disable-runtime-dependency-installation",
                                          "--host", "127.0.0.1", "--port", str(self.port),
                                          *(["--database", str(self.database)] if self.database else [])])
@@ -107,8 +146,10 @@ class Federation:
 
     def start_supernode(self, partition: int, partitions: int, env: dict[str, str] | None = None,
                         ) -> subprocess.Popen:
+        security = (["--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key",
+                     str(self.node_key(partition))] if self.tls else ["--insecure"])
         return self._start(f"supernode{partition}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", f"partition-id={partition} num-partitions={partitions}",
             "--host", "127.0.0.1", "--port", str(free_port())], env)
 

@@ -95,8 +95,8 @@ def test_a_restarted_node_that_proves_the_secret_takes_its_id_back_and_others_ar
              "'client-secret' it first joined with",
         404: "client id 1 is bound to another secret (a different node claims this id)",
         505: "client id 2 is already node 202's, which registered without a secret, so no other node can take it "
-             "over; give each node a state_dir (make_client_app(state_dir=...)) or a 'client-secret' in its node "
-             "config"}
+             "over while that node is online; give each node a state_dir (make_client_app(state_dir=...)) or a "
+             "'client-secret' in its node config"}
     assert s.node_of == {1: 101, 2: 202} and s.server.owes == {1: 0, 2: 0}  # nothing moved
 
     s._register(606, hello(1), good)  # the restarted node 101: new node id, same secret
@@ -107,6 +107,14 @@ def test_a_restarted_node_that_proves_the_secret_takes_its_id_back_and_others_ar
     rec = s.server.close_round()
     assert rec.dropped == (1, 2) and rec.participants == ()
     # the pins travel in the checkpoint extra, as sha256(token) only
+    # an id nobody can prove goes to the first claimant once its node is offline (or it would be locked forever)
+    class Grid:
+        def get_node_ids(self):
+            return {606}
+
+    s._refresh_away(Grid())
+    s._register(505, hello(2), "")
+    assert s.node_of == {1: 606, 2: 505} and s.rebound[-1] == (2, 202, 505)
     pins = s.server.checkpoint_extra()["flower"]["identities"]
     assert set(pins) == {"1", "2"} and pins["2"] == "" and good not in pins.values()
     assert Identities.from_state(pins).check(1, good, None, 7) is None

@@ -93,17 +93,19 @@ class Identities:
     def __init__(self, pins: dict[int, str] | None = None) -> None:
         self.pins: dict[int, str] = dict(pins or {})
 
-    def check(self, client_id: int, token: str, owner: int | None, node: int) -> str | None:
+    def check(self, client_id: int, token: str, owner: int | None, node: int, owner_online: bool = True,
+              ) -> str | None:
         """None if ``node`` may hold ``client_id`` (its current ``owner`` node, if any, is then replaced);
-        else the reason it may not."""
+        else the reason it may not. An id registered without a secret can be proved by nobody: it goes to the
+        first node that claims it while its owner is offline (``owner_online``: Flower still lists it)."""
         pinned = self.pins.get(client_id)
         taken = owner is not None and owner != node
-        if pinned is None or (pinned == "" and not taken):
+        if pinned is None or (pinned == "" and not (taken and owner_online)):
             return None  # a first claim (trust on first use), or an id nobody can prove and no live node holds
         if pinned == "":
             return (f"client id {client_id} is already node {owner}'s, which registered without a secret, so no "
-                    "other node can take it over; give each node a state_dir (make_client_app(state_dir=...)) or "
-                    f"a '{SECRET_KEY}' in its node config")
+                    "other node can take it over while that node is online; give each node a state_dir "
+                    f"(make_client_app(state_dir=...)) or a '{SECRET_KEY}' in its node config")
         if not token:
             return (f"client id {client_id} is bound to a secret and this node sent none: restart it with the "
                     f"same state_dir or '{SECRET_KEY}' it first joined with")

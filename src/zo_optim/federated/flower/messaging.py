@@ -60,6 +60,7 @@ class _Messaging:
     _pending: dict[str, _Pending]
     _hellos: list[tuple[int, Hello, str]]
     identities: Identities
+    _online: set[int] | None  # the nodes Flower listed at the last look (None: not looked yet)
     rebound: list[tuple[int, int, int]]
     _deferred_hellos: bool
     _grid: Grid | None
@@ -178,7 +179,7 @@ class _Messaging:
         handshake; a node that proves the secret of an id another node holds takes it over (a restarted node)."""
         cid = hello.client_id
         owner = self.node_of.get(cid)
-        why = self.identities.check(cid, token, owner, node)
+        why = self.identities.check(cid, token, owner, node, owner_online=self._online is None or owner in self._online)
         if why is None:
             welcome = self.server.handshake(hello)
             why = None if welcome.accepted else welcome.reason

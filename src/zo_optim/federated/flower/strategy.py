@@ -165,6 +165,7 @@ class ZOStrategy(_Messaging, Strategy):
         self._known_nodes: set[int] = set()
         self._pending: dict[str, _Pending] = {}
         self._hellos: list[tuple[int, Hello, str]] = []
+        self._online: set[int] | None = None
         self.rebound: list[tuple[int, int, int]] = []  # (client, old node, new node): restarted nodes re-bound
         self._deferred_hellos = False
         self._grid: Grid | None = None
@@ -285,7 +286,7 @@ class ZOStrategy(_Messaging, Strategy):
         heartbeats: about 60 s after a kill, by flwr's defaults) or that have no node in this run; they keep their
         position and are sampled again when their node is back online or a restarted node proves their secret.
         Without this a dead registration is sampled round after round and each time loses a slot."""
-        online = set(grid.get_node_ids())
+        online = self._online = set(grid.get_node_ids())
         away = {c for c in self.server.clients if self.node_of.get(c) not in online}
         for c in sorted(away - self.server.away):
             log.info("client %d is away (node %s offline or gone): not sampled until it is back", c,
