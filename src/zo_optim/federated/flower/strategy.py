@@ -263,7 +263,7 @@ class ZOStrategy(_Messaging, Strategy):
             self._wait_for_eligible(grid, server_round - 1)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
-            self._pump(grid, lambda: self.server.all_replied or self.server.deadline_passed())
+            self._pump(grid, self._round_over(grid))
             metrics = self._close_round()
             result.train_metrics_clientapp[server_round] = metrics
             if evaluate_fn is not None:
@@ -280,6 +280,20 @@ class ZOStrategy(_Messaging, Strategy):
         """Closed rounds (this run and any resumed from) whose aggregate was applied: at least one valid reply,
         not refused as a whole. The others were applied as empty rounds (every replica only moves its position)."""
         return sum(1 for r in self.server.history if r.participants and not r.aggregate_refused)
+
+    def _round_over(self, grid: Grid) -> Callable[[], bool]:
+        """The open round's end test: every sampled client answered or the deadline passed. Once a second it also
+        says hello to new nodes: a SuperNode restarted mid-round (a new node id) re-claims its client now, which
+        gives up the message its dead node owes, so the round closes without waiting for its deadline."""
+        last = [time.monotonic()]
+
+        def over() -> bool:
+            if time.monotonic() - last[0] >= 1.0:
+                last[0] = time.monotonic()
+                self._discover(grid)
+            return self.server.all_replied or self.server.deadline_passed()
+
+        return over
 
     def _refresh_away(self, grid: Grid) -> None:
         """Take out of sampling the clients whose node is not online (Flower marks a node offline when it missed its
