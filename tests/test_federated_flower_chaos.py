@@ -4,11 +4,11 @@
 dependency installation off), 3 SuperNodes and ``flwr run`` of the tiny app in ``tests/flower_chaos_app`` (8 rounds,
 every eligible client sampled each round, every client with a node-local ``state_dir``), then:
 
-1. after round 2: ``kill -9`` SuperNode 1 (its process group: the node and its ``flwr-clientapp``) and start it
+1. after 2 closed rounds: ``kill -9`` SuperNode 1 (its process group: the node and its ``flwr-clientapp``) and start it
    again with the same ``partition-id`` and ``state_dir``. Without SuperNode auth it registers a new node id;
    the ServerApp re-binds client 1 to it because it proves its secret, and it catches up;
-2. after round 3: a late joiner, SuperNode 3;
-3. after round 5: ``kill -9`` the SuperLink's process group (the ServerApp dies with it), start the SuperLink
+2. after 3: a late joiner, SuperNode 3;
+3. after 5: ``kill -9`` the SuperLink, its SuperExec and the ServerApp (by group and pid), start the SuperLink
    again and resume with a new ``flwr run ... --run-config "resume=true"`` (``ZOStrategy(resume=checkpoint_dir)``):
    the rounds continue from the server checkpoint; the SuperNodes, which kept running, rejoin.
 
@@ -18,6 +18,9 @@ divided by their count, is that value exactly). The final server checksum (sha25
 state) and every client's checksum at the final sync must therefore equal the checksum of ``simulate()`` run
 uninterrupted for the same 8 rounds in this process — and every round must have trained (no empty round), or the
 checksums differ. Faults that lost, repeated or misapplied a round, or a client that did not catch up, fail it.
+
+The same scenario with TLS and SuperNode authentication (a restarted SuperNode keeps its node id there) runs as a
+script, too slow for CI beside this one: ``python tests/test_federated_flower_chaos.py --tls``.
 """
 
 from __future__ import annotations
