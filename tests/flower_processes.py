@@ -13,6 +13,7 @@ free at run time; ``FLWR_HOME`` is a directory of the test (Flower's config and 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,18 +27,27 @@ __all__ = ["Federation", "free_port"]
 BIN = Path(sys.executable).parent
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from ``/proc``'s parent ids), children before grandchildren. Flower starts
-    some children in a new session (the SuperLink's ``flower-superexec``, detached), outside the group a kill of the
-    parent's group reaches; they are found here, by ancestry, and killed by pid."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[int, int, str, int]]:
+    """pid -> (parent pid, process group, state, start time) of every process, from ``/proc``."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
         except OSError:  # exited meanwhile
             continue
-        ppid = int(text[text.rindex(")") + 2:].split()[1])  # the name may hold spaces and parentheses
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+        f = text[text.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+        out[int(stat.parent.name)] = (int(f[1]), int(f[2]), f[0], int(f[19]))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (by ``/proc``'s parent ids), children before grandchildren. Flower starts
+    some children in a new session (the SuperLink's ``flower-superexec``, detached), outside the group a kill of the
+    parent's group reaches; they are found here, by ancestry, and killed by pid. Only for a ``pid`` that is still
+    ours (alive, not reaped): pids are reused (pid_max may be 32768)."""
+    children: dict[int, list[int]] = {}
+    for c, (ppid, *_) in _processes().items():
+        children.setdefault(ppid, []).append(c)
     out, todo = [], list(children.get(pid, []))
     while todo:
         c = todo.pop(0)
@@ -80,10 +90,11 @@ class Federation:
         # database: the SuperLink keeps its state (nodes, runs) in a file, so a restarted SuperLink still knows its
         # SuperNodes (in memory, a restarted SuperLink answers their heartbeats 401 and they exit)
         self.database = self.root / "superlink.db" if database else None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}  # the latest process of each name
+        self._all: list[subprocess.Popen] = []  # every process started, for close() and leftovers()
         self.log_files: dict[str, Path] = {}
         self._starts: dict[str, int] = {}
-        self._killed: set[int] = set()  # descendants killed by pid (for leftovers())
+        self._killed: set[tuple[int, int]] = set()  # (pid, start time) of every process killed, for leftovers()
 
     # ------------------------------------------------------------------ TLS and SuperNode keys
 
@@ -115,8 +126,10 @@ class Federation:
     # ------------------------------------------------------------------ processes
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        if name in self.procs and self.procs[name].poll() is None:
-            raise RuntimeError(f"{name} is still running (pid {self.procs[name].pid})")
+        if name in self.procs:
+            if self.procs[name].poll() is None:
+                raise RuntimeError(f"{name} is still running (pid {self.procs[name].pid})")
+            self.kill(name)  # it exited; what it spawned in its group may not have (a SuperNode's SuperExec)
         n = self._starts[name] = self._starts.get(name, 0) + 1
         log = self.root / "logs" / f"{name}.{n}.log"
         log.parent.mkdir(exist_ok=True)
@@ -124,6 +137,7 @@ class Federation:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**self.env, **(env or {})}, cwd=self.root, start_new_session=True)
         self.procs[name] = proc
+        self._all.append(proc)
         self.log_files[f"{name}.{n}"] = log
         return proc
 
@@ -153,6 +167,27 @@ class Federation:
             "--node-config", f"partition-id={partition} num-partitions={partitions}",
             "--host", "127.0.0.1", "--port", str(free_port())], env)
 
+    def restart_supernode(self, partition: int, partitions: int, timeout: float = 180.0) -> subprocess.Popen:
+        """Start SuperNode ``partition`` again until it is connected, as a supervisor's restart policy would: with
+        SuperNode authentication, a node restarted right after it died is refused activation (ApiError 2004, exit
+        code 305) until its old session has missed its heartbeats (2 x 30 s by flwr 1.42's defaults)."""
+        end = time.monotonic() + timeout
+        while True:
+            proc = self.start_supernode(partition, partitions)
+            log = self.log_files[f"supernode{partition}.{self._starts[f'supernode{partition}']}"]
+            while proc.poll() is None and "SuperNode ID:" not in log.read_text(errors="replace"):
+                time.sleep(0.5)
+            if proc.poll() is None:
+                return proc
+            if time.monotonic() > end:
+                raise AssertionError(f"SuperNode {partition} did not reconnect within {timeout:.0f}s\n{self.logs()}")
+            time.sleep(5.0)
+
+    def node_ids(self, name: str) -> list[str]:
+        """The node ids the SuperLink gave ``name`` (one per start that connected), from its logs."""
+        return [i for key, path in self.log_files.items() if key.rsplit(".", 1)[0] == name
+                for i in re.findall(r"SuperNode ID: (\d+)", path.read_text(errors="replace"))]
+
     def flwr_run(self, run_config: str, timeout: float = 60.0) -> None:
         """``flwr run <app> local --run-config ...``: it builds the app, submits the run and returns (the ServerApp
         then runs under the SuperLink); AssertionError with the logs if it fails."""
@@ -164,25 +199,32 @@ class Federation:
 
     def kill(self, name: str) -> None:
         """``kill -9`` ``name``'s process group and every descendant (detached ones too), then reap it."""
-        proc = self.procs[name]
-        tree = descendants(proc.pid)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in tree:
+        self._kill(self.procs[name])
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        procs = _processes()
+        if proc.poll() is None:  # alive and not reaped, so its pid and group id are still ours
+            targets = [proc.pid, *descendants(proc.pid)]
+            targets += [p for p, (_, group, *_) in procs.items() if group == proc.pid]
+        else:
+            # the leader exited and was reaped: its group's remaining members (a SuperNode's SuperExec) still hold
+            # the group id, which the kernel does not reuse while they do; a process whose pid is the old leader's
+            # is a new one (the group is then empty): never touch it
+            targets = [p for p, (_, group, *_) in procs.items() if group == proc.pid and p != proc.pid]
+        for pid in dict.fromkeys(targets):
+            if pid in procs:
+                self._killed.add((pid, procs[pid][3]))  # (pid, start time): who it was, for leftovers()
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self._killed.update(tree)
         proc.wait(timeout=30)
 
     def close(self) -> None:
         """Kill every process started here, with its group and descendants (also where the leader already exited:
         its group's remaining members)."""
-        for name in reversed(list(self.procs)):
-            self.kill(name)
+        for proc in reversed(self._all):
+            self._kill(proc)
 
     def alive(self, name: str) -> bool:
         return name in self.procs and self.procs[name].poll() is None
@@ -202,24 +244,13 @@ class Federation:
         return time.monotonic() - t0
 
     def leftovers(self, timeout: float = 10.0) -> list[int]:
-        """Process groups started here that still hold a process after ``timeout`` s (killed ones are reaped by
-        their parents or init within that)."""
+        """Processes killed here that still run after ``timeout`` s (a zombie is dead, only not reaped yet; a pid
+        with another start time is a new process that reused the number)."""
         end = time.monotonic() + timeout
         while True:
-            left = []
-            for proc in self.procs.values():
-                try:
-                    os.killpg(proc.pid, 0)
-                    left.append(proc.pid)
-                except ProcessLookupError:
-                    pass
-            for pid in self._killed:
-                stat = Path(f"/proc/{pid}/stat")
-                try:
-                    if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # a zombie is dead, not yet reaped
-                        left.append(pid)
-                except (OSError, IndexError):
-                    pass
+            procs = _processes()
+            left = [pid for pid, start in self._killed
+                    if pid in procs and procs[pid][3] == start and procs[pid][2] != "Z"]
             if not left or time.monotonic() > end:
                 return left
             time.sleep(0.2)

@@ -26,7 +26,6 @@ script, too slow for CI beside this one: ``python tests/test_federated_flower_ch
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -87,7 +86,7 @@ def chaos(tmp_path: Path, tls: bool) -> dict[str, float]:
         times["round 2"] = time.monotonic() - t0
         fed.kill("supernode1")
         killed_at = closed()
-        fed.start_supernode(1, 4)  # same partition-id and state_dir, a new node id
+        fed.restart_supernode(1, 4)  # same partition-id and state_dir (without auth: a new node id)
         fed.wait_for("round 3", lambda: closed() >= 3, 240, watch=("superlink",))
         times["round 3"] = time.monotonic() - t0
         fed.start_supernode(3, 4)  # late joiner
@@ -114,11 +113,11 @@ def chaos(tmp_path: Path, tls: bool) -> dict[str, float]:
     resumed = [(r, pid) for r, pid in progress() if pid != first_pid]
     # (left_at + 1: the kill fell between round left_at + 1's checkpoint and its line in rounds.txt)
     assert resumed and resumed[0][0] in (left_at, left_at + 1) and left_at >= 5, (progress(), logs)
-    ids = [re.findall(r"SuperNode ID: (\d+)", fed.log_files[f"supernode1.{n}"].read_text()) for n in (1, 2)]
+    ids = fed.node_ids("supernode1")
     if tls:  # SuperNode auth: the restarted node keeps its registered key and so its node id; nothing to re-bind
-        assert ids[0] == ids[1] and "returned on node" not in first_log, (ids, logs)
+        assert len(ids) == 2 and ids[0] == ids[1] and "returned on node" not in first_log, (ids, logs)
     else:  # a new node id: it proved client 1's secret and got the id back
-        assert ids[0] != ids[1] and f"client 1 returned on node {ids[1][0]}" in first_log, (ids, logs)
+        assert len(ids) == 2 and ids[0] != ids[1] and f"client 1 returned on node {ids[1]}" in first_log, (ids, logs)
     hist = result["history"]
     assert [r[0] for r in hist] == list(range(ROUNDS)) and result["rounds_trained"] == ROUNDS, (hist, logs)
     assert any(1 in r[2] for r in hist[killed_at + 1:]), hist  # client 1 trained after its restart
