@@ -158,6 +158,8 @@ class Server(Handshake, Durable):
         self._sampler = random.Random(self.server_seed if sample_seed is None else sample_seed)
         self._positions: dict[int, int] = dict.fromkeys(ids, 0)  # what we believe each client has applied
         self._owes: dict[int, int] = {}  # client → round it was sampled in and has not answered
+        #: clients an engine knows to be unreachable now (a Flower node gone offline): not sampled, state kept
+        self.away: set[int] = set()
         self._round: int | None = None
         self._sampled: tuple[int, ...] = ()
         self._replies: dict[int, Reply] = {}
@@ -258,8 +260,8 @@ class Server(Handshake, Durable):
         return owed is not None
 
     def eligible(self) -> list[int]:
-        """Clients that may be sampled now: every client that owes no reply and is not quarantined."""
-        return [c for c in self._positions if c not in self._owes and c not in self.quarantine]
+        """Clients that may be sampled now: every client that owes no reply, is not quarantined and not away."""
+        return [c for c in self._positions if c not in self._owes and c not in self.quarantine and c not in self.away]
 
     def release_quarantine(self, client_id: int) -> bool:
         """Let a quarantined client be sampled again (and forget its refusals); True if it was quarantined."""

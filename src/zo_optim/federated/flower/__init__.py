@@ -12,7 +12,8 @@ Message types: ``"query"`` (handshake: the client answers with its :class:`Hello
 (a round's :class:`Task`), ``"query.sync"`` (a catch-up-only task at the end of the run).
 
 Modules: ``records`` (protocol messages in and out of Flower records, wire byte counts),
-``strategy`` (:class:`ZOStrategy`) with ``messaging`` (its message traffic), ``server_app``
+``strategy`` (:class:`ZOStrategy`) with ``messaging`` (its message traffic) and ``identity`` (client ids
+bound to secrets), ``server_app``
 (:func:`make_server_app`), ``client_app`` (:func:`make_client_app` and the client's state).
 
 Flower facts this engine is built around (verified on Flower 1.42; ``docs/federated.md``, section
@@ -34,6 +35,9 @@ Flower facts this engine is built around (verified on Flower 1.42; ``docs/federa
   position, counters, weights and optimizer state in ``context.state`` (or a node-local
   ``cache_dir``), never only in memory; an in-process cache is used only while it provably
   holds the state ``context.state`` describes (a token written with each state).
+* Without SuperNode authentication a restarted SuperNode registers a new random node id, and a killed
+  one stays listed as online until its heartbeat deadline (~60 s): a client's identity is its client id
+  bound to a secret it keeps (:mod:`.identity`), and a client whose node is not listed is not sampled.
 * ``ConfigRecord.count_bytes()`` fails on empty lists and on empty ``str``/``bytes`` values: our
   records hold no lists, and the wire bytes are counted by its rule here.
 """

@@ -37,6 +37,7 @@ from ..checkpoint import read_checkpoint, write_checkpoint
 from ..client import FederatedWrapper
 from ..protocol import ProtocolError, Task, decode
 from ._environment import flower_environment
+from .identity import IDENTITY_KEY, client_secret, identity_token
 from .records import META_KEY, RECORD_KEY, message_content, record_data
 
 __all__ = ["STATE_KEY", "make_client_app"]
@@ -105,7 +106,10 @@ class _ClientNode:
         p = self.participant(context)
         if STATE_KEY not in context.state.config_records:
             self.save(context, p)
-        return Message(message_content(p.wrapper.hello()), reply_to=msg)
+        cid = p.wrapper.client_id
+        secret = client_secret(cid, dict(context.node_config), self.state_dir)  # proves the id after a restart
+        more = {} if secret is None else {IDENTITY_KEY: ConfigRecord({"token": identity_token(cid, secret)})}
+        return Message(message_content(p.wrapper.hello(), **more), reply_to=msg)
 
     def handle(self, msg: Message, context: Context) -> Message:
         """A round's task (``"train"``) or the final catch-up (``"query.sync"``): the client's reply."""
@@ -234,7 +238,10 @@ def make_client_app(
             starts with an empty ``context.state``: a node of a later Flower run (the ServerApp
             resumed with ``ZOStrategy(resume=...)``) rejoins where it stopped. Use one directory
             per federation: a file from another federation is refused at the handshake (its
-            position or weights do not match the server's).
+            position or weights do not match the server's). The client's identity secret is kept
+            there too (``client-<id>.secret``, unless the node config has a ``client-secret``): a
+            restarted SuperNode (new node id) proves it and takes its client id back
+            (:mod:`~zo_optim.federated.flower.identity`).
 
     Every message may run in a fresh process (deployment): the client's position, counters,
     server seed and weights + optimizer state are written to ``context.state`` (the blob, or

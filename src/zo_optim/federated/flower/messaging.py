@@ -25,6 +25,7 @@ from ..protocol import Hello, ProtocolError, Reply, Task, decode, reply_client_i
 from ..protocol import Message as ZOMessage
 from ..server import Server
 from ._environment import flower_logger
+from .identity import IDENTITY_KEY, Identities
 from .records import META_KEY, RECORD_KEY, hello_query_content, message_content, record_data, wire_bytes
 
 __all__: list[str] = []
@@ -57,7 +58,10 @@ class _Messaging:
     wire_down: dict[int, int]
     _known_nodes: set[int]
     _pending: dict[str, _Pending]
-    _hellos: list[tuple[int, Hello]]
+    _hellos: list[tuple[int, Hello, str]]
+    identities: Identities
+    _online: set[int] | None  # the nodes Flower listed at the last look (None: not looked yet)
+    rebound: list[tuple[int, int, int]]
     _deferred_hellos: bool
     _grid: Grid | None
 
@@ -138,7 +142,9 @@ class _Messaging:
             return
         data: dict[str, Any] = record_data(content) or {}
         if p.kind == "hello":
-            self._on_hello(p.node_id, data)
+            ident = content.config_records.get(IDENTITY_KEY)
+            token = ident.get("token") if ident is not None else None
+            self._on_hello(p.node_id, data, token if isinstance(token, str) else "")
             return
         assert p.client_id is not None
         claimed = reply_client_id(data)
@@ -154,7 +160,7 @@ class _Messaging:
         if receipt.retry is not None and self._grid is not None:
             self._push(self._grid, [self._message(self._grid, "train", receipt.retry, p.node_id)])
 
-    def _on_hello(self, node: int, data: dict[str, Any]) -> None:
+    def _on_hello(self, node: int, data: dict[str, Any], token: str = "") -> None:
         try:
             hello = decode(data)
         except ProtocolError as e:
@@ -164,22 +170,41 @@ class _Messaging:
             self.refused[node] = f"expected a hello, got a {hello.kind}"
             return
         if self._deferred_hellos:
-            self._hellos.append((node, hello))
+            self._hellos.append((node, hello, token))
         else:
-            self._register(node, hello)
+            self._register(node, hello, token)
 
-    def _register(self, node: int, hello: Hello) -> None:
-        owner = self.node_of.get(hello.client_id)
+    def _register(self, node: int, hello: Hello, token: str = "") -> None:
+        """Register ``node`` as ``hello.client_id`` if it may hold that id (:mod:`.identity`) and passes the
+        handshake; a node that proves the secret of an id another node holds takes it over (a restarted node)."""
+        cid = hello.client_id
+        owner = self.node_of.get(cid)
+        why = self.identities.check(cid, token, owner, node, owner_online=self._online is None or owner in self._online)
+        if why is None:
+            welcome = self.server.handshake(hello)
+            why = None if welcome.accepted else welcome.reason
+        if why is not None:
+            self.refused[node] = why
+            log.warning("node %d refused at the handshake: %s", node, why)
+            return
+        self.identities.bind(cid, token)
         if owner is not None and owner != node:
-            self.refused[node] = f"client id {hello.client_id} is already node {owner}'s"
-            return
-        welcome = self.server.handshake(hello)
-        if not welcome.accepted:
-            self.refused[node] = welcome.reason
-            log.warning("node %d refused at the handshake: %s", node, welcome.reason)
-            return
-        self.node_of[hello.client_id] = node
-        self.client_of[node] = hello.client_id
+            self._unbind(owner, cid)
+            self.rebound.append((cid, owner, node))
+            log.info("client %d returned on node %d (was node %d): proved its secret, re-bound at position %d",
+                     cid, node, owner, hello.position)
+        self.refused.pop(node, None)
+        self.node_of[cid] = node
+        self.client_of[node] = cid
+
+    def _unbind(self, old: int, cid: int) -> None:
+        """Forget ``old`` as ``cid``'s node: its outstanding messages are given up (the node is gone, or lost its
+        claim) and the client is released, so it can be sampled on its new node."""
+        self.client_of.pop(old, None)
+        for mid, p in list(self._pending.items()):
+            if p.node_id == old:
+                del self._pending[mid]
+        self.server.release(cid)
 
     def _on_sync(self, p: _Pending, data: dict[str, Any], content: RecordDict) -> None:
         assert p.client_id is not None and self._grid is not None

@@ -23,6 +23,7 @@ from ..consistency import ReplicaCheck, check_replicas
 from ..protocol import Hello
 from ..server import RoundRecord, Server
 from ._environment import flower_environment, flower_logger
+from .identity import Identities
 from .messaging import _Messaging, _Pending
 
 __all__ = ["ZOStrategy"]
@@ -75,12 +76,21 @@ class ZOStrategy(_Messaging, Strategy):
         **server_kwargs: passed to :class:`Server` (``aggregation``, ``log_limit``,
             ``snapshot_every``, ``max_abs_scalar``, ``extras``, ...).
 
+    Identity (:mod:`~zo_optim.federated.flower.identity`): a client id is bound to the secret of the node that
+    first registered it (trust on first use; the pins ride in the checkpoint); a hello for that id from another
+    node id is accepted only with the same secret, and then the client is re-bound to the new node (a SuperNode
+    restarted without auth). A client whose node Flower no longer lists as online is away (not sampled).
+
     After :meth:`start`: ``server`` (the :class:`Server`: ``history``, ``rejections``, ``late``,
-    ``checksum()``), ``node_of`` (client id → node id), ``refused`` (node id → reason),
+    ``checksum()``), ``node_of`` (client id → node id), ``refused`` (node id → reason), ``rebound``
+    ((client, old node, new node) per re-bind), ``identities`` (the pins),
     ``client_checksums`` (client id → checksum from the final sync), ``errors``, ``wire_up`` /
     ``wire_down`` (Flower record bytes per round, keys included; the final sync under round
     ``-1``).
     """
+
+    #: seconds the handshake waits for the remaining hellos once ``min_nodes`` have arrived
+    HELLO_GRACE = 10.0
 
     def __init__(
         self,
@@ -126,14 +136,18 @@ class ZOStrategy(_Messaging, Strategy):
                              **server_kwargs)
         self.wire_up: dict[int, int] = {}
         self.wire_down: dict[int, int] = {}
-        # the record byte counters travel with the server's checkpoint, so a resumed run's totals are the whole run's
+        self.identities = Identities()
+        # the record byte counters and the identity pins travel with the server's checkpoint, so a resumed run's
+        # totals are the whole run's and a returning client must prove the secret it first registered with
         self.server.checkpoint_extra = lambda: {"flower": {"wire_up": dict(self.wire_up),
-                                                           "wire_down": dict(self.wire_down)}}
+                                                           "wire_down": dict(self.wire_down),
+                                                           "identities": self.identities.state_dict()}}
         if resume is not None:
             extra = self.server.load_checkpoint(resume)  # atomic: a bad checkpoint raises and changes nothing
             wire = extra.get("flower", {}) if isinstance(extra, dict) else {}
             self.wire_up = {int(k): int(v) for k, v in wire.get("wire_up", {}).items()}
             self.wire_down = {int(k): int(v) for k, v in wire.get("wire_down", {}).items()}
+            self.identities = Identities.from_state(wire.get("identities", {}))
             if min_nodes is None:
                 min_nodes = max(1, len(self.server.clients))
         self.min_nodes = clients_per_round if min_nodes is None else min_nodes
@@ -150,7 +164,9 @@ class ZOStrategy(_Messaging, Strategy):
         self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
         self._known_nodes: set[int] = set()
         self._pending: dict[str, _Pending] = {}
-        self._hellos: list[tuple[int, Hello]] = []
+        self._hellos: list[tuple[int, Hello, str]] = []
+        self._online: set[int] | None = None
+        self.rebound: list[tuple[int, int, int]] = []  # (client, old node, new node): restarted nodes re-bound
         self._deferred_hellos = False
         self._grid: Grid | None = None
 
@@ -172,6 +188,7 @@ class ZOStrategy(_Messaging, Strategy):
         self._grid = grid
         if self.server.position != server_round - 1:
             raise ValueError(f"Invalid server_round: {server_round} (the next round is {self.server.position + 1})")
+        self._refresh_away(grid)
         tasks = self.server.open_round()
         for c in [c for c in tasks if c not in self.node_of]:
             # a client the resumed checkpoint knows but whose node has not said hello in this run: no node to
@@ -242,10 +259,11 @@ class ZOStrategy(_Messaging, Strategy):
         self.handshake(grid, timeout=wait)
         for server_round in range(first + 1, num_rounds + 1):
             self._discover(grid)
+            self._refresh_away(grid)
             self._wait_for_eligible(grid, server_round - 1)
             msgs = list(self.configure_train(server_round, None, None, grid))
             self._push(grid, msgs)
-            self._pump(grid, lambda: self.server.all_replied or self.server.deadline_passed())
+            self._pump(grid, self._round_over(grid))
             metrics = self._close_round()
             result.train_metrics_clientapp[server_round] = metrics
             if evaluate_fn is not None:
@@ -263,6 +281,32 @@ class ZOStrategy(_Messaging, Strategy):
         not refused as a whole. The others were applied as empty rounds (every replica only moves its position)."""
         return sum(1 for r in self.server.history if r.participants and not r.aggregate_refused)
 
+    def _round_over(self, grid: Grid) -> Callable[[], bool]:
+        """The open round's end test: every sampled client answered or the deadline passed. Once a second it also
+        says hello to new nodes: a SuperNode restarted mid-round (a new node id) re-claims its client now, which
+        gives up the message its dead node owes, so the round closes without waiting for its deadline."""
+        last = [time.monotonic()]
+
+        def over() -> bool:
+            if time.monotonic() - last[0] >= 1.0:
+                last[0] = time.monotonic()
+                self._discover(grid)
+            return self.server.all_replied or self.server.deadline_passed()
+
+        return over
+
+    def _refresh_away(self, grid: Grid) -> None:
+        """Take out of sampling the clients whose node is not online (Flower marks a node offline when it missed its
+        heartbeats: about 60 s after a kill, by flwr's defaults) or that have no node in this run; they keep their
+        position and are sampled again when their node is back online or a restarted node proves their secret.
+        Without this a dead registration is sampled round after round and each time loses a slot."""
+        online = self._online = set(grid.get_node_ids())
+        away = {c for c in self.server.clients if self.node_of.get(c) not in online}
+        for c in sorted(away - self.server.away):
+            log.info("client %d is away (node %s offline or gone): not sampled until it is back", c,
+                     self.node_of.get(c))
+        self.server.away = away
+
     def _eligible_connected(self) -> list[int]:
         return [c for c in self.server.eligible() if c in self.node_of]
 
@@ -271,7 +315,7 @@ class ZOStrategy(_Messaging, Strategy):
         owes a reply, or no node is connected yet), pull replies and look for new nodes, up to ``idle_timeout``."""
         if self._eligible_connected() or self.idle_timeout == 0:
             return
-        if self.node_of and not self.server.owes:
+        if self.node_of and not self.server.owes and not self.server.away:
             return  # every connected client is quarantined: only rounds end a quarantine, waiting cannot help
         log.info("round %d: no eligible client (%d owe a reply, %d connected); waiting up to %.1fs", rnd,
                  len(self.server.owes), len(self.node_of), self.idle_timeout)
@@ -282,6 +326,7 @@ class ZOStrategy(_Messaging, Strategy):
             if time.monotonic() - last[0] >= 1.0:  # new nodes: a Grid call, so once a second
                 last[0] = time.monotonic()
                 self._discover(grid)
+                self._refresh_away(grid)
             return bool(self._eligible_connected())
 
         self._pump(grid, ready, deadline=t0 + self.idle_timeout)
@@ -317,7 +362,9 @@ class ZOStrategy(_Messaging, Strategy):
         """Wait for ``min_nodes`` nodes, send each a hello query and register the clients that match.
 
         Hellos are registered in client-id order, so the sampling sequence does not depend on
-        which node started first (the same sequence as :func:`simulate` with the same ids).
+        which node started first (the same sequence as :func:`simulate` with the same ids). Once
+        ``min_nodes`` hellos are in, the others get :attr:`HELLO_GRACE` seconds (a killed node's id stays
+        listed ~60 s and never answers); a hello answered later registers its node when it arrives.
         Raises ``RuntimeError`` if fewer than ``min_nodes`` nodes appear in time or none is accepted.
         """
         timeout = self.handshake_timeout if timeout is None else timeout
@@ -329,13 +376,26 @@ class ZOStrategy(_Messaging, Strategy):
                                    f"min_nodes is {self.min_nodes}")
             time.sleep(self.poll_interval)
         self._deferred_hellos = True
+        enough_at: list[float] = []
+
+        def answered() -> bool:
+            # every hello answered; or min_nodes were and the rest had HELLO_GRACE more seconds: a node id that
+            # Flower still lists as online but whose process is dead (killed; it stays "online" until its heartbeat
+            # deadline, ~60 s) never answers, and must not hold up the federation. Its hello stays outstanding; a
+            # later answer registers the node then (_on_hello), a dead node's expires.
+            if not any(p.kind == "hello" for p in self._pending.values()):
+                return True
+            if len(self._hellos) >= self.min_nodes and not enough_at:
+                enough_at.append(time.monotonic())
+            return bool(enough_at) and time.monotonic() - enough_at[0] >= self.HELLO_GRACE
+
         try:
             self._discover(grid)
-            self._pump(grid, lambda: not any(p.kind == "hello" for p in self._pending.values()), deadline=end)
+            self._pump(grid, answered, deadline=end)
         finally:
             self._deferred_hellos = False
-        for node, hello in sorted(self._hellos, key=lambda nh: nh[1].client_id):
-            self._register(node, hello)
+        for node, hello, token in sorted(self._hellos, key=lambda nh: nh[1].client_id):
+            self._register(node, hello, token)
         self._hellos = []
         if not self.node_of:
             raise RuntimeError(f"no SuperNode passed the handshake: {self.refused or 'no hello arrived in time'}")
