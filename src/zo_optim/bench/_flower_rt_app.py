@@ -5,6 +5,8 @@
   phases (model build, restore from ``context.state``, catch-up with its digest checks, compute, save) with
   timers before ``make_client_app`` binds them; the ServerApp records when each task is pushed and each reply
   pulled.
+* ``torch``: the same with a ClientApp that imports torch and runs the tiny model's forward (a plain torch
+  app's floor).
 * ``bare``: Flower's floor on the same processes: a ServerApp that pushes one tiny ``ConfigRecord`` per node and
   round and pulls at the same 0.05 s interval as ``ZOStrategy``, and a ClientApp that imports nothing beyond
   Flower and answers at once.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_app"]
+__all__ = ["KINDS", "write_app"]
 
 _PYPROJECT = """\
 [build-system]
@@ -181,7 +183,7 @@ app = ServerApp()
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> None:
+def server_main(grid: Grid, context: Context) -> None:
     n = int(context.run_config["min-nodes"])
     strategy = ZOStrategy(task.optimizer(task.model()), clients_per_round=n, local_steps=1, server_seed=0,
                           min_nodes=n, round_timeout=60.0, handshake_timeout=300.0)
@@ -246,7 +248,7 @@ app = ServerApp()
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> None:
+def server_main(grid: Grid, context: Context) -> None:
     n = int(context.run_config["min-nodes"])
     end = time.time() + 300
     while len(nodes := sorted(grid.get_node_ids())) < n and time.time() < end:
@@ -267,10 +269,45 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
+_TORCH_CLIENT = '''\
+"""ClientApp: Flower + torch: imports torch, runs the tiny model's forward on a batch, answers (a plain torch app's
+floor: what a bare Flower app pays once it imports torch)."""
+import time
+
+T_TOP = time.time()
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from . import rt_trace  # noqa: E402
+
+T_START = rt_trace.process_start()
+rt_trace.on_exit("client")
+import torch  # noqa: E402
+
+T_TORCH = time.time()
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.time()
+    torch.manual_seed(0)
+    loss = torch.nn.functional.cross_entropy(torch.nn.Linear(8, 2)(torch.randn(16, 8)), torch.zeros(16).long())
+    t1 = time.time()
+    reply = Message(RecordDict({"zo": ConfigRecord({"loss": float(loss)})}), reply_to=msg)
+    rt_trace.emit(side="client", event="message", kind=msg.metadata.message_type, round=msg.metadata.group_id,
+                  node=context.node_id, start=T_START, top=T_TOP, torch=T_TORCH, zo=T_TORCH, task=T_TORCH, h0=t0,
+                  h1=time.time(), phases={"compute": t1 - t0})
+    return reply
+'''
+
+KINDS = ("bare", "torch", "zo")
+
+
 def write_app(root: Path, kind: str) -> Path:
-    """Write the ``kind`` app (``"zo"`` or ``"bare"``) under ``root``; returns its directory (for ``flwr run``)."""
-    if kind not in ("zo", "bare"):
-        raise ValueError(f"Invalid app kind: {kind!r} (zo or bare)")
+    """Write the ``kind`` app (:data:`KINDS`) under ``root``; returns its directory (for ``flwr run``)."""
+    if kind not in KINDS:
+        raise ValueError(f"Invalid app kind: {kind!r} (one of {KINDS})")
     app = root / f"app-{kind}"
     pkg = app / f"zo_rt_{kind}"
     pkg.mkdir(parents=True, exist_ok=True)
@@ -278,8 +315,8 @@ def write_app(root: Path, kind: str) -> Path:
     files = {"__init__.py": "", "rt_trace.py": _TRACE}
     if kind == "zo":
         files |= {"client_app.py": _ZO_CLIENT, "server_app.py": _ZO_SERVER, "task.py": _ZO_TASK}
-    else:
-        files |= {"client_app.py": _BARE_CLIENT, "server_app.py": _BARE_SERVER}
+    else:  # "torch" reuses the bare ServerApp
+        files |= {"client_app.py": _BARE_CLIENT if kind == "bare" else _TORCH_CLIENT, "server_app.py": _BARE_SERVER}
     for name, text in files.items():
         (pkg / name).write_text(text)
     return app

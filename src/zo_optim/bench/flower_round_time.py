@@ -6,6 +6,8 @@ byte-counting proxy, :mod:`._flower_processes`), ``FLWR_HOME`` in a temporary di
 
 * ``bare`` — Flower's own floor: a ClientApp that imports nothing but Flower and answers at once, a ServerApp
   that pushes one tiny message per node and round and pulls every 0.05 s;
+* ``torch`` — the same, but the ClientApp imports torch and runs the tiny model's forward: a plain torch app's
+  floor;
 * ``zo`` — our engine on a tiny model (``nn.Linear(8, 2)``, HiSo P = 5, τ = 1, every node sampled every round).
 
 Per task (round, node) it measures, from timestamps the processes write themselves:
@@ -49,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+from ._engine_times import distributed_seconds_per_round, simulate_seconds_per_round
 from ._flower_processes import Cluster
-from ._flower_rt_app import write_app
+from ._flower_rt_app import KINDS, write_app
 
 PHASES = ("wait", "flower_start", "import_torch", "import_zo", "app", "build", "restore", "catch_up", "compute",
           "save", "reply", "return", "round_trip")
@@ -61,10 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
     p.add_argument("--rounds", type=int, default=6, help="rounds per app (default 6)")
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle traffic to measure first (default 10)")
-    p.add_argument("--apps", default="bare,zo", help="apps to run, in order (default bare,zo)")
+    p.add_argument("--apps", default="bare,torch,zo", help="apps to run, in order (default bare,torch,zo)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per flwr run (default 900)")
     p.add_argument("--out", type=Path, default=Path("zo-optim-bench-flower-round-time"))
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, FLWR_HOME)")
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip timing simulate() and torch.distributed (gloo) on the same problem")
     return p
 
 
@@ -141,9 +146,9 @@ def _read_traces(folder: Path, t0: float, t1: float) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     apps = [s for s in a.apps.split(",") if s]
-    bad = [s for s in apps if s not in ("zo", "bare")]
+    bad = [s for s in apps if s not in KINDS]
     if bad or not apps:
-        print(f"zo-optim bench flower-round-time: Invalid --apps {a.apps!r} (a comma list of zo, bare)",
+        print(f"zo-optim bench flower-round-time: Invalid --apps {a.apps!r} (a comma list of {', '.join(KINDS)})",
               file=sys.stderr)
         return 2
     if a.nodes < 1 or a.rounds < 1:
@@ -186,11 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     summary = {app: summarise(app, res) for app, res in results.items()}
+    engines: dict[str, float] = {}
+    if not a.no_engines:  # after the cluster is gone: nothing else runs beside them
+        engines["simulate"] = simulate_seconds_per_round(a.nodes, a.rounds)
+        with tempfile.TemporaryDirectory() as tmp:
+            engines["torch.distributed (gloo)"] = distributed_seconds_per_round(a.nodes, a.rounds, Path(tmp) / "s")
     rows = [report.Row(app, "flower-deployment", ph, "s" if not ph.startswith("tcp") else "B", a.nodes, float(v))
             for app, s in summary.items() for ph, v in s.items()]
     rows += [report.Row("idle", "flower-deployment", "tcp_up_per_s", "B/s", a.nodes, idle_up),
              report.Row("idle", "flower-deployment", "tcp_down_per_s", "B/s", a.nodes, idle_down)]
     rows += [report.Row(app, "flower-deployment", "flwr_run_wall", "s", a.nodes, w) for app, w in runs.items()]
+    rows += [report.Row(name, "engine", "round", "s", a.nodes, v) for name, v in engines.items()]
     names = list(summary)
     table = report.format_table(["phase (median, s)", *names],
                                 [[ph, *[summary[n].get(ph, float("nan")) for n in names]] for ph in
@@ -198,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                                 title=f"one deployment round, {a.nodes} SuperNodes, {a.rounds} rounds per app")
     lines = [table, "", f"idle node TCP payload: {idle_up:.0f} B/s up, {idle_down:.0f} B/s down",
              "flwr run wall: " + ", ".join(f"{k} {v:.1f} s" for k, v in runs.items())]
+    if engines:
+        lines.append("the same problem on the other engines, median s per round: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in engines.items()))
     done = results.get("zo", {}).get("done", {})
     if done:
         pay = done.get("payload", [])

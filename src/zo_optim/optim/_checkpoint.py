@@ -26,6 +26,7 @@ import torch
 
 from .. import rng
 from ..ops import _sharding
+from ._eager import eager
 from ._validation import as_seed, is_int
 
 __all__ = ["Checkpointing"]
@@ -85,7 +86,7 @@ class Checkpointing:
 
     def _state_dict(self) -> dict[str, Any]:
         self._ensure_state()
-        sd = super().state_dict()
+        sd = eager(super().state_dict)()  # no torch._dynamo import (see _eager)
         sd["zo"] = {
             "algorithm": self.algorithm,
             "rng_version": rng.RNG_VERSION,
@@ -141,7 +142,7 @@ class Checkpointing:
         old = {k: self.__dict__[k] for k in ("state", "param_groups")}
         old_attrs = (self.base_seed, self._t, self.skipped_steps, self._seed_synced, self._runtime_state())
         try:
-            super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            eager(super().load_state_dict)({"state": {}, "param_groups": state_dict["param_groups"]})
             for p, entry in state.items():
                 self.state[p] = entry
             self.base_seed, self._t, self.skipped_steps = base_seed, t, skipped
