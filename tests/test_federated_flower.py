@@ -292,6 +292,16 @@ def test_import_error_names_the_extra(monkeypatch):
         import zo_optim.federated.flower  # noqa: F401
 
 
+def test_the_federated_extra_is_the_flower_extra():
+    """``pip install "zo-optim[federated]"`` (the package's and the command's name) installed no Flower: pip only
+    warned that the extra does not exist."""
+    import tomllib
+
+    extras = tomllib.loads((pathlib.Path(TESTS).parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["federated"] == ["zo-optim[flower]"] and any(d.startswith("flwr") for d in extras["flower"])
+
+
 def test_random_64_bit_node_ids_as_client_ids_train(in_process):
     """Flower's node ids are random uint64: used as client ids (the fallback without a partition id) they must
     pass the handshake AND every reply (the reply header's client id was uint32 before protocol 3)."""

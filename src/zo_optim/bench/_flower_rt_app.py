@@ -152,9 +152,12 @@ def model():
 
 
 def optimizer(m):
+    import os
+
     from zo_optim import HiSo
 
-    return HiSo(m.parameters(), lr=0.05, num_queries=5)
+    # every participant (ServerApp, ClientApps) reads the same variable: the backend must be the same everywhere
+    return HiSo(m.parameters(), lr=0.05, num_queries=5, backend=os.environ.get("ZO_RT_BACKEND", "auto"))
 
 
 def data(context):

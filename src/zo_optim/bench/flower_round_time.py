@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per flwr run (default 900)")
     p.add_argument("--out", type=Path, default=Path("zo-optim-bench-flower-round-time"))
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, FLWR_HOME)")
+    p.add_argument("--zo-backend", default="auto", choices=("auto", "cpu", "chunked", "reference"),
+                   help="ops backend of the zo app's optimizer, on every participant (default auto: numba on CPU)")
     p.add_argument("--no-engines", action="store_true",
                    help="skip timing simulate() and torch.distributed (gloo) on the same problem")
     return p
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     trace.mkdir()
     src = str(Path(__file__).resolve().parents[2])  # the zo_optim the ClientApp processes must import
     env = {**os.environ, "FLWR_HOME": str(root / "home"), "ZO_RT_TRACE": str(trace), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "ZO_RT_BACKEND": a.zo_backend,
            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, float] = {}
@@ -234,5 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         for app, res in results.items():
             for rec in res["records"]:
                 f.write(json.dumps({"app": app, **rec}) + "\n")
-    report.write_environment(a.out / "env.json", env_rec, **{k: str(v) for k, v in vars(a).items()})
+    from importlib import metadata
+
+    report.write_environment(a.out / "env.json", env_rec, flwr=metadata.version("flwr"),
+                             load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()),
+                             **{k: str(v) for k, v in vars(a).items()})
     return 0
