@@ -21,23 +21,29 @@ def test_phases_are_the_documented_timestamp_differences():
     # one task: pushed at 10.0, process started 12.0, app module at 13.0, torch at 14.0, zo at 14.5, handler
     # 14.7 -> 15.0 (build 0.1 inside participant 0.3; catch-up 0.05, compute 0.1, save 0.01), exit 15.2, pulled 15.9
     records = [
-        {"side": "server", "event": "push", "round": "1", "node": 7, "t": 10.0},
-        {"side": "server", "event": "push", "round": "1", "node": 8, "t": 10.1},
-        {"side": "client", "event": "message", "kind": "train", "round": "1", "node": 7, "pid": 1, "start": 12.0,
+        # the handshake (ZOStrategy's group id -1) is not a round; the first round is numbered 0
+        {"side": "server", "event": "push", "round": "-1", "node": 7, "t": 1.0},
+        {"side": "client", "event": "message", "kind": "query", "round": "-1", "node": 7, "pid": 0, "start": 2.0,
+         "top": 3.0, "torch": 4.0, "zo": 4.5, "task": 4.6, "h0": 4.7, "h1": 5.0, "phases": {}},
+        {"side": "server", "event": "reply", "round": "-1", "node": 7, "t": 6.0},
+        {"side": "server", "event": "push", "round": "0", "node": 7, "t": 10.0},
+        {"side": "server", "event": "push", "round": "0", "node": 8, "t": 10.1},
+        {"side": "client", "event": "message", "kind": "train", "round": "0", "node": 7, "pid": 1, "start": 12.0,
          "top": 13.0, "torch": 14.0, "zo": 14.5, "task": 14.6, "h0": 14.7, "h1": 15.0,
          "phases": {"build": 0.1, "participant": 0.3, "catch_up": 0.05, "compute": 0.1, "save": 0.01}},
         {"side": "client", "event": "exit", "pid": 1, "t": 15.2},
-        {"side": "server", "event": "reply", "round": "1", "node": 7, "t": 15.9},
-        {"side": "server", "event": "reply", "round": "1", "node": 8, "t": 16.4},
+        {"side": "server", "event": "reply", "round": "0", "node": 7, "t": 15.9},
+        {"side": "server", "event": "reply", "round": "0", "node": 8, "t": 16.4},
     ]
     res = bench.analyse(records)
-    (task,) = res["tasks"]
+    query, task = res["tasks"]
+    assert query["kind"] == "query" and task["kind"] == "train"
     want = {"wait": 2.0, "flower_start": 1.0, "import_torch": 1.0, "import_zo": 0.5, "app": 0.2, "build": 0.1,
             "restore": 0.2, "catch_up": 0.05, "compute": 0.1, "save": 0.01, "reply": 0.2, "return": 0.7,
             "round_trip": 5.9}
     assert {k: round(task[k], 9) for k in want} == want
     # the round: first push (10.0) to last reply (16.4)
-    assert [(r["round"], round(r["seconds"], 9)) for r in res["rounds"]] == [(1, 6.4)]
+    assert [(r["round"], round(r["seconds"], 9)) for r in res["rounds"]] == [(0, 6.4)]
     assert bench.summarise("zo", res)["round"] == pytest.approx(6.4)
 
 

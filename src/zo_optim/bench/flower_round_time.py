@@ -103,7 +103,7 @@ def analyse(records: list[dict[str, Any]], proxies: list[Any] | None = None) -> 
             continue
         tasks.append({"kind": m["kind"], "round": m["round"], "node": m["node"],
                       **_phases(m, push[key], exits.get(m["pid"]), reply.get(key))})
-    rounds = sorted({int(t["round"]) for t in tasks if t["kind"] == "train" and int(t["round"]) > 0})
+    rounds = sorted({int(t["round"]) for t in tasks if t["kind"] == "train" and int(t["round"]) >= 0})
     per_round = []
     for rnd in rounds:
         keys = [k for k in push if k[0] == str(rnd)]
