@@ -196,6 +196,33 @@ def test_fresh_process_per_message_stays_bit_identical(in_process):
         assert torch.equal(torch.from_numpy(got), want)
 
 
+WEIGHTS = (5, 1, 3)  # unequal, so a mean that ignored them would move the weights elsewhere
+
+
+def weighted_client_data(context: Context):
+    part = int(context.node_config["partition-id"])
+    return client_data(context), WEIGHTS[part]  # data_fn's (loss, n_examples): the reply's weight in the mean
+
+
+def test_weighted_clients_are_bit_identical_to_simulate_with_the_same_weights(in_process):
+    """A ClientApp whose data_fn returns (loss, n) (as examples/flower's, by number of tweets) follows
+    simulate(..., n_examples=n), bit for bit; simulate() without them is another federation (its checksum differs:
+    the aggregate is Σ n·g / Σ n, not the plain mean)."""
+    rounds, m = 3, 3
+    in_process.fresh_process = True
+    strategy, model = strategy_for(rounds, m)
+    run_simulation(make_server_app(strategy, rounds), make_client_app(mlp_fn, make_opt, weighted_client_data,
+                                                                      local_steps=TAU), num_supernodes=N_NODES)
+    assert not strategy.errors
+    losses = [batch_loss(*d) for d in data(N_NODES, seed=DATA_SEED)]
+    kw = dict(rounds=rounds, clients_per_round=m, local_steps=TAU, seed=SEED)
+    weighted = simulate(mlp_fn, make_opt, losses, n_examples=list(WEIGHTS), **kw)
+    assert_same_as_simulate(strategy, model, weighted)
+    assert strategy.server.checksum() != simulate(mlp_fn, make_opt, losses, **kw).coordinator.checksum()
+    with pytest.raises(ValueError, match="Invalid n_examples"):
+        simulate(mlp_fn, make_opt, losses, n_examples=[1, 2], **kw)
+
+
 def test_a_late_reply_is_dropped_and_the_straggler_catches_up(in_process, tmp_path):
     rounds, m = 8, 3
 
@@ -263,6 +290,16 @@ def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "zo_optim.federated.flower", raising=False)
     with pytest.raises(ImportError, match=r'pip install "zo-optim\[flower\]"'):
         import zo_optim.federated.flower  # noqa: F401
+
+
+def test_the_federated_extra_is_the_flower_extra():
+    """``pip install "zo-optim[federated]"`` (the package's and the command's name) installed no Flower: pip only
+    warned that the extra does not exist."""
+    import tomllib
+
+    extras = tomllib.loads((pathlib.Path(TESTS).parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["federated"] == ["zo-optim[flower]"] and any(d.startswith("flwr") for d in extras["flower"])
 
 
 def test_random_64_bit_node_ids_as_client_ids_train(in_process):

@@ -25,6 +25,8 @@ COMMANDS = {
                                "1 of 10 clients flips its scalars: model distance from honest, per aggregation"),
     "bench federated-scale": ("zo_optim.bench.federated_scale",
                               "10,000 clients, 1% per round, 1,000 rounds: server time, bytes, memory, catch-up"),
+    "bench flower-round-time": ("zo_optim.bench.flower_round_time",
+                                "one Flower deployment round on real processes: where the time and bytes go"),
 }
 
 

@@ -31,15 +31,16 @@ import torch
 from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
 from .common import positive_float, positive_int, serial_numba
 
-ENGINES = ("simulate", "flower")
+ENGINES = ("simulate", "flower", "distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zo-optim federated", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=ENGINES, default="simulate",
-                   help="what moves the messages: in process, or Flower's simulation runtime (one SuperNode per "
-                        "client, Ray actors; needs zo-optim[flower])")
+                   help="what moves the messages: in process, Flower's simulation runtime (one SuperNode per "
+                        "client, Ray actors; needs zo-optim[flower]), or torch.distributed (launched by torchrun, "
+                        "rank 0 serves, one rank per client)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="hiso", help="the ZO optimizer of every replica")
     p.add_argument("--rounds", type=positive_int, default=300, help="communication rounds")
     p.add_argument("--clients", type=positive_int, default=8, help="M, clients holding a share of the tweets")
@@ -213,6 +214,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume is not None:
         _resume_settings(args)
     _check(args)
+    # the default lr per optimizer for this head task (P = 5, τ = 1, 4 of 8 clients per round): the class's
+    # "federated/head" (`zo-optim bench federated` sweeps {1e-3, 3e-3, 1e-2, 3e-2}; see docs/federated.md)
+    lr = args.lr if args.lr is not None else recommended_lr(args.optimizer, "federated/head")
+    if args.engine == "distributed":  # under torchrun: ranks > 0 are clients and return here
+        from . import federated_distributed
+
+        if federated_distributed.init_group(args) != 0:
+            assets.set_offline()
+            torch.set_num_threads(1)
+            federated_distributed.run_client(args, optimizer_factory(args.optimizer, lr, args.zo_eps,
+                                                                     args.num_queries, args.seed))
+            return {}
     if args.checkpoint_dir is not None and args.resume is None:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (args.checkpoint_dir / "args.json").write_text(json.dumps(
@@ -220,9 +233,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assets.set_offline()
     serial_numba()  # numba's spinning threads would take the cores from torch between forwards (docs/demo.md)
     progress = not args.no_progress
-    # the default lr per optimizer for this head task (P = 5, τ = 1, 4 of 8 clients per round): the class's
-    # "federated/head" (`zo-optim bench federated` sweeps {1e-3, 3e-3, 1e-2, 3e-2}; see docs/federated.md)
-    lr = args.lr if args.lr is not None else recommended_lr(args.optimizer, "federated/head")
     t_start = time.perf_counter()
     task = encode_tweets(clients=args.clients, alpha=args.alpha, train_examples=args.train_examples,
                          eval_examples=args.eval_examples, max_len=args.max_len, batch_size=args.batch_size,
@@ -254,6 +264,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.engine == "flower":
             result = _run_flower(args, task, lr, on_round)
+        elif args.engine == "distributed":
+            from .federated_distributed import run_server
+
+            result = run_server(args, task, optimizer_factory(args.optimizer, lr, args.zo_eps, args.num_queries,
+                                                              args.seed), on_round)
         else:
             optimizer_fn = optimizer_factory(args.optimizer, lr, args.zo_eps, args.num_queries, args.seed)
             result = simulate(task.model_fn, optimizer_fn, [task.client_loss(c) for c in range(args.clients)],

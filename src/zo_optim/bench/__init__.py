@@ -12,7 +12,9 @@
 * :mod:`~zo_optim.bench.federated_attack` (``bench federated-attack``): one sign-flipping client per
   aggregation rule, the distance from the honest run;
 * :mod:`~zo_optim.bench.federated_scale` (``bench federated-scale``): 10,000 clients, 1% a round, 1,000
-  rounds: server time, bytes, memory and catch-up cost.
+  rounds: server time, bytes, memory and catch-up cost;
+* :mod:`~zo_optim.bench.flower_round_time` (``bench flower-round-time``): one Flower deployment round on real
+  processes, phase by phase, with Flower's own floor and the bytes on the wire.
 
 Shared: :mod:`~zo_optim.bench.report` (CSV, tables, plots, environment), :mod:`~zo_optim.bench.timing`,
 :mod:`~zo_optim.bench.shapes` (real models' parameter lists), :mod:`~zo_optim.bench.baselines` (MeZO's loop).

@@ -81,6 +81,7 @@ def simulate(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: str | os.PathLike | None = None,
+    n_examples: Sequence[int] | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds in process.
 
@@ -114,6 +115,9 @@ def simulate(
     n_clients = len(client_losses)
     if n_clients < 1:
         raise ValueError("client_losses is empty: give one loss function per client")
+    weights = [1] * n_clients if n_examples is None else list(n_examples)
+    if len(weights) != n_clients or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in weights):
+        raise ValueError(f"Invalid n_examples: {n_examples!r} (one positive int per client, {n_clients} clients)")
     server_model = model_fn()
     server = Server(optimizer_fn(server_model), clients=n_clients, clients_per_round=clients_per_round,
                     local_steps=local_steps, server_seed=seed, aggregation=aggregation, log_limit=log_limit,
@@ -133,7 +137,8 @@ def simulate(
 
     def run(c: int, task: Any) -> None:
         model, loss_fn = models[c], client_losses[c]
-        reply = wrappers[c].handle(decode(encode(task)), lambda step: loss_fn(model, step))  # type: ignore[arg-type]
+        reply = wrappers[c].handle(decode(encode(task)), lambda step: loss_fn(model, step),  # type: ignore[arg-type]
+                                   n_examples=weights[c])
         receipt = server.receive(encode(reply))
         if receipt.retry is not None:
             run(c, receipt.retry)

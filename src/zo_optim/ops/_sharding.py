@@ -19,31 +19,37 @@ parameter's values, so writing it would be a silent corruption or a native crash
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - every supported torch build on Linux/macOS has it
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+# DTensor is looked up, never imported here: `import torch.distributed.tensor` costs 0.5-0.75 s (sympy through
+# torch.fx's symbolic shapes, measured on the 2-core dev machine), paid by every process that imports zo_optim, a
+# fresh Flower ClientApp process per message included. A DTensor can only exist once its module is imported (by
+# whoever built it: fully_shard, DTensor.from_local), so "not in sys.modules" means "no tensor here is a DTensor".
 
 __all__ = ["SUPPORTED", "check_tensor", "is_dtensor", "like", "local", "local_and_offset", "local_rows", "unwrap"]
 
 SUPPORTED = "torch.Tensor / nn.Parameter, and DTensor with Shard(0) or Replicate() placements (FSDP2's fully_shard)"
 
 
+def _dtensor_module():  # torch.distributed.tensor if some code imported it (else None: no DTensor exists)
+    return sys.modules.get("torch.distributed.tensor")
+
+
 def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = getattr(_dtensor_module(), "DTensor", None)
+    return cls is not None and isinstance(t, cls)
 
 
 def _placement_ok(pl: object, ndim: int) -> bool:
-    if Replicate is not None and type(pl) is Replicate:
+    mod = _dtensor_module()  # called for a DTensor's placements only: its module is loaded
+    if type(pl) is mod.Replicate:
         return True
     # exactly Shard (not its subclass _StridedShard), on dim 0 (torch may store a negative dim)
-    return Shard is not None and type(pl) is Shard and pl.dim % max(ndim, 1) == 0  # type: ignore[attr-defined]
+    return type(pl) is mod.Shard and pl.dim % max(ndim, 1) == 0  # type: ignore[attr-defined]
 
 
 def check_tensor(where: str, t: torch.Tensor) -> None:
@@ -87,6 +93,8 @@ def local_and_offset(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not is_dtensor(t):
         return t, 0
     check_tensor("a DTensor", t)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     loc = t._local_tensor  # type: ignore[attr-defined]
     if tuple(loc.shape) != tuple(shape):
@@ -102,8 +110,8 @@ def like(p: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
     """``local_value`` (the shape of ``p``'s local shard) as a tensor sharded like ``p`` (itself if ``p`` is plain)."""
     if not is_dtensor(p):
         return local_value
-    return DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride())
+    return _dtensor_module().DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
 
 
 def unwrap(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:

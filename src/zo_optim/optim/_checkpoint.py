@@ -33,6 +33,7 @@ import torch
 
 from .. import rng
 from ..ops import _sharding
+from ._eager import eager
 from ._validation import as_seed, is_int
 
 __all__ = ["Checkpointing", "ZOState"]
@@ -121,7 +122,7 @@ class Checkpointing:
 
     def _state_dict(self) -> dict[str, Any]:
         self._ensure_state()
-        sd = super().state_dict()
+        sd = eager(super().state_dict)()  # no torch._dynamo import (see _eager)
         sd["zo"] = {
             "algorithm": self.algorithm,
             "rng_version": rng.RNG_VERSION,
@@ -184,7 +185,7 @@ class Checkpointing:
             # without the groups' copies of the zo section: they are not hyper-parameters (the live groups would
             # carry a stale step counter, and replicas' config digests would differ)
             saved_groups = [{k: v for k, v in g.items() if k != "zo"} for g in state_dict["param_groups"]]
-            super().load_state_dict({"state": {}, "param_groups": saved_groups})
+            eager(super().load_state_dict)({"state": {}, "param_groups": saved_groups})
             self.state = ZOState(dict, self.state)  # torch's load made it a plain defaultdict again
             for p, entry in state.items():
                 self.state[p] = entry

@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from ..ops import _checks as ops_checks
 from ..ops import _sharding
+from ._eager import eager
 
 __all__ = ["ParamLayout"]
 
@@ -50,7 +51,7 @@ class ParamLayout:
             else:
                 param_group = {**param_group, "params": items}
         with self._guard.exclusive("add_param_group"):
-            super().add_param_group(param_group)
+            eager(super().add_param_group)(param_group)  # no torch._dynamo import (see _eager)
             try:
                 self._check_group(self.param_groups[-1])
                 self._check_memory()
