@@ -137,3 +137,19 @@ def test_the_wait_is_bounded(in_process):
 def test_idle_timeout_is_validated():
     with pytest.raises(ValueError, match="Invalid idle_timeout"):
         strategy(clients_per_round=1, idle_timeout=-1)
+
+
+def test_an_error_the_superlink_generates_keeps_its_reason(in_process):
+    """A message that expires before its reply arrives is answered by the SuperLink (src node 1) with an error
+    reply: the strategy records Flower's reason, not "reply from node 1", and releases the client."""
+    def delay(partition: int, message_type: str, n: int) -> float:
+        return 2.0 if message_type == "train" and n == 1 else 0.0
+
+    in_process.delay = delay
+    strat = strategy(clients_per_round=1, min_nodes=1, round_timeout=0.3, message_ttl=0.6, idle_timeout=5.0)
+    run_simulation(make_server_app(strat, 3), make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU),
+                   num_supernodes=1)
+    reasons = [e[3] for e in strat.errors]
+    assert reasons and all(not r.startswith("reply from node") for r in reasons), reasons
+    assert any(r.startswith("SuperLink: ") and "code" in r for r in reasons), reasons
+    assert strat.rounds_trained >= 1  # released by the error reply, the client trains the later rounds

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from ..protocol import Hello, ProtocolError, Reply, Task, decode, reply_client_id
@@ -121,6 +122,14 @@ class _Messaging:
             if cid is None:
                 return
             p = _Pending("task", msg.metadata.src_node_id, cid, self.server.current_round, time.monotonic())
+        if msg.metadata.src_node_id == SUPERLINK_NODE_ID and msg.has_error():
+            # the SuperLink answers in the node's stead (message expired, node offline): keep its reason
+            reason = f"SuperLink: {msg.error.reason} (code {msg.error.code})"
+            self.errors.append((p.kind, p.node_id, p.client_id, reason))
+            log.warning("node %d (%s): %s", p.node_id, p.kind, reason)
+            if p.client_id is not None:
+                self.server.release(p.client_id)
+            return
         if msg.metadata.src_node_id != p.node_id:
             self.errors.append((p.kind, p.node_id, p.client_id, f"reply from node {msg.metadata.src_node_id}"))
             if p.client_id is not None:
