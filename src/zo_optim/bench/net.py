@@ -54,9 +54,8 @@ class CountingProxy:
             while chunk := src.recv(65536):
                 self.events.append((time.time(), direction, len(chunk)))
                 dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
+            dst.shutdown(socket.SHUT_WR)  # end of stream: pass the half-close on; the other direction still flows
+        except OSError:  # reset or closed: end both directions
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
