@@ -10,7 +10,7 @@ children it spawns: ``flwr-clientapp``, a SuperNode's ``flower-superexec``), and
 pids of its descendants (the SuperLink starts its ``flower-superexec``, which starts ``flwr-serverapp``, in a new
 session) — ``kill -9`` of one process and its children, never a search by name. :meth:`Federation.close` (call it in
 a ``finally``) kills every one still alive, :meth:`Federation.leftovers` checks that none is. Ports are chosen
-free at run time; ``FLWR_HOME`` is a directory of the test (Flower's config and installed apps never touch
+free at run time; ``FLWR_HOME`` is ``root/flwr-home`` (Flower's config and installed apps never touch
 ``~/.flwr``); runtime dependency installation is off (no network). Each process logs to its own file;
 :meth:`Federation.logs` returns their tails for a failure message. Flower's executables are the ones beside this
 interpreter (``flwr``'s scripts in the same environment as ``zo_optim``), whatever ``PATH`` holds.
