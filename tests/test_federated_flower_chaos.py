@@ -1,8 +1,9 @@
 """Chaos on a real Flower deployment: SuperLink, SuperNodes and ``flwr run`` as separate processes on 127.0.0.1.
 
-``flower_processes.Federation`` starts a SuperLink (insecure, free port, its state in a database file, runtime
-dependency installation off), 3 SuperNodes and ``flwr run`` of the tiny app in ``tests/flower_chaos_app`` (8 rounds,
-every eligible client sampled each round, every client with a node-local ``state_dir``), then:
+``zo_optim.bench.flower_processes.Federation`` (the harness ``zo-optim bench flower-round-time`` runs on too) starts
+a SuperLink (insecure, free port, its state in a database file, runtime dependency installation off), 3 SuperNodes
+and ``flwr run`` of the tiny app in ``tests/flower_chaos_app`` (8 rounds, every eligible client sampled each round,
+every client with a node-local ``state_dir``), then:
 
 1. after 2 closed rounds: ``kill -9`` SuperNode 1 (its process group: the node and its ``flwr-clientapp``) and start it
    again with the same ``partition-id`` and ``state_dir``. Without SuperNode auth it registers a new node id;
@@ -34,7 +35,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flower_processes import Federation, descendants
+from zo_optim.bench.flower_processes import Federation, descendants
 from zo_optim.federated import simulate
 
 APP = Path(__file__).resolve().parent / "flower_chaos_app"

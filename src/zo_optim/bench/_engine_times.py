@@ -79,7 +79,7 @@ def distributed_seconds_per_round(nodes: int, rounds: int, out: Path) -> float:
     """Median seconds between consecutive round closes of ``run_distributed`` on ``nodes + 1`` gloo processes."""
     import torch.multiprocessing as mp
 
-    from ._flower_processes import free_port
+    from .net import free_port
 
     mp.spawn(_rank, args=(nodes + 1, free_port(), max(rounds, 2), str(out)), nprocs=nodes + 1, join=True)
     return float(out.read_text())

@@ -1,7 +1,7 @@
 """``zo-optim bench flower-round-time``: where a Flower deployment round goes, on real processes on 127.0.0.1.
 
 An insecure ``flower-superlink --disable-runtime-dependency-installation``, ``--nodes`` SuperNodes (each behind a
-byte-counting proxy, :mod:`._flower_processes`), ``FLWR_HOME`` in a temporary directory, and two apps run with
+byte-counting proxy; :mod:`.flower_processes`), ``FLWR_HOME`` in a temporary directory, and two apps run with
 ``flwr run`` one after the other on the same processes (:mod:`._flower_rt_app`):
 
 * ``bare`` — Flower's own floor: a ClientApp that imports nothing but Flower and answers at once, a ServerApp
@@ -33,8 +33,8 @@ Per task (round, node) it measures, from timestamps the processes write themselv
 
 and per round the time from the first push to the last reply, the TCP payload per node and round, and an idle
 node's bytes per second. Output (``--out``): ``phases.csv`` (long format), ``table.txt``, ``traces.jsonl`` (every
-timestamp), ``env.json``. Needs ``zo-optim[flower]`` (``flower-superlink``, ``flower-supernode`` and ``flwr`` on
-PATH).
+timestamp), ``env.json``. Needs ``zo-optim[flower]`` (``flower-superlink``, ``flower-supernode`` and ``flwr``
+beside the interpreter).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from typing import Any
 
 from . import report
 from ._engine_times import distributed_seconds_per_round, simulate_seconds_per_round
-from ._flower_processes import Cluster
 from ._flower_rt_app import KINDS, write_app
+from .flower_processes import BIN, Federation, missing_executables
 
 PHASES = ("wait", "flower_start", "import_torch", "import_zo", "app", "build", "restore", "catch_up", "compute",
           "save", "reply", "return", "round_trip")
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zo-optim bench flower-round-time: Invalid --nodes {a.nodes} / --rounds {a.rounds} (>= 1)",
               file=sys.stderr)
         return 2
-    missing = [b for b in ("flower-superlink", "flower-supernode", "flwr") if shutil.which(b) is None]
+    missing = missing_executables()
     if missing:
-        print(f"zo-optim bench flower-round-time: {missing} not on PATH: pip install 'zo-optim[flower]'",
+        print(f"zo-optim bench flower-round-time: {missing} not in {BIN}: pip install 'zo-optim[flower]'",
               file=sys.stderr)
         return 2
     env_rec = report.environment(
@@ -168,25 +168,34 @@ def main(argv: list[str] | None = None) -> int:
     trace = root / "trace"
     trace.mkdir()
     src = str(Path(__file__).resolve().parents[2])  # the zo_optim the ClientApp processes must import
-    env = {**os.environ, "FLWR_HOME": str(root / "home"), "ZO_RT_TRACE": str(trace), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "ZO_RT_BACKEND": a.zo_backend,
+    # (Federation adds FLWR_HOME under root, telemetry and update check off, OMP_NUM_THREADS=1)
+    env = {"ZO_RT_TRACE": str(trace), "ZO_RT_BACKEND": a.zo_backend,
            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, float] = {}
     try:
-        with Cluster(root, a.nodes, env) as cluster:
+        with Federation(root, env=env, proxies=True) as fed:
+            fed.start_superlink()
+            for i in range(a.nodes):
+                fed.start_supernode(i, a.nodes)
+            proxies = [fed.proxies[i] for i in range(a.nodes)]
+            fed.wait_for("every SuperNode's first bytes to the SuperLink", lambda: all(p.events for p in proxies),
+                         120, watch=("superlink", *(f"supernode{i}" for i in range(a.nodes))))
             time.sleep(3.0)  # past registration
             t0 = time.time()
             time.sleep(a.idle)
-            idle = [p.bytes_between(t0, time.time()) for p in cluster.proxies]
+            idle = [p.bytes_between(t0, time.time()) for p in proxies]
             idle_up = statistics.mean(u for u, _ in idle) / a.idle
             idle_down = statistics.mean(d for _, d in idle) / a.idle
             for app in apps:
                 start = time.time()
-                runs[app] = cluster.flwr_run(write_app(root, app), f"num-server-rounds={a.rounds} min-nodes={a.nodes}",
-                                             a.timeout)
-                results[app] = analyse(_read_traces(trace, start, time.time()), cluster.proxies)
+                runs[app] = fed.flwr_run(f"num-server-rounds={a.rounds} min-nodes={a.nodes}", a.timeout,
+                                         app=write_app(root, app), stream=True)
+                results[app] = analyse(_read_traces(trace, start, time.time()), proxies)
                 results[app]["records"] = _read_traces(trace, start, time.time())
+        left = fed.leftovers()  # every process it started is gone (killed by pid while still its own)
+        if left:
+            print(f"zo-optim bench flower-round-time: processes still running after the stop: {left}", file=sys.stderr)
     finally:
         if a.keep:
             print(f"kept {root}")

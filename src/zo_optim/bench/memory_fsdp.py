@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+from .net import free_port
 
 METHODS = ("inference", "zo", "inference-fsdp", "zo-fsdp", "adamw-fsdp")
 
@@ -125,14 +126,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             "peak_mib": marks[-1]["hwm_mib"], "runtime_mib": marks[0]["hwm_mib"]}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cfg: dict[str, Any], world: int) -> list[dict[str, Any]]:
     """``world`` fresh processes (ranks of one gloo group when world > 1); their results."""
     from ..apps import assets
@@ -147,7 +140,7 @@ def _launch(cfg: dict[str, Any], world: int) -> list[dict[str, Any]]:
     base = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "TOKENIZERS_PARALLELISM": "false",
             **assets.offline_env()}
     if world > 1:
-        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen([sys.executable, "-m", "zo_optim.bench.memory_fsdp", json.dumps(cfg)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]

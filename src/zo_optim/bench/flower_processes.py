@@ -1,13 +1,19 @@
-"""A Flower deployment on real processes for tests: a SuperLink, SuperNodes and ``flwr run``, all on 127.0.0.1.
+"""A Flower deployment on real processes: a SuperLink, SuperNodes and ``flwr run``, all on 127.0.0.1.
+
+The one harness behind ``zo-optim bench flower-round-time`` (insecure, a byte-counting
+:class:`~zo_optim.bench.net.CountingProxy` in front of each SuperNode, several apps run with ``flwr run --stream``
+one after the other) and ``tests/test_federated_flower_chaos.py`` (a SuperLink with a database, TLS + SuperNode
+authentication, SuperNodes killed and restarted, a late joiner).
 
 Every process is started here, in its own session (``start_new_session``: its process group holds most of the
 children it spawns: ``flwr-clientapp``, a SuperNode's ``flower-superexec``), and stopped by that group's id plus the
 pids of its descendants (the SuperLink starts its ``flower-superexec``, which starts ``flwr-serverapp``, in a new
 session) — ``kill -9`` of one process and its children, never a search by name. :meth:`Federation.close` (call it in
 a ``finally``) kills every one still alive, :meth:`Federation.leftovers` checks that none is. Ports are chosen
-free at run time; ``FLWR_HOME`` is a directory of the test (Flower's config and installed apps never touch
+free at run time; ``FLWR_HOME`` is ``root/flwr-home`` (Flower's config and installed apps never touch
 ``~/.flwr``); runtime dependency installation is off (no network). Each process logs to its own file;
-:meth:`Federation.logs` returns their tails for a failure message.
+:meth:`Federation.logs` returns their tails for a failure message. Flower's executables are the ones beside this
+interpreter (``flwr``'s scripts in the same environment as ``zo_optim``), whatever ``PATH`` holds.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Federation", "free_port"]
+from .net import CountingProxy, free_port
+
+__all__ = ["BIN", "EXECUTABLES", "Federation", "descendants", "free_port", "missing_executables"]
 
 BIN = Path(sys.executable).parent
+EXECUTABLES = ("flower-superlink", "flower-supernode", "flwr")
+
+
+def missing_executables() -> list[str]:
+    """Those of Flower's executables the harness runs that are not in :data:`BIN` (``zo-optim[flower]`` absent)."""
+    return [name for name in EXECUTABLES if not (BIN / name).exists()]
 
 
 def _processes() -> dict[int, tuple[int, int, str, int]]:
@@ -56,20 +70,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it); a race with another process is possible but unlikely."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Federation:
-    """SuperLink + SuperNodes + ``flwr run`` of one Flower app on 127.0.0.1: insecure, or TLS + SuperNode auth."""
+    """SuperLink + SuperNodes + ``flwr run`` of Flower apps on 127.0.0.1: insecure, or TLS + SuperNode auth; with
+    ``proxies``, each SuperNode reaches the SuperLink through a :class:`~zo_optim.bench.net.CountingProxy`
+    (``self.proxies[partition]``, kept across restarts of that SuperNode). A context manager: leaving it calls
+    :meth:`close`. Failures raise ``RuntimeError`` (``TimeoutError`` for a wait) with every log's tail."""
 
-    def __init__(self, root: Path, app: Path, env: dict[str, str] | None = None, database: bool = False,
-                 tls: bool = False) -> None:
+    def __init__(self, root: Path, app: Path | None = None, env: dict[str, str] | None = None,
+                 database: bool = False, tls: bool = False, proxies: bool = False) -> None:
         self.root = Path(root)
-        self.app = Path(app)
+        self.app = Path(app) if app is not None else None
         self.home = self.root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -95,13 +105,21 @@ class Federation:
         self.log_files: dict[str, Path] = {}
         self._starts: dict[str, int] = {}
         self._killed: set[tuple[int, int]] = set()  # (pid, start time) of every process killed, for leftovers()
+        self.counting = proxies
+        self.proxies: dict[int, CountingProxy] = {}  # partition -> its SuperNode's proxy, with counting
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ TLS and SuperNode keys
 
     def _tool(self, *cmd: str) -> None:
         out = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited with {out.returncode}:\n{out.stdout}\n{out.stderr}")
+            raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}:\n{out.stdout}\n{out.stderr}")
 
     def _make_certificates(self) -> None:
         c = self.certs
@@ -160,10 +178,16 @@ class Federation:
 
     def start_supernode(self, partition: int, partitions: int, env: dict[str, str] | None = None,
                         ) -> subprocess.Popen:
+        """Start SuperNode ``partition`` of ``partitions`` (its ``--node-config``); it connects in the background."""
         security = (["--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key",
                      str(self.node_key(partition))] if self.tls else ["--insecure"])
+        port = self.port
+        if self.counting:
+            if partition not in self.proxies:
+                self.proxies[partition] = CountingProxy(self.port)
+            port = self.proxies[partition].port
         return self._start(f"supernode{partition}", [
-            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
+            str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{port}",
             "--node-config", f"partition-id={partition} num-partitions={partitions}",
             "--host", "127.0.0.1", "--port", str(free_port())], env)
 
@@ -180,7 +204,7 @@ class Federation:
             if proc.poll() is None:
                 return proc
             if time.monotonic() > end:
-                raise AssertionError(f"SuperNode {partition} did not reconnect within {timeout:.0f}s\n{self.logs()}")
+                raise TimeoutError(f"SuperNode {partition} did not reconnect within {timeout:.0f}s\n{self.logs()}")
             time.sleep(5.0)
 
     def node_ids(self, name: str) -> list[str]:
@@ -188,14 +212,26 @@ class Federation:
         return [i for key, path in self.log_files.items() if key.rsplit(".", 1)[0] == name
                 for i in re.findall(r"SuperNode ID: (\d+)", path.read_text(errors="replace"))]
 
-    def flwr_run(self, run_config: str, timeout: float = 60.0) -> None:
-        """``flwr run <app> local --run-config ...``: it builds the app, submits the run and returns (the ServerApp
-        then runs under the SuperLink); AssertionError with the logs if it fails."""
-        proc = self._start("flwr-run", [str(BIN / "flwr"), "run", str(self.app), "local", "--run-config",
-                                        run_config])
-        rc = proc.wait(timeout=timeout)
+    def flwr_run(self, run_config: str, timeout: float = 60.0, app: Path | None = None, stream: bool = False,
+                 ) -> float:
+        """``flwr run <app> local --run-config ...`` (``app``: the one given at construction if None): it builds
+        the app, submits the run and returns (the ServerApp then runs under the SuperLink); with ``stream``
+        (``--stream``) it returns only when the run has finished. Returns its wall seconds; RuntimeError with the
+        logs if it fails, TimeoutError (after killing it) if it runs past ``timeout``."""
+        app = Path(app) if app is not None else self.app
+        if app is None:
+            raise ValueError("Invalid app: None (give the Flower app's directory here or to Federation)")
+        t0 = time.monotonic()
+        proc = self._start("flwr-run", [str(BIN / "flwr"), "run", str(app), "local", *(["--stream"] if stream else []),
+                                        "--run-config", run_config])
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill("flwr-run")
+            raise TimeoutError(f"flwr run {app.name} did not finish in {timeout:.0f}s\n{self.logs()}") from None
         if rc != 0:
-            raise AssertionError(f"flwr run exited with {rc}\n{self.logs()}")
+            raise RuntimeError(f"flwr run {app.name} exited with {rc}\n{self.logs()}")
+        return time.monotonic() - t0
 
     def kill(self, name: str) -> None:
         """``kill -9`` ``name``'s process group and every descendant (detached ones too), then reap it."""
@@ -222,9 +258,11 @@ class Federation:
 
     def close(self) -> None:
         """Kill every process started here, with its group and descendants (also where the leader already exited:
-        its group's remaining members)."""
+        its group's remaining members), then close the proxies."""
         for proc in reversed(self._all):
             self._kill(proc)
+        for proxy in self.proxies.values():
+            proxy.close()
 
     def alive(self, name: str) -> bool:
         return name in self.procs and self.procs[name].poll() is None
@@ -232,14 +270,15 @@ class Federation:
     # ------------------------------------------------------------------ waiting and logs
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float, watch: tuple[str, ...] = ()) -> float:
-        """Poll ``cond()`` every 0.2 s; returns the seconds waited. AssertionError with every log's tail if it is
-        not true within ``timeout`` or a process in ``watch`` exited."""
+        """Poll ``cond()`` every 0.2 s; returns the seconds waited. With every log's tail: RuntimeError if a process
+        in ``watch`` exited, TimeoutError if ``cond()`` is not true within ``timeout``."""
         t0 = time.monotonic()
         while not cond():
             dead = [n for n in watch if not self.alive(n)]
-            if dead or time.monotonic() - t0 > timeout:
-                why = f"exited: {dead}" if dead else f"not within {timeout:.0f}s"
-                raise AssertionError(f"waiting for {what}: {why}\n{self.logs()}")
+            if dead:
+                raise RuntimeError(f"waiting for {what}: exited: {dead}\n{self.logs()}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"waiting for {what}: not within {timeout:.0f}s\n{self.logs()}")
             time.sleep(0.2)
         return time.monotonic() - t0
 
