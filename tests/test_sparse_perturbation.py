@@ -10,8 +10,9 @@ import torch
 
 import zo_optim
 from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
-from zo_optim import rng
+from zo_optim import ops, rng
 from zo_optim.federated import Replica
+from zo_optim.optim._sparse import backend_z_, reference_z
 
 SIZES = (40, 12, 7)
 
@@ -70,23 +71,57 @@ def test_step_matches_a_plain_torch_sparse_step(momentum, wd, q):
             assert torch.allclose(t.detach().double(), r, atol=5e-6, rtol=0)
 
 
-def test_density_one_equals_the_reference_backends_dense_mezo():
-    # ρ = 1: every mask is all ones, so the plain-torch masked passes must do what the reference backend's
-    # fused ops (the executable spec of a dense MeZO step) do; both compute θ + s·z in float32 and round once
-    # per pass, so the weights agree to an ulp or two per step
-    closures = []
-    runs = []
+def _replayed(backend: str, density, momentum: float, wd: float, steps: int = 5) -> list[torch.Tensor]:
+    # updates from fixed (seed, g): no loss feedback, so rounding differences cannot grow through g
+    ts = _tensors()
+    opt = zo_optim.MeZO(ts, lr=0.02, seed=11, momentum=momentum, weight_decay=wd, sparse_density=density,
+                        backend=backend)
+    for k in range(steps):
+        opt.apply_update(rng.step_seed(11, k), [(-1.0) ** k * (3.0 + k)])
+    return ts
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.5, 0.1)])
+def test_density_one_equals_the_reference_backends_dense_mezo(momentum, wd):
+    # ρ = 1: every mask is all ones, so the plain-torch masked passes must do what the reference backend's fused
+    # ops (the executable spec of a dense MeZO update) do, up to float32 rounding: |step| ≲ lr·|g|·|z| < 0.02·7·5,
+    # rounded once or twice per update (ulp(4) = 5e-7): 5 updates stay within a few 1e-6
+    for a, b, start in zip(_replayed("reference", 1.0, momentum, wd), _replayed("reference", None, momentum, wd),
+                           _tensors(), strict=True):
+        assert torch.allclose(a, b, atol=3e-6, rtol=0)
+        assert (a != start).all()  # ρ = 1 moves every weight
+    # and one real step (restore fused into the update) from the same start: same g, same weights
     for density in (1.0, None):
         ts, target = _tensors(), _target()
-        opt = zo_optim.MeZO(ts, lr=0.02, seed=11, momentum=0.5, sparse_density=density, backend="reference")
-        closures.append(lambda ts=ts, target=target: _loss(ts, target))
-        for _ in range(5):
-            with torch.no_grad():
-                opt.step(closures[-1])
-        runs.append(ts)
-    for a, b in zip(*runs, strict=True):
-        assert torch.allclose(a, b, atol=2e-6, rtol=0)
-    assert not torch.equal(runs[0][0], _tensors()[0])  # it moved
+        opt = zo_optim.MeZO(ts, lr=0.02, seed=11, momentum=momentum, sparse_density=density, backend="reference")
+        with torch.no_grad():
+            opt.step(lambda ts=ts, target=target: _loss(ts, target))
+        if density is not None:
+            first, g1 = ts, float(opt.last_projected_grads[0])
+    assert float(opt.last_projected_grads[0]) == pytest.approx(g1, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=2e-6, rtol=0) for a, b in zip(first, ts, strict=True))
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.5, 0.1)])
+def test_fast_path_equals_the_reference_path(momentum, wd):
+    # fast path (z from the numba kernel; without momentum the fused ops with P = 1 / +inf as the mask) against
+    # the plain-torch masked passes on z from zo_optim.rng; the masks are identical (same θ up to rounding, and
+    # randn draws are far from each other at the threshold), z agrees to float32 rounding (~1e-7 relative)
+    if "cpu" not in ops.available_backends():
+        pytest.skip("numba backend not installed")
+    t = torch.zeros(5000)
+    ref = reference_z(77, 3, t, 1, "gaussian")
+    fast = backend_z_(torch.empty(5000), 77, 3, 1, "gaussian", "cpu")
+    assert torch.allclose(ref, fast, atol=1e-5, rtol=1e-5)
+    for a, b in zip(_replayed("reference", 0.3, momentum, wd), _replayed("cpu", 0.3, momentum, wd), strict=True):
+        assert torch.allclose(a, b, atol=3e-6, rtol=0)
+    # the restriction holds on the fast path too: outside the first step's mask nothing moves in one update
+    ts = _tensors()
+    masks = [_smallest(x, 0.3) for x in ts]
+    before = [x.detach().clone() for x in ts]
+    zo_optim.MeZO(ts, lr=0.02, seed=11, sparse_density=0.3, backend="cpu").apply_update(5, [4.0])
+    for x, b, m in zip(ts, before, masks, strict=True):
+        assert torch.equal(x[~m].detach(), b[~m]) and not torch.equal(x[m].detach(), b[m])
 
 
 def test_only_the_masked_coordinates_are_perturbed_and_updated():
