@@ -48,6 +48,10 @@ OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 # problem (``Instance.extras["blocks"]``: name -> parameter names; one block per tensor where a problem has none).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mezo+blocks": ("mezo", {"block_probes": True}),
+    # Sparse-MeZO: the quarter of each tensor's weights with the smallest |θ| (optim/_sparse.py)
+    "mezo+sparse": ("mezo", {"sparse_density": 0.25}),
+    "mezo+sparse10": ("mezo", {"sparse_density": 0.1}),  # other densities (docs/convergence.md: one lr each)
+    "mezo+sparse50": ("mezo", {"sparse_density": 0.5}),
 }
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 

@@ -112,6 +112,9 @@ class UpdatePasses:
         return units
 
     def _perturb_chunk(self, ps: list[torch.Tensor], ids: list[int], seed: int, query: int, scale: float) -> None:
+        if self.sparse_density is not None:  # Sparse-MeZO: masked passes in plain torch (_sparse.py)
+            self._sparse_perturb(ps, ids, seed, query, scale, self.distribution)
+            return
         precond = None if self.precond_buffer is None else [self.state[p][self.precond_buffer] for p in ps]
         ops.perturb_(ps, ids, seed, scale, query=query, distribution=self.distribution, precond=precond,
                      rounding="nearest", backend=self.backend)

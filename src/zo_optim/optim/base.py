@@ -57,6 +57,7 @@ from ._guard import CallGuard
 from ._layout import ParamLayout
 from ._passes import UpdatePasses
 from ._perturbation import InPlacePerturbation, PerturbationModes, TransientPerturbation
+from ._sparse import SparsePerturbation
 from ._subspace import BlockProbes
 from ._validation import (
     DISTRIBUTIONS,
@@ -75,7 +76,8 @@ __all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "ZOOptimizer"]
 
 
 class ZOOptimizer(
-    PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, torch.optim.Optimizer
+    PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, SparsePerturbation,
+    torch.optim.Optimizer
 ):
     r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
 

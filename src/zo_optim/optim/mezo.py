@@ -43,6 +43,12 @@ class MeZO(ZOOptimizer):
     scaled by D/d_l (trainable parameters in all / in the block) — math, sources and cost in
     :mod:`zo_optim.optim._subspace`; measured in docs/convergence.md. A step stays (seed, scalars).
 
+    Option ``sparse_density=ρ`` (default ``None``: dense): Sparse-MeZO (Liu et al. 2024, arXiv 2402.15751) —
+    each step perturbs and updates only the ⌈ρ·n⌉ smallest-magnitude weights of every tensor, z masked:
+    g = (L(θ + ε m⊙z) − L(θ − ε m⊙z)) / 2ε, θ ← θ − γ g (m⊙z), with m = 1[|W| ≤ h_W] recomputed from θ at
+    every step (so a step stays (seed, scalars)); math, cost and restrictions in
+    :mod:`zo_optim.optim._sparse`; measured in docs/convergence.md.
+
     Scalars for :meth:`apply_update`: ``projected_grads`` = the q values g_k; no extras.
     State: ``momentum_buffer`` (fp32) only when ``momentum != 0`` — 0 or 4 bytes/param.
     """
@@ -68,11 +74,21 @@ class MeZO(ZOOptimizer):
         num_queries: int = 1,
         estimator: str = "central",
         block_probes: bool = False,
+        sparse_density: float | None = None,
         **kwargs: Any,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
         self._set_block_probes(block_probes)
+        self._set_sparse_density(sparse_density)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"sparse_density": self.sparse_density} if self.sparse_density is not None else {}
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        # the masks come from θ: recomputed only while the weights are at θ (not after a deferred restore)
+        self._sparse_prepare(clean=self._perturbation.pending_restore()[0] == 0.0)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -86,6 +102,10 @@ class MeZO(ZOOptimizer):
     def _fused_update(self, group, params, ids, seed, coeffs, extras, step, op_kwargs) -> None:
         momentum = group["momentum"]
         bufs = [self.state[p]["momentum_buffer"] for p in params] if momentum != 0.0 else None
+        if self.sparse_density is not None:
+            self._sparse_sgd_update(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],
+                                    momentum=momentum, bufs=bufs, **op_kwargs)
+            return
         ops.sgd_update_(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],
                         momentum=momentum, momentum_buffers=bufs, **op_kwargs)
 

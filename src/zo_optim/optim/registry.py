@@ -49,7 +49,7 @@ USES: Mapping[str, str] = MappingProxyType({
     "convergence/mlp": "zo-optim bench convergence: centre of the lr grid on the MLP (docs/convergence.md)",
     "convergence/minilm": "zo-optim bench convergence: centre of the lr grid on MiniLM (docs/convergence.md)",
     "convergence/encoder": "zo-optim bench convergence: centre of the lr grid on MiniLM's last layer + head "
-                           "(docs/convergence.md; measured for MeZO and MeZO+blocks only)",
+                           "(docs/convergence.md; measured for MeZO, MeZO+blocks and MeZO+sparse only)",
 })
 
 
