@@ -9,9 +9,9 @@
 * A second error while a pass is taken back: ``WeightsNotRestoredError``, and every later call but
   ``load_state_dict`` is refused until a checkpoint is loaded.
 
-Faults are real torch errors: the reference op that the chunked backend runs on a slice makes a 4 TiB
-allocation at the chosen slice (``RuntimeError: DefaultCPUAllocator: can't allocate memory``), placed in
-``reference._store``, i.e. after the op has written the slice's optimizer states and before the weights.
+Faults are real torch errors: the reference op (which the chunked backend runs on a slice) makes a 4 TiB
+allocation at the chosen tensor or slice (``RuntimeError: DefaultCPUAllocator: can't allocate memory``), placed
+in ``reference._store``: after the op has computed the new optimizer states, before its first write.
 """
 
 from __future__ import annotations
@@ -74,18 +74,18 @@ def flat(ts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 class StoreFault:
     """Make the reference op fail at element ``offset`` of tensor ``tid`` (the slice starting there): after the
-    slice's states are written, before its weights. ``slot`` 0: the update ops, 1: perturbation passes."""
+    new states are computed, before the first write. ``slot`` 0: the update ops, 1: perturbation passes."""
 
     def __init__(self, m: pytest.MonkeyPatch, tid: int, offset: int, slot: int, nth: int = 1) -> None:
         self.hits = 0
         real = reference._store
 
-        def store(param, value, seed, tensor_id, rounding, rounding_slot, off):
+        def store(param, value, seed, tensor_id, rounding, rounding_slot, off, *states):
             if (tensor_id, off, rounding_slot) == (tid, offset, slot):
                 self.hits += 1
                 if self.hits == nth:
                     oom()
-            real(param, value, seed, tensor_id, rounding, rounding_slot, off)
+            real(param, value, seed, tensor_id, rounding, rounding_slot, off, *states)
 
         m.setattr(reference, "_store", store)
 
@@ -112,7 +112,7 @@ def clean(info: OptimizerInfo, mode: str, layout: str, steps: int):
 @pytest.mark.parametrize(("tid", "k"), [(0, 3), (2, 2)])
 def test_update_failing_between_slices_is_finished_exactly(info: OptimizerInfo, mode: str, layout: str, tid: int,
                                                            k: int, monkeypatch):
-    """The fused update of step 2 fails at slice k of tensor ``tid`` (after that slice's states were written).
+    """The fused update of step 2 fails at slice k of tensor ``tid``.
 
     Before: the engine restored the whole failed tensor (its first k slices, already restored and updated,
     moved again by ε·z) and step() updated it whole a second time. Now, right after the error: the tensors
@@ -155,6 +155,30 @@ def test_update_failing_between_slices_is_finished_exactly(info: OptimizerInfo, 
     opt.step(closure)
     w3, s3 = clean(info, mode, layout, 3)
     assert_bitwise(w3 + flat(s3), weights(model) + flat(states(opt)))
+
+
+@ALL
+def test_reference_update_failing_after_its_states_are_computed_writes_nothing(info: OptimizerInfo, monkeypatch):
+    """The reference backend (a unit is one whole tensor) fails in the last allocation of tensor 2's update, the
+    rounding of the new weights. Before: the op had already copied the new optimizer states (momentum, moments,
+    preconditioner) into their buffers, so the engine, which takes a failed unit as unwritten, had step() update
+    them a second time. Now every temporary is made before the first write: the finished run equals the clean
+    one bit for bit (float32: the restore pass computes the fused op's own θ + s·u)."""
+    mk = partial(make_optimizer, seed=SEED)
+    model = odd_model()
+    opt = mk(info, model, None)
+    closure = closure_of(model)
+    opt.step(closure)
+    with monkeypatch.context() as m:
+        StoreFault(m, 2, 0, slot=0)
+        with pytest.raises(RuntimeError, match=OOM):
+            opt.step(closure)
+    opt.step()
+    ref = odd_model()
+    ref_opt = mk(info, ref, None)
+    for _ in range(2):
+        ref_opt.step(closure_of(ref))
+    assert_bitwise(weights(ref) + flat(states(ref_opt)), weights(model) + flat(states(opt)))
 
 
 @pytest.mark.parametrize("name", ["ZOAdam", "HiZOO"])
@@ -270,8 +294,8 @@ def _cases():
                                   "chunked slice put back"])
 def test_second_error_while_taking_back_refuses_until_a_checkpoint_is_loaded(case: str, monkeypatch):
     """A pass fails, and taking it back fails too: the weights are unknown (some may be off by ε·z, some part-
-    updated). Before: the second error propagated and the optimizer stepped on from those weights (or, for a
-    chunked slice whose states were written, silently). Now: WeightsNotRestoredError naming the way back;
+    updated). Before: the second error propagated and the optimizer stepped on from those weights, silently.
+    Now: WeightsNotRestoredError naming the way back;
     every later call but load_state_dict is refused; loading the checkpoint's model and optimizer state lifts
     it, and the run then equals an error-free one bit for bit (reference backend: same ops either way)."""
     backend = "chunked" if case == "chunked slice put back" else "reference"
@@ -297,14 +321,14 @@ def test_second_error_while_taking_back_refuses_until_a_checkpoint_is_loaded(cas
             armed: list[int] = []
             real_store, real_copy = reference._store, torch.Tensor.copy_
 
-            def store(param, value, seed, tensor_id, rounding, slot, off):
+            def store(param, value, seed, tensor_id, rounding, slot, off, *states):
                 if (tensor_id, off, slot) == (2, 2 * C, 0):  # the update fails on slice 2 of tensor 2 ...
                     armed.append(1)
                     oom()
-                real_store(param, value, seed, tensor_id, rounding, slot, off)
+                real_store(param, value, seed, tensor_id, rounding, slot, off, *states)
 
             def copy_(self, src, *args, **kwargs):
-                if armed:  # ... and so does the copy-back of that slice's momentum (written before the fault)
+                if armed:  # ... and so does the copy-back of that slice (the op cannot tell what it wrote)
                     oom()
                 return real_copy(self, src, *args, **kwargs)
 
