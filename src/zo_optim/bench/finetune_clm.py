@@ -100,6 +100,11 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"curve": curve, "wall_s": time.perf_counter() - t, "trainable": trainable}
 
 
+def _ppl(loss: float) -> str:
+    """exp(loss), readable: a diverged run's loss (hundreds of nats) overflows a float."""
+    return f"{math.exp(loss):.0f}" if loss < 50 else f"e^{loss:.0f}"
+
+
 def _configs(modes, optimizers, zo_lrs: list[float] | None) -> list[tuple[str, str, float]]:
     out = []
     for mode in modes:
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = report.mean_std([r["wall_s"] for r in results])
         rows.append(report.Row(label, mode, "wall_clock", "s", a.steps, wall[0]))
         table.append([mode, name, lr, results[0]["trainable"],
-                      *(f"{m:.3f} ± {s:.3f} (ppl {math.exp(m):.0f})" for m, s in at.values()), f"{wall[0]:.0f}"])
+                      *(f"{m:.3f} ± {s:.3f} (ppl {_ppl(m)})" for m, s in at.values()), f"{wall[0]:.0f}"])
         print(label, table[-1][4:], flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(a.out / "finetune_clm.csv", rows, env)
