@@ -330,7 +330,7 @@ class UpdatePasses:
                 "changed since; it can only be finished over the same parameters. Put them back as they were and "
                 "call step() again"
             )
-        done = start
+        done, win = start, chunked.Window(elements)
         try:
             for group, params, ids in units[start:]:
                 dev = params[0].device
