@@ -1,7 +1,7 @@
 """zo-optim: zeroth-order (forward-pass-only) optimizers for PyTorch."""
 
 from . import ops, rng
-from .optim import HELENE, HiSo, HiZOO, MeZO, NonFiniteLossError, ZOAdam, ZOOptimizer
+from .optim import HELENE, HiSo, HiZOO, MeZO, NonFiniteLossError, WeightsNotRestoredError, ZOAdam, ZOOptimizer
 from .rng import RNG_VERSION
 
 __version__ = "0.2.0"
@@ -13,6 +13,7 @@ __all__ = [
     "HiZOO",
     "MeZO",
     "NonFiniteLossError",
+    "WeightsNotRestoredError",
     "ZOAdam",
     "ZOOptimizer",
     "__version__",

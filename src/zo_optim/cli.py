@@ -18,6 +18,8 @@ COMMANDS = {
     "bench convergence": ("zo_optim.bench.convergence", "forward passes to a target per optimizer (mean ± std)"),
     "bench sass": ("zo_optim.bench.sass", "compile the Triton kernels for sm_90 offline: registers, layouts, SASS"),
     "bench finetune": ("zo_optim.bench.finetune", "MiniLM tweet fine-tune through the HF Trainer: accuracy, memory"),
+    "bench finetune-clm": ("zo_optim.bench.finetune_clm",
+                           "MiniLM loaded as a causal LM, next-token fine-tune on tweets: held-out loss per lr"),
     "bench trainer-overhead": ("zo_optim.bench.trainer_overhead", "a ZOTrainer step vs the raw opt.step(closure) loop"),
     "bench memory": ("zo_optim.bench.memory", "peak memory: MeZO via ZOTrainer vs inference vs AdamW"),
     "bench federated": ("zo_optim.bench.federated", "HiSo vs DeComFL, non-IID federated head fine-tune: rounds, bytes"),

@@ -6,6 +6,8 @@
   on the problems of :mod:`~zo_optim.bench.problems`;
 * :mod:`~zo_optim.bench.sass` (``bench sass``): the Triton kernels compiled for sm_90 offline;
 * :mod:`~zo_optim.bench.finetune` (``bench finetune``): the MiniLM tweet fine-tune through the HF Trainer;
+* :mod:`~zo_optim.bench.finetune_clm` (``bench finetune-clm``): MiniLM loaded as a causal LM, next-token
+  fine-tune on the tweets: held-out loss per lr and step budget (the causal-LM row of the first-run table);
 * :mod:`~zo_optim.bench.trainer_overhead` (``bench trainer-overhead``): a ZOTrainer step vs the raw loop;
 * :mod:`~zo_optim.bench.memory` (``bench memory``): peak memory, MeZO via ZOTrainer vs inference vs AdamW;
 * :mod:`~zo_optim.bench.federated` (``bench federated``): HiSo vs DeComFL, rounds and bytes;

@@ -267,7 +267,19 @@ def _dispatch(op: str, params, tensor_ids, backend: str, states: dict[str, Any],
     work_states = {
         k: (None if v is None else [s if s.is_contiguous() else s.contiguous() for s in v]) for k, v in states.items()
     }
-    getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
+    try:
+        getattr(module, op)(work_params, list(tensor_ids), **work_states, **kwargs)
+    except BaseException:
+        # a chunked update that failed keeps the slices it wrote (the pass engine finishes the rest from the
+        # recorded element: chunked.window); written to copies of views, they go back too, or the originals
+        # would disagree with that record. (A perturbation takes its slices back itself: nothing to copy.)
+        if name == "chunked" and op != "perturb_":
+            _write_all_back(op, kwargs, params, work_params, states, work_states)
+        raise
+    _write_all_back(op, kwargs, params, work_params, states, work_states)
+
+
+def _write_all_back(op: str, kwargs: dict[str, Any], params, work_params, states, work_states) -> None:
     written = _written_states(op, kwargs)
     for orig, work in zip(params, work_params, strict=True):
         _write_back(orig, work)

@@ -48,14 +48,23 @@ def _z(
 
 
 def _store(
-    param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int, offset: int
+    param: torch.Tensor, value: torch.Tensor, seed: int, tensor_id: int, rounding: str, slot: int, offset: int,
+    states: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (),
 ) -> None:
+    """Write ``value`` rounded to the parameter's dtype, and the op's new ``states`` ((buffer, value) pairs).
+
+    Every temporary (the rounding words, the rounded value) is made before the first write, so an allocation
+    failure leaves the tensor and its states as they were: an op writes each tensor all or nothing (the pass
+    engine relies on it, ``optim/_passes.py``), up to a failure inside ``copy_`` itself.
+    """
     if rounding == "stochastic" and param.dtype in (torch.bfloat16, torch.float16):
         words = rng.rounding_words(seed, tensor_id, param.numel(), slot, offset=offset, device=param.device)
-        param.copy_(rng.stochastic_round(value, param.dtype, words))
+        new = rng.stochastic_round(value, param.dtype, words)
     else:
-        # Through float32 like the fast backends: one rounding per store for fp32 weights.
-        param.copy_(value if param.dtype == torch.float64 else value.to(torch.float32))
+        new = value if param.dtype == torch.float64 else value.to(torch.float32)
+    for buf, v in states:
+        buf.copy_(v)
+    param.copy_(new)
 
 
 class _Directions:
@@ -142,11 +151,12 @@ def sgd_update_(
             seed, tid, p, coeffs, distribution, None, restore_scale, restore_query, compute_dtype, offset
         )
         d = g + weight_decay * theta if weight_decay != 0.0 else g
+        writes: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         if momentum_buffers is not None:
             buf = momentum * momentum_buffers[i].to(compute_dtype) + d
-            momentum_buffers[i].copy_(buf)
+            writes = ((momentum_buffers[i], buf),)
             d = buf
-        _store(p, theta - lr * d, seed, tid, rounding, rounding_slot, offset)
+        _store(p, theta - lr * d, seed, tid, rounding, rounding_slot, offset, writes)
 
 
 def adamw_update_(
@@ -188,10 +198,8 @@ def adamw_update_(
         theta = theta * (1.0 - lr * weight_decay)
         m = beta1 * exp_avgs[i].to(compute_dtype) + (1.0 - beta1) * g
         v = beta2 * exp_avg_sqs[i].to(compute_dtype) + (1.0 - beta2) * (g * g)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
         new_theta = theta - step_size * (m / (torch.sqrt(v) / bias2_sqrt + eps))
-        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset)
+        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset, ((exp_avgs[i], m), (exp_avg_sqs[i], v)))
 
 
 def precond_sgd_update_(
@@ -242,6 +250,7 @@ def precond_sgd_update_(
         )
         d = g + weight_decay * theta if weight_decay != 0.0 else g
         new_theta = theta - lr * d
+        writes: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
         if update_precond:
             old = precond[i].to(compute_dtype)
             if rule == "hizoo":
@@ -252,8 +261,9 @@ def precond_sgd_update_(
                 new = old * curv
             else:
                 new = g * g + hessian_eps
-            precond[i].copy_(torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=F32_MAX))
-        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset)
+            new_precond = torch.clamp(precond_decay * old + precond_rate * new, min=precond_min, max=F32_MAX)
+            writes = ((precond[i], new_precond),)
+        _store(p, new_theta, seed, tid, rounding, rounding_slot, offset, writes)
 
 
 def helene_update_(
@@ -308,7 +318,6 @@ def helene_update_(
                 for k, z in enumerate(dirs.z):
                     h_hat = h_hat + hessian_coeffs[k].to(compute_dtype) * (z * z)
             h = beta2 * h + (1.0 - beta2) * h_hat
-            hessians[i].copy_(h)
-        exp_avgs[i].copy_(m)
+        writes = ((hessians[i], h),) if update_hessian else ()
         denom = gamma * torch.clamp(h, min=float(clip[i])) + eps
-        _store(p, theta - lr * (m / denom), seed, tid, rounding, rounding_slot, offset)
+        _store(p, theta - lr * (m / denom), seed, tid, rounding, rounding_slot, offset, (*writes, (exp_avgs[i], m)))

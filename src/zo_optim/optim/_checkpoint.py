@@ -116,9 +116,27 @@ class Checkpointing:
         Atomic: everything is validated before anything changes (the ``zo`` section, the
         param groups and their hyper-parameters, every state tensor, the runtime flags), so a
         refused state dict (``TypeError``/``ValueError``) leaves the optimizer exactly as it was.
+
+        After a :class:`~._passes.WeightsNotRestoredError` (a failed pass that could not be taken
+        back) this is the only call accepted: load the model's weights from the same checkpoint
+        first; a successful load drops what the failed step left and lifts the refusal.
         """
         with self._guard.exclusive("load_state_dict"):
-            self._load_state_dict(state_dict)
+            if self._guard.refusal is None:
+                self._load_state_dict(state_dict)
+                return
+            # after a failed take-back (WeightsNotRestoredError): the way back. What the failed step left (its
+            # pending estimate, the offsets it recorded) belongs to weights the user is replacing from a checkpoint
+            kept = self._acc
+            self._acc = None
+            try:
+                self._load_state_dict(state_dict)
+            except BaseException:
+                self._acc = kept
+                raise
+            self._inplace.scale = 0.0
+            self._transient.forget()
+            self._guard.refusal = None
 
     def _state_dict(self) -> dict[str, Any]:
         self._ensure_state()

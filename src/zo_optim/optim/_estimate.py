@@ -125,13 +125,16 @@ class Probes:
 
 @dataclass
 class PartialUpdate:
-    """An update pass that failed part-way: its scalars and how many of its units (``units``: the tensor ids of
-    each, in pass order) were applied. Kept with the pending estimate until ``step()`` applies the rest."""
+    """An update pass that failed part-way: its scalars, how many of its units (``units``: the tensor ids of
+    each, in pass order) were applied, and how many leading flat elements of the next one (``elements``: a
+    ``chunked`` unit, one tensor, fails between slices). Kept with the pending estimate until ``step()`` applies
+    the rest."""
 
     grads: torch.Tensor
     extras: dict[str, torch.Tensor]
     units: list[tuple[int, ...]]
     done: int
+    elements: int = 0
 
 
 class Accumulator:
@@ -325,8 +328,8 @@ class MeasuredEstimate:
                 self._acc = Accumulator(seed, self.summed_extras)
                 self._acc.layout = layout
             self._acc.add(grads, extras, nonfinite=not finite, weight=w)
-        except BaseException:
-            pert.restore()
+        except BaseException as e:
+            self._take_back(e, pert.restore)
             raise
         return probes.loss()
 

@@ -35,6 +35,9 @@ class CallGuard:
         self._in_flight = threading.Lock()
         # closed (signals deferred) while a call is in flight, opened only around the closure and blocking waits
         self._gate: SignalGate | None = None
+        # set when a failed pass could not be taken back (optim._passes): the weights are unknown, so every later
+        # call but load_state_dict (the way back, which clears it) is refused with this message
+        self.refusal: str | None = None
 
     @contextlib.contextmanager
     def exclusive(self, what: str) -> Iterator[None]:
@@ -53,6 +56,8 @@ class CallGuard:
                     "after estimate()/step() have returned"
                 )
             try:
+                if self.refusal is not None and what != "load_state_dict":
+                    raise RuntimeError(self.refusal)
                 self._gate = gate
                 yield
             finally:

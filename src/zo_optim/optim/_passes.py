@@ -8,7 +8,12 @@
   The units it has updated cannot be taken back (their state moved too): when a later unit fails, the
   others are restored to θ and the step stays pending with its progress (``Accumulator.applied``), so
   ``step()`` applies the rest once the cause is fixed and the counter advances then; no unit is updated
-  twice.
+  twice. A ``chunked`` unit (one tensor, written slice by slice) that fails between two slices keeps the
+  slices it wrote: the progress records the element it stopped at (``ops.chunked.window``), the rest of the
+  tensor is restored from there, and ``step()`` updates it from there. So after a failed update every
+  element is either updated (θ_new) or restored (θ), never both, nor updated twice; for float32 weights on the
+  plain-torch backends the finished step is bit-identical to an error-free one (the restore pass computes
+  the same float32 θ + s·u that the fused op would have).
 * ``_update_from_pending``: the pending estimate averaged (across ranks in data parallel), then the
   update pass, or the restore and skip (or raise) of a non-finite step; or the rest of a part-way update.
 * ``_update_from_scalars``: the update pass from given scalars (the work of ``apply_update``).
@@ -20,8 +25,11 @@ it were written), and the hyper-parameters and the preconditioner are checked (`
 while no weight has moved.
 
 Errors: from the first perturbation until the fused update has run, any exception (KeyboardInterrupt
-included) restores the weights before it propagates. Not covered: an error inside one tensor of the
-``chunked`` backend (it works slice by slice) and a second error while a pass is taken back.
+included) restores the weights before it propagates. A second error while a pass is taken back (or an op
+that could not put back its own partial write: ``ops.chunked.PartialWriteError``) leaves weights the engine
+cannot account for: it raises :class:`WeightsNotRestoredError` and the optimizer refuses every later call
+but ``load_state_dict`` (which lifts the refusal) instead of stepping from unknown weights (see
+:meth:`UpdatePasses._take_back` for why it does not retry).
 
 A private mixin of :class:`~.base.ZOOptimizer` rather than a collaborator: the passes read the
 optimizer's groups, state, counters and perturbation mode, and call the subclass hooks
@@ -31,6 +39,7 @@ optimizer's groups, state, counters and perturbation mode, and call the subclass
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -40,12 +49,18 @@ import torch
 
 from .. import ops
 from ..ops import _checks as ops_checks
-from ..ops import _sharding
+from ..ops import _sharding, chunked
 from . import _distributed
 from ._estimate import Accumulator, NonFiniteLossError, PartialUpdate
 from ._validation import as_seed
 
-__all__ = ["UpdatePasses"]
+__all__ = ["UpdatePasses", "WeightsNotRestoredError"]
+
+
+class WeightsNotRestoredError(RuntimeError):
+    """A pass failed and taking it back failed too: some weights may still be perturbed or part-updated.
+
+    The optimizer refuses every later call except ``load_state_dict`` until a checkpoint is loaded."""
 
 # the backends that loop tensor by tensor in Python (the reference's code): their unit of all or nothing is a tensor
 _PLAIN_TORCH = ("chunked", "reference")
@@ -82,11 +97,15 @@ class UpdatePasses:
             for ps, ids in self._units(chunks):
                 self._perturb_chunk(ps, ids, seed, query, scale)
                 done.append((ps, ids))
-        except BaseException:
+        except BaseException as e:
             # a later unit failed (it wrote nothing): take back the units already moved, so the pass is all or
-            # nothing up to the round trip's rounding (θ + s·u − s·u, a few ulp in float32)
-            for ps, ids in reversed(done):
-                self._perturb_chunk(ps, ids, seed, query, -scale)
+            # nothing up to the round trip's rounding (θ + s·u − s·u: the same float32 values a complete pass
+            # and its restore leave, a few ulp from θ; bit for bit in transient mode, which copies θ back)
+            def take_back() -> None:
+                for ps, ids in reversed(done):
+                    self._perturb_chunk(ps, ids, seed, query, -scale)
+
+            self._take_back(e, take_back)
             raise
 
     def _units(self, chunks: Any) -> list[Any]:
@@ -103,13 +122,54 @@ class UpdatePasses:
                 dps, dids = by_dtype.setdefault(p.dtype, ([], []))
                 dps.append(p)
                 dids.append(i)
-            for dtype, (dps, dids) in by_dtype.items():
-                sharded = any(_sharding.is_dtensor(p) for p in dps)
-                if ops.resolve_backend(self.backend, dps[0].device, [dtype], sharded=sharded) in _PLAIN_TORCH:
+            for dps, dids in by_dtype.values():
+                if self._unit_backend(dps) in _PLAIN_TORCH:
                     units.extend((*head, [p], [i]) for p, i in zip(dps, dids, strict=True))
                 else:
                     units.append((*head, dps, dids))
         return units
+
+    def _take_back(self, error: BaseException, undo: Any) -> None:
+        """Run ``undo()``, the take-back of a pass that failed with ``error``; if it fails too, refuse from now on.
+
+        A second error here (or an op that could not put back its own partial write) leaves weights the engine
+        cannot account for: which units, or slices of a unit, the failed take-back reached is not known at every
+        level (an op that failed inside its own repair), so retrying it could move some weights twice, silently.
+        The refusal (every later call but ``load_state_dict``) keeps anyone from stepping, estimating or saving a
+        checkpoint from those weights; the way back is the last checkpoint, which is exact. Once refused,
+        further take-backs (an outer handler's) do nothing: they could only compound it.
+        """
+        if self._guard.refusal is not None:
+            return
+        try:
+            if isinstance(error, chunked.PartialWriteError):
+                raise error
+            undo()
+        except BaseException as again:
+            self._refuse_after(error, again)
+
+    def _refuse_after(self, error: BaseException, again: BaseException) -> None:
+        name = type(self).__name__
+        msg = (
+            f"{name}: a pass over the weights failed at step {self._t + 1} ({error!r}) and taking it back failed "
+            f"too ({again!r}): some trainable weights may still be perturbed (off by up to ε·|z|) or part-updated. "
+            f"{name} refuses to estimate, step or save from them. Recover from your last checkpoint: load the "
+            "model's weights (model.load_state_dict(...)), then this optimizer's state (opt.load_state_dict(...), "
+            "which lifts this refusal), and train on"
+        )
+        self._guard.refusal = msg
+        raise WeightsNotRestoredError(msg) from again
+
+    def _window(self, ps: list[torch.Tensor], start: int) -> Any:
+        """``ops.chunked.window(start)`` for a unit that runs on the chunked backend (one tensor), else a
+        window that no op reads (its progress stays 0: the unit is written all or nothing)."""
+        if self._unit_backend(ps) == "chunked":
+            return chunked.window(start)
+        return contextlib.nullcontext(chunked.Window(start))
+
+    def _unit_backend(self, ps: list[torch.Tensor]) -> str:
+        sharded = any(_sharding.is_dtensor(p) for p in ps)
+        return ops.resolve_backend(self.backend, ps[0].device, [ps[0].dtype], sharded=sharded)
 
     def _perturb_chunk(self, ps: list[torch.Tensor], ids: list[int], seed: int, query: int, scale: float) -> None:
         if self.sparse_density is not None:  # Sparse-MeZO: masked passes in plain torch (_sparse.py)
@@ -176,7 +236,7 @@ class UpdatePasses:
         seed = acc.seed
         if acc.applied is not None:
             # the rest of an update pass that failed part-way: its scalars were averaged (and all-reduced) then,
-            # and the units it had not applied were restored to θ
+            # and the units (elements of a chunked unit) it had not applied were restored to θ
             grads, extras = acc.applied.grads, acc.applied.extras
             self._update_pass(seed, grads, extras, restore=(0.0, 0), resume=acc)
             self._t += 1
@@ -244,8 +304,10 @@ class UpdatePasses:
         :meth:`_units`); the units before it are updated and cannot be taken back (their state moved too). So
         the units after them are restored to θ, and ``resume`` goes back as the pending estimate with the
         progress (``applied``): ``step()`` applies the remaining units once the cause is fixed, and the step
-        counter advances then, so no unit is ever updated twice. A failure before any unit was applied leaves
-        nothing pending (as before the first write).
+        counter advances then, so no unit is ever updated twice. A ``chunked`` unit that fails between slices
+        keeps its written slices: the progress records the element it stopped at, the restore and the resume
+        start there (``_window``). A failure before anything was applied leaves nothing pending (as before the
+        first write).
         """
         self.last_projected_grads = grads
         self.last_extra_scalars = extras
@@ -261,37 +323,53 @@ class UpdatePasses:
         keys = [tuple(ids) for _, _, ids in units]
         progress = resume.applied
         start = 0 if progress is None else progress.done
-        if progress is not None and progress.units != keys:
+        elements = 0 if progress is None else progress.elements
+        if progress is not None and (progress.units != keys or (
+                elements and self._unit_backend(units[start][1]) != "chunked")):
             self._acc = resume  # kept: the layout of the units changed (a dtype), nothing was written
             raise RuntimeError(
                 f"{type(self).__name__}.step(): the update of step {self._t} failed part-way and its units "
-                "(the trainable parameters, their groups and dtypes) changed since; it can only be finished over "
-                "the same parameters. Put them back as they were and call step() again"
+                "(the trainable parameters, their groups and dtypes, the backend of a tensor it stopped inside) "
+                "changed since; it can only be finished over the same parameters. Put them back as they were and "
+                "call step() again"
             )
-        done = start
+        done, win = start, chunked.Window(elements)
         try:
             for group, params, ids in units[start:]:
                 dev = params[0].device
-                self._fused_update(group, params, ids, seed, coeffs.to(dev),
-                                   {k: v.to(dev) for k, v in extras.items()}, self._t + 1, op_kwargs)
+                first = elements if done == start else 0
+                win = chunked.Window(first)  # until the op's own window is open: nothing of this unit written
+                with self._window(params, first) as opened:
+                    win = opened
+                    self._fused_update(group, params, ids, seed, coeffs.to(dev),
+                                       {k: v.to(dev) for k, v in extras.items()}, self._t + 1, op_kwargs)
                 done += 1
-        except BaseException:
-            # units the fused op has processed are restored (and updated); restore only the others
+        except BaseException as e:
+            # units the fused op has processed are restored (and updated); restore only the others, and the
+            # failed unit from the element it stopped at (its slices before are updated)
+            partial = win.done if done < len(units) else 0
+
+            def restore_rest() -> None:
+                for j, (_, params, ids) in enumerate(units[done:] if restore_scale != 0.0 else ()):
+                    with self._window(params, partial if j == 0 else 0):
+                        self._perturb_chunk(params, ids, seed, restore_query, restore_scale)
+
+            self._take_back(e, restore_rest)  # (also refuses after an op that left its unit part-written)
             if restore_scale != 0.0:
-                for _, params, ids in units[done:]:
-                    self._perturb_chunk(params, ids, seed, restore_query, restore_scale)
                 self._perturbation.mark_restored()
-            if done > 0:
-                resume.applied = PartialUpdate(grads, extras, keys, done)
+            if done > 0 or partial > 0:
+                resume.applied = PartialUpdate(grads, extras, keys, done, partial)
                 self._acc = resume
             raise
 
     def _partial_help(self) -> str:
         assert self._acc is not None and self._acc.applied is not None
         done, total = self._acc.applied.done, len(self._acc.applied.units)
+        inside = self._acc.applied.elements
+        inside = f" and the first {inside} elements of the next" if inside else ""
         return (
-            f"{type(self).__name__}: the update of step {self._t} failed part-way ({done} of its {total} units "
-            "applied, the others restored to their pre-step weights); call step() without a closure to apply the "
+            f"{type(self).__name__}: the update of step {self._t} failed part-way ({done} of its {total} units"
+            f"{inside} applied, the rest restored to the pre-step weights); call step() without a closure to apply the "
             "rest once the cause is fixed (no unit is updated twice), then continue"
         )
 

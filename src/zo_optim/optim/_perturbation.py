@@ -271,6 +271,12 @@ class TransientPerturbation:
     def pending_restore(self) -> tuple[float, int]:
         return 0.0, 0
 
+    def forget(self) -> None:
+        """Drop the backups and offset without copying back (the weights are being reloaded from a checkpoint)."""
+        self.scale = 0.0
+        self._backups.clear()
+        self._active.clear()
+
     def mark_restored(self) -> None:
         self.scale = 0.0
 

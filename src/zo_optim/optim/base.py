@@ -55,7 +55,7 @@ from ._checkpoint import Checkpointing, ZOState
 from ._estimate import CLOSURE_HELP, Accumulator, Closure, MeasuredEstimate, NonFiniteLossError, Probes
 from ._guard import CallGuard
 from ._layout import ParamLayout
-from ._passes import UpdatePasses
+from ._passes import UpdatePasses, WeightsNotRestoredError
 from ._perturbation import InPlacePerturbation, PerturbationModes, TransientPerturbation
 from ._sparse import SparsePerturbation
 from ._subspace import BlockProbes
@@ -72,7 +72,7 @@ from ._validation import (
     check_positive,
 )
 
-__all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "ZOOptimizer"]
+__all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "WeightsNotRestoredError", "ZOOptimizer"]
 
 
 class ZOOptimizer(
@@ -319,10 +319,10 @@ class ZOOptimizer(
         with self._guard.exclusive("estimate"):
             try:
                 return self._estimate(closure, keep_perturbed=not restore, seed=seed, weight=weight)
-            except BaseException:
+            except BaseException as e:
                 # a refusal before the probes (seed mismatch, frozen parameter, ...) after a deferred restore:
                 # the weights come back to θ; the pending estimate is kept
-                self._perturbation.restore()
+                self._take_back(e, self._perturbation.restore)
                 raise
 
     def step(  # type: ignore[override]
@@ -345,8 +345,8 @@ class ZOOptimizer(
                 if closure is not None:
                     loss = self._estimate(closure, keep_perturbed=True, seed=seed, weight=weight)
                 self._update_from_pending(precond_checked=closure is not None)
-            except BaseException:
-                self._perturbation.restore()
+            except BaseException as e:
+                self._take_back(e, self._perturbation.restore)
                 raise
         return loss
 
