@@ -232,10 +232,10 @@ def test_the_adamw_default_lr_becomes_the_registrys_zo_lr(tmp_path, caplog):
                                                           zo_optimizer="zoadam", zo_optimizer_kwargs=REF),
                       train_dataset=T.causal_lm_rows(8))
         t.train()
-    want = recommended_lr("zoadam", "finetune/full")
-    assert want != 5e-5 and t.args.learning_rate == want
+    want = recommended_lr("zoadam", "finetune-clm/full")  # a causal LM: the classifier's lr diverges there
+    assert want != 5e-5 and want != recommended_lr("zoadam", "finetune/full") and t.args.learning_rate == want
     assert all(g["initial_lr"] == want for g in t.zo_optimizer.param_groups)  # what the scheduler starts from
-    assert "learning_rate was left at 5e-05, the AdamW default" in caplog.text and "finetune/full" in caplog.text
+    assert "learning_rate was left at 5e-05, the AdamW default" in caplog.text and "finetune-clm/full" in caplog.text
     # any other value, or zo_default_lr=False, is the user's
     for kw, lr in (({"learning_rate": 2e-3}, 2e-3), ({"learning_rate": 5e-5, "zo_default_lr": False}, 5e-5)):
         t = ZOTrainer(model=T.tiny_gpt2(), args=T.zo_args(tmp_path, **kw, zo_optimizer_kwargs=REF))
@@ -326,8 +326,12 @@ def test_the_default_lr_follows_the_arguments_class_and_peft(tmp_path):
     sft_default = next(f.default for f in dataclasses.fields(trl.SFTConfig) if f.name == "learning_rate")
     cfg = ZOSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], zo_optimizer_kwargs=REF)
     assert cfg.learning_rate == sft_default != 5e-5
-    assert zo_default_lr(cfg, "mezo", T.tiny_gpt2()) == recommended_lr("mezo", "finetune/full")
+    # causal LMs (GPT-2 here, PEFT-wrapped or not) get the finetune-clm values, a classifier the finetune ones
+    assert zo_default_lr(cfg, "mezo", T.tiny_gpt2()) == recommended_lr("mezo", "finetune-clm/full")
+    assert zo_default_lr(cfg, "mezo", T.tiny_bert()) == recommended_lr("mezo", "finetune/full")
+    assert recommended_lr("mezo", "finetune-clm/full") != recommended_lr("mezo", "finetune/full")
     lora = peft.get_peft_model(T.tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"]))
-    assert zo_default_lr(cfg, "mezo", lora) == recommended_lr("mezo", "finetune/lora")
+    assert zo_default_lr(cfg, "mezo", lora) == recommended_lr("mezo", "finetune-clm/lora")
+    assert recommended_lr("mezo", "finetune-clm/lora") != recommended_lr("mezo", "finetune/lora")
     cfg.learning_rate = 1e-4
     assert zo_default_lr(cfg, "mezo", lora) is None

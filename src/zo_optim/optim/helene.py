@@ -95,6 +95,7 @@ class HELENE(ZOOptimizer):
         "demo/head": {"lr": 1e-3}, "demo/last-k": {"lr": 3e-4}, "demo/all": {"lr": 1e-5},
         "demo/lora": {"lr": 1e-4}, "federated/head": {"lr": 1e-3},
         "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 1e-5},
+        "finetune-clm/full": {"lr": 3e-6}, "finetune-clm/lora": {"lr": 3e-4},
         "convergence/quadratic": {"lr": 3e-2}, "convergence/rosenbrock": {"lr": 5e-4},
         "convergence/mlp": {"lr": 3e-2}, "convergence/minilm": {"lr": 3e-3}, "convergence/encoder": {"lr": 3e-4},
     }

@@ -67,6 +67,7 @@ class HiZOO(ZOOptimizer):
         "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 1e-5},
+        "finetune-clm/full": {"lr": 3e-6}, "finetune-clm/lora": {"lr": 3e-3},
         "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
         "convergence/mlp": {"lr": 1e-2}, "convergence/minilm": {"lr": 2e-3}, "convergence/encoder": {"lr": 3e-4},
     }

@@ -59,6 +59,7 @@ class MeZO(ZOOptimizer):
         "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 3e-4},
+        "finetune-clm/full": {"lr": 1e-4}, "finetune-clm/lora": {"lr": 3e-3},
         "convergence/quadratic": {"lr": 0.3}, "convergence/rosenbrock": {"lr": 1e-3},
         "convergence/mlp": {"lr": 3e-3}, "convergence/minilm": {"lr": 2e-3}, "convergence/encoder": {"lr": 3e-4},
     }

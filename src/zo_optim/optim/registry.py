@@ -44,6 +44,10 @@ USES: Mapping[str, str] = MappingProxyType({
     "federated/head": "zo-optim federated: the head task, P = 5, tau = 1, 4 of 8 clients per round (docs/federated.md)",
     "finetune/lora": "zo-optim bench finetune, LoRA mode: MiniLM through ZOTrainer (docs/integrations.md)",
     "finetune/full": "zo-optim bench finetune, full mode: MiniLM through ZOTrainer (docs/integrations.md)",
+    "finetune-clm/full": "zo-optim bench finetune-clm, full mode: MiniLM as a causal LM through ZOTrainer "
+                         "(docs/integrations.md; measured for MeZO, others scaled by MeZO's ratio to finetune/full)",
+    "finetune-clm/lora": "zo-optim bench finetune-clm, LoRA mode: MiniLM as a causal LM through ZOTrainer "
+                         "(docs/integrations.md; measured for MeZO, others scaled by MeZO's ratio to finetune/lora)",
     "convergence/quadratic": "zo-optim bench convergence: centre of the lr grid on the quadratic (docs/convergence.md)",
     "convergence/rosenbrock": "zo-optim bench convergence: centre of the lr grid on Rosenbrock (docs/convergence.md)",
     "convergence/mlp": "zo-optim bench convergence: centre of the lr grid on the MLP (docs/convergence.md)",

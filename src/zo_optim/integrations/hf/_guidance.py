@@ -139,15 +139,26 @@ class LossWatch:
         return msg
 
 
+def is_causal_lm(model: Any) -> bool:
+    """Whether ``model`` (or the base model under a PEFT wrapper) is one of transformers' causal-LM classes: the
+    classifier learning rates diverge there (``zo-optim bench finetune-clm``, docs/integrations.md)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def zo_default_lr(args: Any, optimizer: str | type[ZOOptimizer], model: Any) -> float | None:
     """The recommended lr when ``args.learning_rate`` is its class's (AdamW) default (None: the user's value stands).
 
-    LoRA/PEFT models get the registry's ``finetune/lora`` value, others ``finetune/full``; the log says which.
+    LoRA/PEFT models get the registry's ``finetune/lora`` value, others ``finetune/full``; causal LMs (transformers'
+    ``*ForCausalLM`` / ``*LMHeadModel`` classes) the ``finetune-clm/`` ones instead. The log says which.
     """
     default = _default_lr_of(args)
     if getattr(args, "learning_rate", None) != default or not getattr(args, "zo_default_lr", True):
         return None
-    use = "finetune/lora" if hasattr(model, "peft_config") else "finetune/full"
+    task = "finetune-clm" if is_causal_lm(model) else "finetune"
+    use = f"{task}/lora" if hasattr(model, "peft_config") else f"{task}/full"
     lr = recommended_lr(optimizer, use)
     name = getattr(optimizer, "__name__", optimizer)
     logger.warning(
