@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from ..optim import registry
 from . import report
+from ._worker import emit, run_worker
 
 OPTIMIZERS = tuple(registry.OPTIMIZERS)  # every registered ZO optimizer, by its registry name
 MODES = ("lora", "full")
@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.worker:
-        print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
+        emit(worker(json.loads(a.worker)))
         return 0
     if a.replot:
         plot(a.replot, curves_from_csv(a.replot / "finetune.csv"))
@@ -202,12 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dict(mode=mode, optimizer=name, lr=lr, seed=seed, steps=a.steps, eval_every=eval_every,
                        batch_size=a.batch_size, train_examples=a.train_examples, eval_examples=a.eval_examples,
                        max_len=a.max_len, threads=a.threads, out=str(a.out / "runs" / f"{mode}-{name}-{lr:g}-{seed}"))
-            proc = subprocess.run([sys.executable, "-m", "zo_optim.bench.finetune", "--worker", json.dumps(cfg)],
-                                  capture_output=True, text=True, env=dict(os.environ, **_offline()))
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZO_RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"bench finetune worker {label} seed {seed} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[-1][len("ZO_RESULT "):]))
+            results.append(run_worker("zo_optim.bench.finetune", cfg, f"bench finetune worker {label} seed {seed}",
+                                      dict(os.environ, **_offline())))
         for r in results:
             for n, s, acc in r["curve"]:
                 rows.append(report.Row(label, mode, "held_out_accuracy", "fraction", n, acc))

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 from ..optim import registry
 from . import report
+from ._worker import emit, run_worker
 
 MODES = ("full", "lora")
 ADAMW_LR = {"lora": 1e-3, "full": 5e-5}  # bench finetune's reference values
@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.worker:
-        print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
+        emit(worker(json.loads(a.worker)))
         return 0
     for lr in a.zo_lr or ():
         if not (lr > 0 and lr < float("inf")):
@@ -163,12 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dict(mode=mode, optimizer=name, lr=lr, seed=seed, steps=a.steps, eval_every=eval_every,
                        batch_size=a.batch_size, train_examples=a.train_examples, eval_examples=a.eval_examples,
                        max_len=a.max_len, threads=a.threads, out=str(a.out / "runs" / f"{mode}-{name}-{lr:g}-{seed}"))
-            proc = subprocess.run([sys.executable, "-m", "zo_optim.bench.finetune_clm", "--worker", json.dumps(cfg)],
-                                  capture_output=True, text=True, env=dict(os.environ, **assets.offline_env()))
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZO_RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"bench finetune-clm worker {label} seed {seed} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[-1][len("ZO_RESULT "):]))
+            results.append(run_worker("zo_optim.bench.finetune_clm", cfg,
+                                      f"bench finetune-clm worker {label} seed {seed}",
+                                      dict(os.environ, **assets.offline_env())))
         for r in results:
             for step, loss in r["curve"]:
                 rows.append(report.Row(label, mode, "held_out_loss", "nats/token", step, loss))

@@ -33,12 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import report
+from ._worker import emit, run_worker
 
 METHODS = ("inference", "zo", "adamw")
 MODELS = ("tiny", "minilm", "bert-large", "opt-350m")
@@ -196,12 +196,7 @@ def run_in_fresh_process(cfg: dict[str, Any]) -> dict[str, Any]:
     from ..apps import assets
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **assets.offline_env())
-    proc = subprocess.run([sys.executable, "-m", "zo_optim.bench.memory", "--worker", json.dumps(cfg)],
-                          capture_output=True, text=True, env=env, check=False)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZO_RESULT ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"bench memory worker {cfg['model']}/{cfg['method']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[-1][len("ZO_RESULT "):])
+    return run_worker("zo_optim.bench.memory", cfg, f"bench memory worker {cfg['model']}/{cfg['method']}", env)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -240,7 +235,7 @@ def _check_args(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.worker:
-        print("ZO_RESULT " + json.dumps(worker(json.loads(a.worker))))
+        emit(worker(json.loads(a.worker)))
         return 0
     _check_args(a)
     if a.fsdp:

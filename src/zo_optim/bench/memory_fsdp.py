@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
+from ._worker import emit, parse
 from .net import free_port
 
 METHODS = ("inference", "zo", "inference-fsdp", "zo-fsdp", "adamw-fsdp")
@@ -147,10 +148,7 @@ def _launch(cfg: dict[str, Any], world: int) -> list[dict[str, Any]]:
     out = []
     for p in procs:
         stdout, stderr = p.communicate()
-        line = [ln for ln in stdout.splitlines() if ln.startswith("ZO_RESULT ")]
-        if p.returncode != 0 or not line:
-            raise RuntimeError(f"bench memory --fsdp worker {cfg['method']} failed:\n{stderr[-3000:]}")
-        out.append(json.loads(line[-1][len("ZO_RESULT "):]))
+        out.append(parse(stdout, p.returncode, stderr, f"bench memory --fsdp worker {cfg['method']}"))
     return out
 
 
@@ -199,4 +197,4 @@ def run(a: Any, argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    print("ZO_RESULT " + json.dumps(worker(json.loads(sys.argv[1]))))
+    emit(worker(json.loads(sys.argv[1])))
