@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import socket
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from zo_optim.bench.net import free_port  # re-exported: the rendezvous / torchrun master port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for the group's rendezvous or torchrun's master)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "gloo_group"]
+
+
 
 
 @contextlib.contextmanager
