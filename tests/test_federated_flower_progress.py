@@ -153,3 +153,22 @@ def test_an_error_the_superlink_generates_keeps_its_reason(in_process):
     assert reasons and all(not r.startswith("reply from node") for r in reasons), reasons
     assert any(r.startswith("SuperLink: ") and "code" in r for r in reasons), reasons
     assert strat.rounds_trained >= 1  # released by the error reply, the client trains the later rounds
+
+
+def test_the_final_sync_waits_for_a_reply_still_in_flight(in_process):
+    """Client 2's reply to the last round arrives 1.5 s after the round closed (0.5 s timeout): the final sync
+    waits for it (late: not applied) and then brings client 2 to the server's position, so every replica is
+    checked. Before, client 2 still owed that reply at the sync, was skipped, and ended unchecked."""
+    rounds = 3
+
+    def delay(partition: int, message_type: str, n: int) -> float:
+        return 2.0 if partition == 2 and message_type == "train" and n == rounds else 0.0
+
+    in_process.delay = delay
+    strat = strategy(clients_per_round=N_NODES, round_timeout=0.5, message_ttl=30.0)
+    run_simulation(make_server_app(strat, rounds), make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU),
+                   num_supernodes=N_NODES)
+    assert strat.server.history[-1].dropped == (2,)  # the slow reply missed the last round
+    check = strat.replicas_identical()
+    assert check, check.describe()
+    assert sorted(strat.client_checksums) == [0, 1, 2]

@@ -32,8 +32,10 @@ def main(grid: Grid, context: Context) -> None:
                           checkpoint_dir=ckpt, resume=ckpt if cfg["resume"] else None)
 
     def progress(rnd: int, arrays) -> None:  # called after every round: the test waits on it to inject faults
+        hist = strategy.server.history  # empty at the first call (rnd 0: before any round)
+        who = ",".join(str(c) for c in (hist[-1].participants if hist else ())) or "-"
         with open(work / "rounds.txt", "a") as f:
-            f.write(f"{rnd} {os.getpid()}\n")
+            f.write(f"{rnd} {os.getpid()} {who}\n")
 
     strategy.start(grid, num_rounds=int(cfg["num-server-rounds"]), evaluate_fn=progress)
     check = strategy.replicas_identical()

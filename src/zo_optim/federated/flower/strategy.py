@@ -404,15 +404,23 @@ class ZOStrategy(_Messaging, Strategy):
         """Bring every registered client to the server's position (no compute) and collect checksums.
 
         A client whose real position differs (it lost its state) answers a gap and gets a task
-        from there (at most twice). Clients that still owe a reply are skipped.
+        from there (at most twice). Task replies still in flight from online nodes are waited for first
+        (within ``timeout``); clients that still owe one after that are skipped.
         """
         timeout = self.handshake_timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
+        # a task reply still in flight (the last round closed at its deadline while an online node was still
+        # computing) would make its client skipped here and unchecked: give those up to the timeout to arrive
+        # (late: logged, not applied; it releases the client). A node Flower no longer lists is not waited for.
+        online = set(grid.get_node_ids())
+        self._pump(grid, lambda: not any(p.kind == "task" and p.node_id in online for p in self._pending.values()),
+                   deadline=end)
         busy = {p.node_id for p in self._pending.values()}
         msgs = [self._message(grid, "query.sync", self.server.sync_task(c), n, round_=-1)
                 for c, n in self.node_of.items() if n not in busy]
         self._push(grid, msgs, kind="sync")
         self._pump(grid, lambda: not any(p.kind == "sync" for p in self._pending.values()),
-                   deadline=time.monotonic() + timeout)
+                   deadline=max(end, time.monotonic() + self.round_timeout))
 
     def replicas_identical(self) -> ReplicaCheck:
         """Which clients hold the server's weights and state bit for bit at the final sync, and which were not
