@@ -119,6 +119,20 @@ def test_cli_rejects_unknown_names(tmp_path):
         C.main(["--optimizers", "sgd", "--out", str(tmp_path)])
 
 
+def _full_model_logits(transformers, max_length: int):
+    """BertForSequenceClassification's logits (head seeded 0) on the first 4 held-out tweets of the ci split (8/8),
+    padded to the longest of them; with the labels and the held-out indices."""
+    texts, labels = P._tweets()
+    _, test_idx = P._split(labels, 8, 8, 0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(P._minilm_dir(), num_labels=2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(P._minilm_dir())
+    with torch.no_grad():
+        enc = tok([texts[int(i)] for i in test_idx[:4]], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")
+        return model(**enc).logits, labels, test_idx
+
+
 @pytest.mark.parametrize("trainable", ["head", "ffn"])
 def test_minilm_trainable_part_matches_the_full_model(tmp_path, monkeypatch, trainable):
     """The cached-feature forward of the trainable part equals BertForSequenceClassification's logits."""
@@ -128,15 +142,8 @@ def test_minilm_trainable_part_matches_the_full_model(tmp_path, monkeypatch, tra
     inst = P.minilm("ci", seed=0, trainable=trainable)
     n_trainable = sum(p.numel() for p in inst.params)
     assert (1_000_000 < n_trainable < 2_000_000) if trainable == "ffn" else (100_000 < n_trainable < 200_000)
-    texts, labels = P._tweets()
-    _, test_idx = P._split(labels, 8, 8, 0)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(P._minilm_dir(), num_labels=2).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(P._minilm_dir())
+    expected, labels, test_idx = _full_model_logits(transformers, max_length=64)
     with torch.no_grad():
-        enc = tok([texts[int(i)] for i in test_idx[:4]], padding=True, truncation=True, max_length=64,
-                  return_tensors="pt")
-        expected = model(**enc).logits
         got = inst.extras["logits"](inst.extras["test_x"][:4])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert sum(labels[int(i)] for i in test_idx) == 4  # class-balanced split
@@ -154,16 +161,9 @@ def test_encoder_trainable_part_matches_the_full_model(tmp_path, monkeypatch):
     blocks = inst.extras["blocks"]
     assert sorted(n for names in blocks.values() for n in names) == sorted(inst.names)  # a partition
     assert [len(blocks[k]) for k in ("attention", "ffn", "head")] == [10, 6, 4]
-    texts, labels = P._tweets()
-    _, test_idx = P._split(labels, 8, 8, 0)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(P._minilm_dir(), num_labels=2).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(P._minilm_dir())
+    # padding=True (to the longest of these 4), not the cache's max_length padding: masking must make it equal
+    expected, _, _ = _full_model_logits(transformers, max_length=E.MAX_LEN)
     with torch.no_grad():
-        # padding=True (to the longest of these 4), not the cache's max_length padding: masking must make it equal
-        enc = tok([texts[int(i)] for i in test_idx[:4]], padding=True, truncation=True, max_length=E.MAX_LEN,
-                  return_tensors="pt")
-        expected = model(**enc).logits
         te = inst.extras["data"]["test"]
         got = inst.extras["logits"](te["h"][:4], te["mask"][:4])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
