@@ -201,3 +201,20 @@ def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y), (x - y).abs().max()
+
+
+def replay_probed_steps(prober, probe_ts: list[torch.Tensor], replicas: list, leader_ts: list[torch.Tensor],
+                        loss: Callable[[], torch.Tensor], steps: int) -> None:
+    """``steps`` rounds of scalar-only replay: ``prober`` measures (seed, g) on its own copy of the weights
+    (``loss`` reads ``probe_ts``), every replica only applies ``apply_update(seed, g)``, and the prober then takes the
+    first replica's weights (``leader_ts``). An in-place estimate moves fp32 weights by ulps, so the prober is not
+    itself a replica (test_federated_core's reason for the wrapper's transient mode)."""
+    for _ in range(steps):
+        with torch.no_grad():
+            prober.estimate(loss, seed=replicas[0].current_seed)
+        seed, g, _ = prober.take_estimate()
+        for r in replicas:
+            r.apply_update(seed, g)
+        with torch.no_grad():
+            for p, q in zip(probe_ts, leader_ts, strict=True):
+                p.copy_(q)

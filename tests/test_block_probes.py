@@ -9,6 +9,7 @@ import torch
 
 import zo_optim
 from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from optim_infos import replay_probed_steps
 from zo_optim import rng
 from zo_optim.federated import Replica
 from zo_optim.optim._subspace import block_index
@@ -103,23 +104,14 @@ def test_frozen_group_is_never_drawn_and_bad_weights_fail_before_any_write():
 
 
 def test_apply_update_replays_a_block_step_bit_for_bit():
-    # a prober measures (seed, g) on its own copy; two replicas only apply the scalars (an in-place estimate
-    # moves fp32 weights by ulps, test_federated_core's reason for the wrapper's transient mode)
+    # a prober measures (seed, g) on its own copy; two replicas only apply the scalars (replay_probed_steps)
     probe_ts, probe_groups = _groups()
     (a_ts, a_groups), (b_ts, b_groups) = _groups(), _groups()
     prober = zo_optim.MeZO(probe_groups, lr=0.05, seed=3, block_probes=True, backend="reference")
     a = zo_optim.MeZO(a_groups, lr=0.05, seed=3, block_probes=True, backend="reference")
     b = zo_optim.MeZO(b_groups, lr=0.05, seed=3, block_probes=True, backend="reference")
     start = [t.detach().clone() for t in a_ts]
-    for _ in range(10):
-        with torch.no_grad():
-            prober.estimate(lambda: sum((t**2).sum() for t in probe_ts), seed=a.current_seed)
-        seed, g, _ = prober.take_estimate()
-        a.apply_update(seed, g)
-        b.apply_update(seed, g)
-        with torch.no_grad():
-            for p, q in zip(probe_ts, a_ts, strict=True):
-                p.copy_(q)
+    replay_probed_steps(prober, probe_ts, [a, b], a_ts, lambda: sum((t**2).sum() for t in probe_ts), steps=10)
     assert all(torch.equal(x, y) for x, y in zip(a_ts, b_ts, strict=True))
     assert sum(not torch.equal(x, s) for x, s in zip(a_ts, start, strict=True)) >= 2  # several blocks moved
 

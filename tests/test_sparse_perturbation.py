@@ -11,6 +11,7 @@ import torch
 import zo_optim
 from backend_checks import backend_or_skip
 from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from optim_infos import replay_probed_steps
 from zo_optim import rng
 from zo_optim.federated import Replica
 from zo_optim.optim._sparse import backend_z_, reference_z
@@ -185,15 +186,7 @@ def test_apply_update_replays_a_sparse_step_bit_for_bit():
     a = zo_optim.MeZO(a_ts, lr=0.05, seed=3, sparse_density=0.3)
     b = zo_optim.MeZO(b_ts, lr=0.05, seed=3, sparse_density=0.3)
     start = [t.detach().clone() for t in a_ts]
-    for _ in range(8):
-        with torch.no_grad():
-            prober.estimate(lambda: _loss(prober_ts, target), seed=a.current_seed)
-        seed, g, _ = prober.take_estimate()
-        a.apply_update(seed, g)
-        b.apply_update(seed, g)
-        with torch.no_grad():
-            for p, q in zip(prober_ts, a_ts, strict=True):
-                p.copy_(q)
+    replay_probed_steps(prober, prober_ts, [a, b], a_ts, lambda: _loss(prober_ts, target), steps=8)
     assert all(torch.equal(x, y) for x, y in zip(a_ts, b_ts, strict=True))
     assert all(not torch.equal(x, s) for x, s in zip(a_ts, start, strict=True))
 
