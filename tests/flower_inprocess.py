@@ -88,3 +88,22 @@ def use_in_process_backend(monkeypatch: pytest.MonkeyPatch) -> type[InProcessBac
     InProcessBackend.counts = {}
     monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
     return InProcessBackend
+
+
+def tampered_client_app(real: Any, message_type: str, partition: int, tamper: Any) -> Any:
+    """``real`` (a ClientApp from ``make_client_app``), except that node ``partition``'s replies to ``message_type``
+    (``"train"``, ``"query"`` or ``"query.sync"``) pass their ``"zo"`` ConfigRecord through ``tamper(record)``."""
+    from flwr.clientapp import ClientApp
+
+    from zo_optim.federated.flower import RECORD_KEY
+
+    def handler(msg: Message, context: Context) -> Message:
+        out = real(msg, context)
+        if context.node_config["partition-id"] == partition:
+            tamper(out.content.config_records[RECORD_KEY])
+        return out
+
+    app = ClientApp()
+    for kind, register in (("train", app.train()), ("query", app.query()), ("query.sync", app.query("sync"))):
+        register(handler if kind == message_type else real.__call__)
+    return app

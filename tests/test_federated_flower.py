@@ -26,7 +26,7 @@ flwr = pytest.importorskip("flwr")
 
 import zo_optim  # noqa: E402
 from fed_problems import batch_loss, data, mlp_fn  # noqa: E402
-from flower_inprocess import use_in_process_backend  # noqa: E402
+from flower_inprocess import tampered_client_app, use_in_process_backend  # noqa: E402
 from zo_optim import rng  # noqa: E402
 from zo_optim.federated import simulate  # noqa: E402
 from zo_optim.federated.protocol import REPLY_HEADER  # noqa: E402
@@ -34,7 +34,7 @@ from zo_optim.federated.protocol import REPLY_HEADER  # noqa: E402
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 
-from flwr.app import Context, Message, MetricRecord  # noqa: E402
+from flwr.app import Context, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
@@ -126,19 +126,11 @@ def in_process(monkeypatch):
 
 def wrong_rng_client_app(bad_partition: int) -> ClientApp:
     """The real client app, except that node ``bad_partition`` announces another RNG contract."""
-    real = make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU)
-    app = ClientApp()
+    def tamper(rec) -> None:
+        rec["rng_version"] = "philox4x32-10/bm4/v0"
 
-    @app.query()
-    def hello(msg: Message, context: Context) -> Message:
-        out = real(msg, context)
-        if context.node_config["partition-id"] == bad_partition:
-            out.content.config_records[RECORD_KEY]["rng_version"] = "philox4x32-10/bm4/v0"
-        return out
-
-    app.train()(real.__call__)
-    app.query("sync")(real.__call__)
-    return app
+    return tampered_client_app(make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU), "query",
+                               bad_partition, tamper)
 
 
 def test_messages_are_config_records_only_and_a_wrong_rng_client_is_refused(in_process):

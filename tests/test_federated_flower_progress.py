@@ -17,16 +17,16 @@ flwr = pytest.importorskip("flwr")
 
 import zo_optim  # noqa: E402
 from fed_problems import batch_loss, data, mlp_fn  # noqa: E402
-from flower_inprocess import use_in_process_backend  # noqa: E402
+from flower_inprocess import tampered_client_app, use_in_process_backend  # noqa: E402
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 
-from flwr.app import Context, Message  # noqa: E402
+from flwr.app import Context  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from zo_optim.federated.flower import RECORD_KEY, ZOStrategy, make_client_app, make_server_app  # noqa: E402
+from zo_optim.federated.flower import ZOStrategy, make_client_app, make_server_app  # noqa: E402
 
 N_NODES = 3
 TAU = 2
@@ -53,20 +53,10 @@ def strategy(**kw) -> ZOStrategy:
 
 def nan_replies_from(bad: int) -> ClientApp:
     """The real client app, except that client ``bad``'s round replies carry NaN scalars (refused by the server)."""
-    real = make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU)
-    app = ClientApp()
+    def tamper(rec) -> None:
+        rec["scalars"] = np.full(len(rec["scalars"]) // 4, np.nan, dtype="<f4").tobytes()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        out = real(msg, context)
-        if context.node_config["partition-id"] == bad:
-            rec = out.content.config_records[RECORD_KEY]
-            rec["scalars"] = np.full(len(rec["scalars"]) // 4, np.nan, dtype="<f4").tobytes()
-        return out
-
-    app.query()(real.__call__)
-    app.query("sync")(real.__call__)
-    return app
+    return tampered_client_app(make_client_app(mlp_fn, make_opt, client_data, local_steps=TAU), "train", bad, tamper)
 
 
 def test_every_round_is_logged_through_flowers_console_without_configuring_logging(in_process, monkeypatch):
