@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mezo+sparse": ("mezo", {"sparse_density": 0.25}),
     "mezo+sparse10": ("mezo", {"sparse_density": 0.1}),  # other densities (docs/convergence.md: one lr each)
     "mezo+sparse50": ("mezo", {"sparse_density": 0.5}),
+    # LOZO: rank-8 directions U Vᵀ for the weight matrices, U kept for 50 steps (optim/_lowrank.py)
+    "mezo+lozo": ("mezo", {"lowrank_rank": 8, "lowrank_interval": 50}),
 }
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 

@@ -123,7 +123,8 @@ class UpdatePasses:
                 dps.append(p)
                 dids.append(i)
             for dps, dids in by_dtype.values():
-                if self._unit_backend(dps) in _PLAIN_TORCH:
+                # (low-rank directions run tensor by tensor in plain torch on every backend)
+                if self._unit_backend(dps) in _PLAIN_TORCH or self.lowrank_rank is not None:
                     units.extend((*head, [p], [i]) for p, i in zip(dps, dids, strict=True))
                 else:
                     units.append((*head, dps, dids))
@@ -174,6 +175,9 @@ class UpdatePasses:
     def _perturb_chunk(self, ps: list[torch.Tensor], ids: list[int], seed: int, query: int, scale: float) -> None:
         if self.sparse_density is not None:  # Sparse-MeZO: masked passes in plain torch (_sparse.py)
             self._sparse_perturb(ps, ids, seed, query, scale, self.distribution)
+            return
+        if self.lowrank_rank is not None:  # LOZO: low-rank directions in plain torch (_lowrank.py)
+            self._lowrank_perturb(ps, ids, seed, query, scale)
             return
         precond = None if self.precond_buffer is None else [self.state[p][self.precond_buffer] for p in ps]
         ops.perturb_(ps, ids, seed, scale, query=query, distribution=self.distribution, precond=precond,

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from .. import ops, rng
-from ..ops import _sharding
+from ._plain import check_plain_params, plain_sgd_update_
 
 __all__ = ["SparsePerturbation", "backend_z_", "magnitude_mask", "reference_z"]
 
@@ -115,14 +115,7 @@ class SparsePerturbation:
         self._sparse_precond: dict[int, torch.Tensor] = {}
 
     def _sparse_check_params(self) -> None:
-        for i, p in enumerate(self._trainable()):  # type: ignore[attr-defined]
-            if _sharding.is_dtensor(p) or p.dtype not in (torch.float32, torch.float64):
-                kind = " (a DTensor)" if _sharding.is_dtensor(p) else ""
-                raise ValueError(
-                    f"sparse_density: trainable parameter {i} is {p.dtype}{kind}"
-                    "; the masked passes run in plain torch on float32/float64 local tensors only. Nothing was "
-                    "changed: keep those weights in float32 (not sharded), or use sparse_density=None"
-                )
+        check_plain_params(self._trainable(), "sparse_density", "sparse_density=None")  # type: ignore[attr-defined]
 
     def _sparse_prepare(self, clean: bool) -> None:
         """Masks of the step from θ, when the weights are at θ (``clean``); otherwise keep the step's masks."""
@@ -187,29 +180,7 @@ class SparsePerturbation:
                                     weight_decay=weight_decay, restore_scale=restore_scale,
                                     restore_query=restore_query, distribution=distribution, **_)
             return
-        cs = [float(c) for c in coeffs.tolist()]  # q host floats (one sync per update pass, as apply_update's)
-        q = len(cs)
-        for i, (p, tid) in enumerate(zip(ps, ids, strict=True)):
-            if q == 1:
-                g = self._sparse_u(p, tid, seed, 0, distribution)
-                if restore_scale != 0.0:
-                    ur = g if restore_query == 0 else self._sparse_u(p, tid, seed, restore_query, distribution, 1)
-                    p.add_(ur, alpha=restore_scale)
-                scale = cs[0]
-            else:
-                if restore_scale != 0.0:
-                    p.add_(self._sparse_u(p, tid, seed, restore_query, distribution), alpha=restore_scale)
-                g = self._sparse_scratch(p, 1).zero_()
-                for k, c in enumerate(cs):
-                    g.add_(self._sparse_u(p, tid, seed, k, distribution), alpha=c)
-                scale = 1.0
-            if bufs is None:
-                if weight_decay != 0.0:
-                    p.mul_(1.0 - lr * weight_decay)
-                p.add_(g, alpha=-lr * scale)
-            else:
-                b = bufs[i]
-                b.mul_(momentum).add_(g, alpha=scale)
-                if weight_decay != 0.0:
-                    b.add_(p, alpha=weight_decay)
-                p.add_(b, alpha=-lr)
+        plain_sgd_update_(ps, ids, coeffs, lambda p, tid, query, slot: self._sparse_u(p, tid, seed, query,
+                                                                                    distribution, slot),
+                          self._sparse_scratch, lr=lr, weight_decay=weight_decay, momentum=momentum, bufs=bufs,
+                          restore_scale=restore_scale, restore_query=restore_query)

@@ -55,6 +55,7 @@ from ._checkpoint import Checkpointing, ZOState
 from ._estimate import CLOSURE_HELP, Accumulator, Closure, MeasuredEstimate, NonFiniteLossError, Probes
 from ._guard import CallGuard
 from ._layout import ParamLayout
+from ._lowrank import LowRankPerturbation
 from ._passes import UpdatePasses, WeightsNotRestoredError
 from ._perturbation import InPlacePerturbation, PerturbationModes, TransientPerturbation
 from ._sparse import SparsePerturbation
@@ -77,7 +78,7 @@ __all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "WeightsNotRestoredError", "ZOO
 
 class ZOOptimizer(
     PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, SparsePerturbation,
-    torch.optim.Optimizer
+    LowRankPerturbation,    torch.optim.Optimizer
 ):
     r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
 

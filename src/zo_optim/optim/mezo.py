@@ -49,6 +49,12 @@ class MeZO(ZOOptimizer):
     every step (so a step stays (seed, scalars)); math, cost and restrictions in
     :mod:`zo_optim.optim._sparse`; measured in docs/convergence.md.
 
+    Option ``lowrank_rank=r`` (default ``None``: dense), with ``lowrank_interval=ν`` (default 50): LOZO
+    (Chen et al. 2024, arXiv 2410.07698) — a weight matrix W (n_0 × n_1) is perturbed and updated along
+    u = U Vᵀ/√r, U (n_0 × r) drawn once per window of ν steps, V (n_1 × r) every step, both from the contract's
+    generator; other tensors get the dense z. A step stays (seed, scalars); math, cost and restrictions in
+    :mod:`zo_optim.optim._lowrank`; measured in docs/convergence.md.
+
     Scalars for :meth:`apply_update`: ``projected_grads`` = the q values g_k; no extras.
     State: ``momentum_buffer`` (fp32) only when ``momentum != 0`` — 0 or 4 bytes/param.
     """
@@ -76,20 +82,38 @@ class MeZO(ZOOptimizer):
         estimator: str = "central",
         block_probes: bool = False,
         sparse_density: float | None = None,
+        lowrank_rank: int | None = None,
+        lowrank_interval: int = 50,
         **kwargs: Any,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
         self._set_block_probes(block_probes)
         self._set_sparse_density(sparse_density)
+        self._set_lowrank(lowrank_rank, lowrank_interval)
 
     def _settings(self) -> dict[str, Any]:
-        return {"sparse_density": self.sparse_density} if self.sparse_density is not None else {}
+        out: dict[str, Any] = {"sparse_density": self.sparse_density} if self.sparse_density is not None else {}
+        if self.lowrank_rank is not None:
+            out.update(lowrank_rank=self.lowrank_rank, lowrank_interval=self.lowrank_interval)
+        return out
+
+    def _runtime_state(self) -> dict[str, Any]:
+        return self._lowrank_runtime()
+
+    def _check_runtime_state(self, runtime: Mapping[str, Any]) -> None:
+        super()._check_runtime_state(runtime)
+        self._lowrank_check_runtime(runtime)
+
+    def _load_runtime_state(self, runtime: dict[str, Any]) -> None:
+        self._lowrank_load_runtime(runtime)
 
     def _prepare(self) -> None:
         super()._prepare()
         # the masks come from θ: recomputed only while the weights are at θ (not after a deferred restore)
         self._sparse_prepare(clean=self._perturbation.pending_restore()[0] == 0.0)
+        if self.lowrank_rank is not None:
+            self._lowrank_check_params()  # a parameter cast to bf16 since construction: refused before any write
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -106,6 +130,10 @@ class MeZO(ZOOptimizer):
         if self.sparse_density is not None:
             self._sparse_sgd_update(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],
                                     momentum=momentum, bufs=bufs, **op_kwargs)
+            return
+        if self.lowrank_rank is not None:
+            self._lowrank_sgd_update(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],
+                                     momentum=momentum, bufs=bufs, **op_kwargs)
             return
         ops.sgd_update_(params, ids, seed, coeffs, lr=group["lr"], weight_decay=group["weight_decay"],
                         momentum=momentum, momentum_buffers=bufs, **op_kwargs)

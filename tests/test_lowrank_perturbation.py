@@ -1,0 +1,205 @@
+"""MeZO(lowrank_rank=r, lowrank_interval=ν) (LOZO): low-rank directions; math, subspace, resume and replay exactness."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import zo_optim
+from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from zo_optim import rng
+from zo_optim.federated import Replica
+
+SHAPES = ((12, 9), (9,), (2, 9), (6, 2, 3))  # a matrix, a bias, a matrix with min(n0, n1) ≤ r, a 3-d weight
+RANK = 2
+# the documented tag of U's seed, written out here independently of the module's constant: ASCII "lowrank"
+TAG = int.from_bytes(b"lowrank", "big")
+
+
+def _tensors(seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def _target() -> list[torch.Tensor]:
+    return [torch.linspace(-1, 1, math.prod(s)).reshape(s) for s in SHAPES]
+
+
+def _loss(ts, target):
+    return sum(((t - c) ** 2 * (1 + i)).sum() for i, (t, c) in enumerate(zip(ts, target, strict=True)))
+
+
+def _direction(i: int, shape, seed: int, window_seed: int, query: int) -> torch.Tensor:
+    """The documented u of tensor i in float64: U Vᵀ/√r for a matrix with r < min(n0, n1), else the dense z."""
+    n0 = shape[0]
+    n1 = math.prod(shape) // n0
+    if len(shape) < 2 or RANK >= min(n0, n1):
+        return rng.normal(seed, i, math.prod(shape), query).double().reshape(shape)
+    u_seed = rng.splitmix64(window_seed ^ TAG)
+    U = rng.normal(u_seed, i, n0 * RANK, 0).double().reshape(n0, RANK)
+    V = rng.normal(seed, i, n1 * RANK, query).double().reshape(n1, RANK)
+    return (U @ V.T / math.sqrt(RANK)).reshape(shape)
+
+
+@pytest.mark.parametrize("momentum,wd,q", [(0.0, 0.0, 1), (0.9, 0.1, 2)])
+def test_step_matches_a_plain_torch_lowrank_step(momentum, wd, q):
+    # 5 steps with ν = 2: windows {0, 1}, {2, 3}, {4}; each window's U comes from its first step's seed
+    lr, eps, nu = 0.01, 1e-3, 2
+    ts, target = _tensors(), _target()
+    opt = zo_optim.MeZO(ts, lr=lr, zo_eps=eps, seed=5, momentum=momentum, weight_decay=wd, num_queries=q,
+                        lowrank_rank=RANK, lowrank_interval=nu)
+    ref = [t.detach().double().clone() for t in ts]
+    bufs = [torch.zeros_like(r) for r in ref]
+    window_seed = None
+    for t in range(5):
+        seed = opt.current_seed
+        if t % nu == 0:
+            window_seed = seed
+        with torch.no_grad():
+            opt.step(lambda: _loss(ts, target))
+        us = [[_direction(i, s, seed, window_seed, k) for i, s in enumerate(SHAPES)] for k in range(q)]
+        gs = [(_loss([r + eps * u for r, u in zip(ref, us[k], strict=True)], target)
+               - _loss([r - eps * u for r, u in zip(ref, us[k], strict=True)], target)) / (2 * eps) for k in range(q)]
+        # float32 losses (L ≲ 400) carry ½ ulp of rounding each: g off by ≤ L·2**-23/(2ε) ≈ 0.024; 4× that
+        got = opt.last_projected_grads.double()
+        for k in range(q):
+            assert float(got[k]) == pytest.approx(float(gs[k]), abs=4 * 400 * 2.0**-23 / (2 * eps))
+        for i in range(len(SHAPES)):
+            d = sum(float(got[k]) / q * us[k][i] for k in range(q)) + wd * ref[i]
+            bufs[i] = momentum * bufs[i] + d if momentum else d
+            ref[i] = ref[i] - lr * bufs[i]
+        for x, r in zip(ts, ref, strict=True):
+            # float32 weights (|θ| < 5) through a ±ε round trip and 5 updates: a few ulp (5e-7 each)
+            assert torch.allclose(x.detach().double(), r, atol=5e-6, rtol=0)
+
+
+def test_the_updates_of_a_window_stay_in_its_column_space():
+    # ν = 4, r = 2: the 4 updates of window 0 move the 12×9 matrix inside span(U_0) (rank 2), the next window
+    # adds a new 2-d column space (rank 4 in all), while the bias (dense z) moves in every coordinate
+    ts, target = _tensors(2), _target()
+    opt = zo_optim.MeZO(ts, lr=0.02, seed=3, lowrank_rank=RANK, lowrank_interval=4)
+    start = [x.detach().clone().double() for x in ts]
+    for t in range(8):
+        with torch.no_grad():
+            opt.step(lambda: _loss(ts, target))
+        delta = ts[0].detach().double() - start[0]
+        sv = torch.linalg.svdvals(delta)
+        expected_rank = 2 if t < 4 else 4
+        # singular values beyond the expected rank are float32 rounding of the weights: ~1e-7 of the largest
+        assert (sv[expected_rank:] < 1e-6 * sv[0]).all() and (sv[:expected_rank] > 1e-3 * sv[0]).all(), (t, sv)
+    assert (ts[1].detach().double() != start[1]).all()
+
+
+def test_state_dict_resume_mid_window_is_bit_exact():
+    def fresh():
+        ts = _tensors(3)
+        return ts, zo_optim.MeZO(ts, lr=0.02, seed=7, momentum=0.9, lowrank_rank=RANK, lowrank_interval=3)
+
+    target = _target()
+    ts, opt = fresh()
+    for _ in range(4):  # mid-window: window 1 started at step 3
+        with torch.no_grad():
+            opt.step(lambda: _loss(ts, target))
+    saved_w, saved = [x.detach().clone() for x in ts], copy.deepcopy(opt.state_dict())
+    assert saved["zo"]["settings"] == {"lowrank_rank": RANK, "lowrank_interval": 3}
+    assert saved["zo"]["runtime"]["lowrank_window"][0] == 1
+    for _ in range(4):
+        with torch.no_grad():
+            opt.step(lambda: _loss(ts, target))
+    ts2, opt2 = fresh()
+    with torch.no_grad():
+        for x, w in zip(ts2, saved_w, strict=True):
+            x.copy_(w)
+    opt2.load_state_dict(saved)
+    for _ in range(4):
+        with torch.no_grad():
+            opt2.step(lambda: _loss(ts2, target))
+    assert all(torch.equal(a, b) for a, b in zip(ts, ts2, strict=True))
+    # and a resume that lost the window's seed (the runtime entry dropped) does not reproduce the run: the test
+    # above can tell a resume in the right subspace from one in another
+    ts3, opt3 = fresh()
+    with torch.no_grad():
+        for x, w in zip(ts3, saved_w, strict=True):
+            x.copy_(w)
+    lost = copy.deepcopy(saved)
+    lost["zo"]["runtime"]["lowrank_window"] = [1, 12345]
+    opt3.load_state_dict(lost)
+    for _ in range(4):
+        with torch.no_grad():
+            opt3.step(lambda: _loss(ts3, target))
+    assert not torch.equal(ts[0], ts3[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_apply_update_replays_lowrank_steps_bit_for_bit(backend):
+    # a prober measures (seed, g) on its own copy; two replicas only apply them; the prober follows the first
+    # replica (weights and state, so it probes in the window's subspace). 7 steps with ν = 3 cross two windows.
+    target = _target()
+    prober_ts, a_ts, b_ts = _tensors(), _tensors(), _tensors()
+
+    def make(ts, b=backend):
+        return zo_optim.MeZO(ts, lr=1e-3, seed=3, lowrank_rank=RANK, lowrank_interval=3, backend=b)
+
+    prober, a, b = make(prober_ts), make(a_ts), make(b_ts, "reference")
+    start = [x.detach().clone() for x in a_ts]
+    for _ in range(7):
+        with torch.no_grad():
+            prober.estimate(lambda: _loss(prober_ts, target), seed=a.current_seed)
+        seed, g, _ = prober.take_estimate()
+        for r in (a, b):
+            r.apply_update(seed, g)
+        with torch.no_grad():
+            for p, q in zip(prober_ts, a_ts, strict=True):
+                p.copy_(q)
+        prober.load_state_dict(copy.deepcopy(a.state_dict()))
+    # the backend does not matter: every backend runs the same plain-torch passes
+    assert all(torch.equal(x, y) for x, y in zip(a_ts, b_ts, strict=True))
+    assert all(not torch.equal(x, s) for x, s in zip(a_ts, start, strict=True))
+    assert _loss(a_ts, target) < _loss(start, target)
+
+
+def test_federated_clients_equal_a_scalar_only_replay():
+    # the MLP's two weight matrices (8×16, 16×8) get rank-2 directions; 3 rounds of τ = 2 with ν = 3 cross windows
+    def opt_fn(m):
+        return zo_optim.MeZO(m.parameters(), lr=0.05, lowrank_rank=RANK, lowrank_interval=3)
+
+    ds, tau = data(2), 2
+    server, ws = server_and_clients(opt_fn, tau, "transient")
+    replay_model = mlp_fn()
+    replay = Replica(opt_fn(replay_model), local_steps=tau, server_seed=99)
+    rounds_with_replay(server, ws, ds, replay, rounds=3)
+    for w, _ in ws:
+        assert w.checksum() == server.checksum() == replay.checksum()
+    assert server.checksum() != Replica(opt_fn(mlp_fn()), local_steps=tau, server_seed=99).checksum()
+
+
+def test_bad_settings_fail_before_any_write():
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="Invalid lowrank_rank"):
+            zo_optim.MeZO(_tensors(), lowrank_rank=bad)
+        with pytest.raises(ValueError, match="Invalid lowrank_interval"):
+            zo_optim.MeZO(_tensors(), lowrank_rank=2, lowrank_interval=bad)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        zo_optim.MeZO(_tensors(), lowrank_rank=2, sparse_density=0.5)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        zo_optim.MeZO([{"params": _tensors()[:2]}, {"params": _tensors()[2:]}], lowrank_rank=2, block_probes=True)
+    half = torch.randn(8, 8, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lowrank_rank: trainable parameter 0 is torch\.bfloat16"):
+        zo_optim.MeZO([half], lowrank_rank=2)
+    # a weight reassigned to bfloat16 after construction: refused at the step, weights untouched
+    t = torch.randn(8, 8, requires_grad=True)
+    opt = zo_optim.MeZO([t], lowrank_rank=2)
+    t.data = t.data.to(torch.bfloat16)
+    before = t.detach().clone()
+    with pytest.raises(ValueError, match="lowrank_rank"), torch.no_grad():
+        opt.step(lambda: (t.float() ** 2).sum())
+    assert torch.equal(t, before)
+    # a corrupt window in a state dict is refused by load_state_dict
+    opt = zo_optim.MeZO(_tensors(), lowrank_rank=2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["zo"]["runtime"]["lowrank_window"] = [-1, "x"]
+    with pytest.raises(ValueError, match="lowrank_window"):
+        opt.load_state_dict(sd)
