@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mezo+sparse50": ("mezo", {"sparse_density": 0.5}),
     # LOZO: rank-8 directions U Vᵀ for the weight matrices, U kept for 50 steps (optim/_lowrank.py)
     "mezo+lozo": ("mezo", {"lowrank_rank": 8, "lowrank_interval": 50}),
+    # q > 1 directions per step on one batch with forward differences: 1 + q forwards for q directions
+    "mezo+fwd4": ("mezo", {"estimator": "forward", "num_queries": 4}),
+    "zoadam+fwd4": ("zoadam", {"estimator": "forward", "num_queries": 4}),
+    # HELENE with its opt-in bias-corrected Hessian EMA, the setting docs/convergence.md recommends
+    "helene+bc": ("helene", {"hessian_bias_correction": True}),
 }
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 
@@ -306,13 +311,13 @@ def format_summary(spec: P.ProblemSpec, size: str, summaries: list[Summary], bud
 
 def run_problem(spec: P.ProblemSpec, size: str, optimizers: Sequence[str], seeds: int, full: bool, sweep: bool,
                 factory: OptimizerFactory, budget: int | None = None, lr_factors: Sequence[float] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, list[ConfigResult]]:
+                log: Callable[[str], None] = print, first_seed: int = 0) -> dict[str, list[ConfigResult]]:
     results: dict[str, list[ConfigResult]] = {}
     for opt in optimizers:
         results[opt] = []
         for kwargs in configs(spec.name, opt, full, sweep, lr_factors):
             cfg = ConfigResult(opt, kwargs)
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 cfg.runs.append(run_one(spec, size, opt, kwargs, seed, factory, budget))
             finals = ", ".join(f"{r.final:.4g}" for r in cfg.runs)
             secs = sum(r.seconds for r in cfg.runs)
@@ -347,6 +352,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES),
                    help="comma-separated subset of: " + ",".join(BENCH_NAMES))
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 2, --full: 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed … first-seed + seeds - 1 (default 0): more seeds for a recorded run")
     p.add_argument("--sweep", action="store_true",
                    help="also sweep HiZOO's α, HELENE's λ mode and bias correction (with --full)")
     p.add_argument("--budget", type=int, default=None, help="forward passes per run (overrides the problem's)")
@@ -366,6 +373,8 @@ def main(argv: list[str] | None = None, factory: OptimizerFactory | None = None)
     seeds = args.seeds or (3 if args.full else 2)
     if seeds < 1:
         raise SystemExit(f"Invalid --seeds: {seeds} (need at least 1)")
+    if args.first_seed < 0:
+        raise SystemExit(f"Invalid --first-seed: {args.first_seed} (need at least 0)")
     names = [n.strip() for n in args.problems.split(",") if n.strip()]
     opts = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
     for n in names:
@@ -378,7 +387,8 @@ def main(argv: list[str] | None = None, factory: OptimizerFactory | None = None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = report.environment("cpu", argv=["zo-optim", "bench", "convergence", *(argv or [])])
-    report.write_environment(out / "environment.json", env, size=size, seeds=seeds, problems=names, optimizers=opts,
+    report.write_environment(out / "environment.json", env, size=size, seeds=seeds, first_seed=args.first_seed,
+                             problems=names, optimizers=opts,
                              sweep=args.sweep, budget=args.budget)
     csv_path = out / "convergence.csv"
     tables = []
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None, factory: OptimizerFactory | None = None)
         t0 = time.perf_counter()
         print(f"[{name}] {spec.description}", flush=True)
         results = run_problem(spec, size, opts, seeds, args.full, args.sweep, factory, args.budget, lr_factors,
-                              log=lambda s: print(s, flush=True))
+                              log=lambda s: print(s, flush=True), first_seed=args.first_seed)
         summaries = summarise(spec, size, results)
         report.write_csv(csv_path, _rows(spec, size, results, summaries), env, append=not first)
         first = False
