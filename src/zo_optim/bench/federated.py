@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         bands[label] = ([x - s for x, s in ms], [x + s for x, s in ms])
     try:
         report.plot_lines(a.out / "federated.png", series, bands=bands, xlabel="round", ylabel="held-out accuracy",
-                          title=f"HiSo vs DeComFL, {a.task} task, scalar-only rounds (mean ± std over {a.seeds} seeds)")
+                          title=f"HiSo vs DeComFL, {a.task} task (mean ± std over {a.seeds} seeds)")
     except ImportError:
         print("(matplotlib not installed: no PNG)")
     return 0
