@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..federated import dirichlet_split
 from ..federated.replica import _hash_tensor  # the library's tensor hash (Replica's digests), private on purpose
 
-__all__ = ["TweetTask", "encode_tweets", "load_task", "weights_checksum"]
+__all__ = ["TweetTask", "client_batch_index", "encode_tweets", "load_task", "split_clients", "weights_checksum"]
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: mixes (seed, client, epoch) into one generator seed
 
@@ -40,6 +40,33 @@ def weights_checksum(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         _hash_tensor(h, t)  # flat first: a 0-dim int64 (BatchNorm's num_batches_tracked) has no uint8 view
     return h.hexdigest()
+
+
+def split_clients(labels: torch.Tensor, clients: int, alpha: float, *, seed: int, batch_size: int) -> list[list[int]]:
+    """Dirichlet(α) client shares of a labelled pool, each of at least ``batch_size // 4`` examples."""
+    return dirichlet_split(labels, clients, alpha, seed=seed, min_size=max(1, batch_size // 4))
+
+
+def client_batch_index(parts: list[list[int]], client: int, step: int, batch_size: int, seed: int,
+                       orders: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """Indices (into the pool) of client ``client``'s batch number ``step`` (module docstring).
+
+    Epoch by epoch over the client's share ``parts[client]``, in an order fixed by (seed, client, epoch);
+    ``orders`` caches the current epochs' orders (cleared when it grows past 4 per client).
+    """
+    part = parts[client]
+    size = min(batch_size, len(part))
+    per_epoch = len(part) // size
+    epoch, j = divmod(step, per_epoch)
+    key = (client, epoch)
+    order = orders.get(key)
+    if order is None:
+        gen = torch.Generator().manual_seed(((seed * _MIX + client) * _MIX + epoch) % 2**63)
+        order = torch.as_tensor(part, dtype=torch.long)[torch.randperm(len(part), generator=gen)]
+        if len(orders) > 4 * len(parts):  # keep memory flat over long runs
+            orders.clear()
+        orders[key] = order
+    return order[j * size : (j + 1) * size]
 
 
 @dataclass
@@ -72,19 +99,7 @@ class TweetTask:
 
     def batch_index(self, client: int, step: int) -> torch.Tensor:
         """Indices (into the training pool) of client ``client``'s batch number ``step``."""
-        part = self.parts[client]
-        size = min(self.batch_size, len(part))
-        per_epoch = len(part) // size
-        epoch, j = divmod(step, per_epoch)
-        key = (client, epoch)
-        order = self._orders.get(key)
-        if order is None:
-            gen = torch.Generator().manual_seed(((self.seed * _MIX + client) * _MIX + epoch) % 2**63)
-            order = torch.as_tensor(part, dtype=torch.long)[torch.randperm(len(part), generator=gen)]
-            if len(self._orders) > 4 * self.num_clients:  # keep memory flat over long runs
-                self._orders.clear()
-            self._orders[key] = order
-        return order[j * size : (j + 1) * size]
+        return client_batch_index(self.parts, client, step, self.batch_size, self.seed, self._orders)
 
     def client_loss(self, client: int) -> Callable[[torch.nn.Module, int], torch.Tensor]:
         if not 0 <= client < self.num_clients:
@@ -105,7 +120,7 @@ class TweetTask:
     def resplit(self, *, clients: int, alpha: float, seed: int, batch_size: int | None = None) -> TweetTask:
         """The same features with another split / seed (the head init follows ``seed``); nothing is re-encoded."""
         bs = batch_size if batch_size is not None else self.batch_size
-        parts = dirichlet_split(self.train_y, clients, alpha, seed=seed, min_size=max(1, bs // 4))
+        parts = split_clients(self.train_y, clients, alpha, seed=seed, batch_size=bs)
         head = _head_state(self.train_x.shape[1], int(self.train_y.max()) + 1, seed)
         return TweetTask(self.train_x, self.train_y, self.eval_x, self.eval_y, parts, head, bs, seed)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _problem_base as P
 
-__all__ = ["SIZES", "encoder", "layer_cls"]
+__all__ = ["SIZES", "encoder", "head_logits", "layer_cls", "trainable"]
 
 SIZES = {"ci": (128, 128), "full": (2048, 1024)}  # (train, test) examples
 BATCH = 16
@@ -95,25 +95,37 @@ def layer_cls(h: torch.Tensor, mask: torch.Tensor, p: list[torch.Tensor], heads:
     return F.layer_norm(F.linear(F.gelu(F.linear(a, wi, bi)), wo2, bo2) + a, (hid,), ln2w, ln2b, eps)
 
 
-def encoder(size: str, seed: int, problem_seed: int = 0) -> P.Instance:
-    """The last encoder layer + pooler + classifier of MiniLM on the tweets (module docstring)."""
-    model, data = _features(size, problem_seed)
-    cfg = model.config
+def trainable(model) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and detached copies of the 20 trainable tensors (layer 5's 16, pooler, classifier), in order."""
     modules = {"bert.encoder.layer.5": model.bert.encoder.layer[-1], "bert.pooler.dense": model.bert.pooler.dense,
                "classifier": model.classifier}
     names, params = [], []
     for prefix, mod in modules.items():
         for n, p in mod.named_parameters():
             names.append(f"{prefix}.{n}")
-            params.append(p.detach().clone().requires_grad_())
+            params.append(p.detach().clone())
+    return names, params
+
+
+def head_logits(h: torch.Tensor, mask: torch.Tensor, p: list[torch.Tensor], heads: int, eps: float) -> torch.Tensor:
+    """Logits [B, 2] from the cached layer-5 inputs and the 20 tensors of :func:`trainable`."""
+    t = int(mask.sum(1).max())  # padding beyond the longest example of the batch changes nothing
+    y = layer_cls(h[:, :t], mask[:, :t], p[:16], heads, eps)
+    return F.linear(torch.tanh(F.linear(y, p[16], p[17])), p[18], p[19])
+
+
+def encoder(size: str, seed: int, problem_seed: int = 0) -> P.Instance:
+    """The last encoder layer + pooler + classifier of MiniLM on the tweets (module docstring)."""
+    model, data = _features(size, problem_seed)
+    cfg = model.config
+    names, params = trainable(model)
+    params = [p.requires_grad_() for p in params]
     blocks = {"attention": [n for n in names if ".attention." in n],
               "ffn": [n for n in names if ".intermediate." in n or (".output." in n and ".attention." not in n)],
               "head": [n for n in names if n.startswith(("bert.pooler", "classifier"))]}
 
     def logits(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        t = int(mask.sum(1).max())  # padding beyond the longest example of the batch changes nothing
-        y = layer_cls(h[:, :t], mask[:, :t], params[:16], cfg.num_attention_heads, cfg.layer_norm_eps)
-        return F.linear(torch.tanh(F.linear(y, params[16], params[17])), params[18], params[19])
+        return head_logits(h, mask, params, cfg.num_attention_heads, cfg.layer_norm_eps)
 
     tr, te = data["train"], data["test"]
     batches = P._BatchStream(len(tr["y"]), BATCH, seed)
