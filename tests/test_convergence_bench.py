@@ -112,6 +112,27 @@ def test_cli_smoke_writes_long_format_csv_png_and_table(tmp_path, capsys):
     assert "MeZO" in text and "HELENE" in text and "final loss" in text
 
 
+def test_first_seed_runs_and_labels_the_later_seeds(tmp_path):
+    # --first-seed 2 --seeds 2 runs seeds 2 and 3 (the curves of a plain run with those seeds) and names them so in
+    # the CSV, so that runs of seeds 0-1 and 2-3 merge into one 4-seed result
+    base = ["--problems", "quadratic", "--optimizers", "mezo", "--budget", "40"]
+    assert C.main([*base, "--seeds", "4", "--out", str(tmp_path / "all")]) == 0
+    assert C.main([*base, "--seeds", "2", "--first-seed", "2", "--out", str(tmp_path / "late")]) == 0
+
+    def curves(d):
+        out = {}
+        for r in report.read_csv(tmp_path / d / "convergence.csv"):
+            if r["metric"] == "loss":
+                out.setdefault(r["name"].split("|")[-1].strip(), []).append(r["value"])
+        return out
+
+    everything, late = curves("all"), curves("late")
+    assert sorted(late) == ["seed=2", "seed=3"]
+    assert all(late[k] == everything[k] for k in late)
+    with pytest.raises(SystemExit, match="Invalid --first-seed"):
+        C.main([*base, "--first-seed", "-1", "--out", str(tmp_path / "bad")])
+
+
 def test_cli_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit, match="Invalid problem"):
         C.main(["--problems", "nope", "--out", str(tmp_path)])

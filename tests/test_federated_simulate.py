@@ -46,6 +46,9 @@ def test_decomfl_and_hiso_pair_trains_and_counts_bytes(capsys):
     ("hizoo", lambda m: zo_optim.HiZOO(m.parameters(), lr=1e-2, hessian_smooth=1e-3, backend="reference"), 2),
     ("helene", lambda m: zo_optim.HELENE(m.parameters(), lr=1e-2, backend="reference"), 1),
     ("hiso", lambda m: zo_optim.HiSo(m.parameters(), lr=1e-2, num_queries=2, backend="reference"), 3),
+    # the encoder's best measured setting (docs/convergence.md): q = 8 forward differences, 8 scalars per step
+    ("zo_adam_forward_q8", lambda m: zo_optim.ZOAdam(m.parameters(), lr=1e-2, estimator="forward", num_queries=8), 2),
+    ("mezo_lowrank", lambda m: zo_optim.MeZO(m.parameters(), lr=1e-2, lowrank_rank=2, lowrank_interval=3), 2),
 ])
 def test_every_optimizer_keeps_replicas_bit_identical(name, make, tau):
     ds = data(4, seed=3)

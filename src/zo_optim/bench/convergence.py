@@ -57,6 +57,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # q > 1 directions per step on one batch with forward differences: 1 + q forwards for q directions
     "mezo+fwd4": ("mezo", {"estimator": "forward", "num_queries": 4}),
     "zoadam+fwd4": ("zoadam", {"estimator": "forward", "num_queries": 4}),
+    "zoadam+fwd8": ("zoadam", {"estimator": "forward", "num_queries": 8}),
+    "zoadam+fwd16": ("zoadam", {"estimator": "forward", "num_queries": 16}),
+    "mezo+fwd8": ("mezo", {"estimator": "forward", "num_queries": 8}),
     # HELENE with its opt-in bias-corrected Hessian EMA, the setting docs/convergence.md recommends
     "helene+bc": ("helene", {"hessian_bias_correction": True}),
 }
@@ -91,6 +94,7 @@ class RunResult:
     seconds: float
     final: float = math.nan
     forwards_to_target: float = math.nan  # NaN: not reached
+    seed: int | None = None  # the run's seed (None: its position among the configuration's runs)
 
 
 @dataclass
@@ -262,8 +266,8 @@ def _rows(spec: P.ProblemSpec, size: str, results: dict[str, list[ConfigResult]]
     rows = []
     for opt, cfgs in results.items():
         for cfg in cfgs:
-            for seed, r in enumerate(cfg.runs):
-                name = f"{spec.name} | {opt} | {cfg.label} | seed={seed}"
+            for i, r in enumerate(cfg.runs):
+                name = f"{spec.name} | {opt} | {cfg.label} | seed={i if r.seed is None else r.seed}"
                 curve = zip(r.forwards, r.values, strict=True)
                 rows += [report.Row(name, opt, spec.metric, spec.unit, f, v) for f, v in curve]
                 rows.append(report.Row(name, opt, "forwards_to_target", "forwards", spec.target[size],
@@ -318,7 +322,9 @@ def run_problem(spec: P.ProblemSpec, size: str, optimizers: Sequence[str], seeds
         for kwargs in configs(spec.name, opt, full, sweep, lr_factors):
             cfg = ConfigResult(opt, kwargs)
             for seed in range(first_seed, first_seed + seeds):
-                cfg.runs.append(run_one(spec, size, opt, kwargs, seed, factory, budget))
+                run = run_one(spec, size, opt, kwargs, seed, factory, budget)
+                run.seed = seed
+                cfg.runs.append(run)
             finals = ", ".join(f"{r.final:.4g}" for r in cfg.runs)
             secs = sum(r.seconds for r in cfg.runs)
             log(f"  {spec.name:<10} {_display(opt):<7} {cfg.label:<40} final [{finals}]  ({secs:.1f}s)")
