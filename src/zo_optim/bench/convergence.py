@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "zoadam+fwd8": ("zoadam", {"estimator": "forward", "num_queries": 8}),
     "zoadam+fwd16": ("zoadam", {"estimator": "forward", "num_queries": 16}),
     "mezo+fwd8": ("mezo", {"estimator": "forward", "num_queries": 8}),
+    "mezo+fwd16": ("mezo", {"estimator": "forward", "num_queries": 16}),
+    "zoadam+fwd32": ("zoadam", {"estimator": "forward", "num_queries": 32}),
     # HELENE with its opt-in bias-corrected Hessian EMA, the setting docs/convergence.md recommends
     "helene+bc": ("helene", {"hessian_bias_correction": True}),
 }

@@ -53,7 +53,7 @@ USES: Mapping[str, str] = MappingProxyType({
     "convergence/mlp": "zo-optim bench convergence: centre of the lr grid on the MLP (docs/convergence.md)",
     "convergence/minilm": "zo-optim bench convergence: centre of the lr grid on MiniLM (docs/convergence.md)",
     "convergence/encoder": "zo-optim bench convergence: centre of the lr grid on MiniLM's last layer + head "
-                           "(docs/convergence.md; measured for MeZO, MeZO+blocks and MeZO+sparse only)",
+                           "(docs/convergence.md, where each optimizer's and option's measured best lr is listed)",
 })
 
 
