@@ -218,3 +218,18 @@ def replay_probed_steps(prober, probe_ts: list[torch.Tensor], replicas: list, le
         with torch.no_grad():
             for p, q in zip(probe_ts, leader_ts, strict=True):
                 p.copy_(q)
+
+
+def run_resumed(fresh, weights: list[torch.Tensor], state: dict, steps: int,
+                loss_of: Callable[[list[torch.Tensor]], torch.Tensor]) -> list[torch.Tensor]:
+    """A resume from a checkpoint: ``fresh()`` builds (tensors, optimizer), the tensors take ``weights``, the optimizer
+    loads ``state``, then ``steps`` steps of ``loss_of(tensors)``; returns the tensors."""
+    ts, opt = fresh()
+    with torch.no_grad():
+        for t, w in zip(ts, weights, strict=True):
+            t.copy_(w)
+    opt.load_state_dict(state)
+    for _ in range(steps):
+        with torch.no_grad():
+            opt.step(lambda: loss_of(ts))
+    return ts

@@ -10,6 +10,7 @@ import torch
 
 import zo_optim
 from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from optim_infos import run_resumed
 from zo_optim import rng
 from zo_optim.federated import Replica
 
@@ -109,27 +110,13 @@ def test_state_dict_resume_mid_window_is_bit_exact():
     for _ in range(4):
         with torch.no_grad():
             opt.step(lambda: _loss(ts, target))
-    ts2, opt2 = fresh()
-    with torch.no_grad():
-        for x, w in zip(ts2, saved_w, strict=True):
-            x.copy_(w)
-    opt2.load_state_dict(saved)
-    for _ in range(4):
-        with torch.no_grad():
-            opt2.step(lambda: _loss(ts2, target))
+    ts2 = run_resumed(fresh, saved_w, saved, 4, lambda xs: _loss(xs, target))
     assert all(torch.equal(a, b) for a, b in zip(ts, ts2, strict=True))
     # and a resume that lost the window's seed (the runtime entry dropped) does not reproduce the run: the test
     # above can tell a resume in the right subspace from one in another
-    ts3, opt3 = fresh()
-    with torch.no_grad():
-        for x, w in zip(ts3, saved_w, strict=True):
-            x.copy_(w)
     lost = copy.deepcopy(saved)
     lost["zo"]["runtime"]["lowrank_window"] = [1, 12345]
-    opt3.load_state_dict(lost)
-    for _ in range(4):
-        with torch.no_grad():
-            opt3.step(lambda: _loss(ts3, target))
+    ts3 = run_resumed(fresh, saved_w, lost, 4, lambda xs: _loss(xs, target))
     assert not torch.equal(ts[0], ts3[0])
 
 

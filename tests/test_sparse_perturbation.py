@@ -11,7 +11,7 @@ import torch
 import zo_optim
 from backend_checks import backend_or_skip
 from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
-from optim_infos import replay_probed_steps
+from optim_infos import replay_probed_steps, run_resumed
 from zo_optim import rng
 from zo_optim.federated import Replica
 from zo_optim.optim._sparse import backend_z_, reference_z
@@ -167,14 +167,7 @@ def test_state_dict_resume_is_bit_exact():
     for _ in range(4):
         with torch.no_grad():
             opt.step(lambda: _loss(ts, target))
-    ts2, opt2 = fresh()
-    with torch.no_grad():
-        for t, w in zip(ts2, saved_w, strict=True):
-            t.copy_(w)
-    opt2.load_state_dict(saved)
-    for _ in range(4):
-        with torch.no_grad():
-            opt2.step(lambda: _loss(ts2, target))
+    ts2 = run_resumed(fresh, saved_w, saved, 4, lambda xs: _loss(xs, target))
     assert all(torch.equal(a, b) for a, b in zip(ts, ts2, strict=True))
 
 

@@ -78,7 +78,7 @@ __all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "WeightsNotRestoredError", "ZOO
 
 class ZOOptimizer(
     PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, SparsePerturbation,
-    LowRankPerturbation,    torch.optim.Optimizer
+    LowRankPerturbation, torch.optim.Optimizer
 ):
     r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
 
