@@ -69,6 +69,21 @@ def server_and_clients(opt_fn=mezo, tau: int = 1, exact: str | None = None, mode
     return server, ws
 
 
+def clients_match_a_scalar_only_replay(opt_fn, tau: int = 2, rounds: int = 3, exact: str = "transient"):
+    """A 2-client federation of ``opt_fn`` optimizers on the MLP and a Replica that only replays the logged (seed,
+    scalars) for ``rounds`` rounds of ``tau`` steps; asserts every client, the server and the replica hold the same
+    weights (checksums) and returns the replica's model."""
+    from zo_optim.federated import Replica
+
+    server, ws = server_and_clients(opt_fn, tau, exact)
+    replay_model = mlp_fn()
+    replay = Replica(opt_fn(replay_model), local_steps=tau, server_seed=99)
+    rounds_with_replay(server, ws, data(2), replay, rounds=rounds)
+    for w, _ in ws:
+        assert w.checksum() == server.checksum() == replay.checksum()
+    return replay_model
+
+
 def rounds_with_replay(server, ws, datasets, replay, rounds: int) -> None:
     """``rounds`` rounds in which every sampled client computes its reply (each must be accepted) while ``replay``
     (a Replica) only applies the logged entries; then every client is synced to the server's position."""

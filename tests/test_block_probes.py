@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import zo_optim
-from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from fed_problems import clients_match_a_scalar_only_replay, mlp_fn
 from optim_infos import replay_probed_steps
 from zo_optim import rng
-from zo_optim.federated import Replica
 from zo_optim.optim._subspace import block_index
 
 
@@ -126,13 +125,7 @@ def test_federated_clients_equal_a_scalar_only_replay(exact):
     def opt_fn(m):
         return zo_optim.MeZO(_layer_groups(m), lr=0.05, block_probes=True, backend="reference")
 
-    ds, tau = data(2), 2
-    server, ws = server_and_clients(opt_fn, tau, exact)
-    replay_model = mlp_fn()
-    replay = Replica(opt_fn(replay_model), local_steps=tau, server_seed=99)
-    start = [p.detach().clone() for p in replay_model.parameters()]
-    rounds_with_replay(server, ws, ds, replay, rounds=4)
-    for w, _ in ws:
-        assert w.checksum() == server.checksum() == replay.checksum()
+    replay_model = clients_match_a_scalar_only_replay(opt_fn, tau=2, rounds=4, exact=exact)
+    start = list(mlp_fn().parameters())
     moved = [not torch.equal(p, s) for p, s in zip(replay_model.parameters(), start, strict=True)]
     assert any(moved[:2]) and any(moved[2:])  # both blocks were drawn in 8 steps

@@ -10,10 +10,9 @@ import torch
 
 import zo_optim
 from backend_checks import backend_or_skip
-from fed_problems import data, mlp_fn, rounds_with_replay, server_and_clients
+from fed_problems import clients_match_a_scalar_only_replay
 from optim_infos import replay_probed_steps, run_resumed
 from zo_optim import rng
-from zo_optim.federated import Replica
 from zo_optim.optim._sparse import backend_z_, reference_z
 
 SIZES = (40, 12, 7)
@@ -188,13 +187,7 @@ def test_federated_clients_equal_a_scalar_only_replay():
     def opt_fn(m):
         return zo_optim.MeZO(m.parameters(), lr=0.05, sparse_density=0.5)
 
-    ds, tau = data(2), 2
-    server, ws = server_and_clients(opt_fn, tau, "transient")
-    replay_model = mlp_fn()
-    replay = Replica(opt_fn(replay_model), local_steps=tau, server_seed=99)
-    rounds_with_replay(server, ws, ds, replay, rounds=3)
-    for w, _ in ws:
-        assert w.checksum() == server.checksum() == replay.checksum()
+    clients_match_a_scalar_only_replay(opt_fn, tau=2, rounds=3)
 
 
 def test_bad_settings_fail_before_any_write():
