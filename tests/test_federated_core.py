@@ -151,6 +151,41 @@ def test_clients_that_computed_equal_a_pure_replay(exact, tau):
     assert server.optimizer.step_count == 4 * tau
 
 
+def test_a_round_computed_again_after_a_restart_sends_the_same_reply():
+    """A client computes round 1 and saves its state; its reply is lost with a server that restarts from the
+    checkpoint it wrote before round 1 closed, and re-sends round 1's task. The client (or its restart from the
+    saved state) must reply exactly what it replied the first time: the uninterrupted run's reply. Before, the
+    local step counter had moved on by τ, so round 1 was measured on the next batches: another reply, another
+    aggregate (the SIGKILL resume test of the CLI failed when the kill landed after a client trained)."""
+    from zo_optim.federated import FederatedWrapper
+
+    tau = 2
+    server, ws = server_and_clients(mezo, tau)
+    ds = data(2)
+    closure = [lambda s, m=m, c=c: batch_loss(*ds[c], batch=4)(m, s) for c, (_, m) in enumerate(ws)]
+    for c, task in server.open_round().items():  # round 0 closes normally
+        assert server.receive(ws[c][0].handle(task, closure[c])).accepted
+    server.close_round()
+    tasks = server.open_round()  # round 1: the server's checkpoint is from before this round closes
+    w = ws[0][0]
+    first = w.handle(tasks[0], closure[0])
+    saved = w.state_dict()
+    again = w.handle(tasks[0], closure[0])  # the restarted server's task for round 1 (the same task)
+    assert again.scalars == first.scalars and again.loss == first.loss
+    assert w.local_step_counter == 2 * tau  # rounds 0 and 1, each once
+    # a client process that restarts from its saved state answers the same
+    m2 = mlp_fn()
+    w2 = FederatedWrapper(mezo(m2), tau, client_id=0, model=m2)
+    w2.load_state_dict(saved)
+    reborn = w2.handle(tasks[0], lambda s: batch_loss(*ds[0], batch=4)(m2, s))
+    assert reborn.scalars == first.scalars
+    # the next round uses the next batches (the counter is not stuck)
+    assert server.receive(first).accepted and server.receive(ws[1][0].handle(tasks[1], closure[1])).accepted
+    server.close_round()
+    nxt = server.open_round()[0]
+    assert w.handle(nxt, closure[0]).scalars != first.scalars and w.local_step_counter == 3 * tau
+
+
 def test_inplace_estimate_is_not_exact_so_the_wrapper_must_restore():
     """Why the wrapper needs transient mode or a copy: a plain in-place estimate moves fp32 weights by ulps."""
     x, y = data(1)[0]

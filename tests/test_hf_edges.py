@@ -95,6 +95,47 @@ def test_ctrl_c_in_the_second_micro_batch_leaves_nothing_pending(tmp_path, where
                                rtol=1e-3, atol=1e-3)
 
 
+def test_a_failed_take_back_inside_train_keeps_its_error_and_removes_the_hooks(tmp_path, monkeypatch):
+    """Ctrl-C in micro-batch 2, and the pass that takes the probe back fails too: the weights are unknown. train()
+    must raise the optimizer's WeightsNotRestoredError (before: the discard of the pending estimate and the final
+    restore were refused in turn, so a RuntimeError replaced it and the model kept our hooks) and leave no hook of
+    ours on the model; the optimizer keeps refusing until a checkpoint is loaded."""
+    data = T.classification_rows(16)
+    args = dict(max_steps=1, gradient_accumulation_steps=2, zo_optimizer_kwargs=REF, save_strategy="no")
+    model = T.tiny_bert()
+    hooks = (len(model._forward_pre_hooks), len(model._state_dict_pre_hooks))
+    armed: list[int] = []
+    real = zo_optim.MeZO._perturb_chunk
+
+    def perturb_chunk(self, *a, **k):
+        if armed:
+            raise RuntimeError("restore pass failed (injected)")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(zo_optim.MeZO, "_perturb_chunk", perturb_chunk)
+    class FailingTakeBack(ZOTrainer):
+        calls = 0
+
+        def compute_loss(self, *a, **k):
+            # probes 1, 2 are micro-batch 1 (left at θ − ε·z: the restore is deferred); at probe 3, a Ctrl-C whose
+            # take-back pass fails
+            type(self).calls += 1
+            if type(self).calls == 3:
+                armed.append(1)
+                raise KeyboardInterrupt
+            return super().compute_loss(*a, **k)
+
+    trainer = FailingTakeBack(model=model, args=T.zo_args(tmp_path, **args), train_dataset=data)
+    with pytest.raises(zo_optim.WeightsNotRestoredError, match="may still be perturbed") as err:
+        trainer.train()
+    assert "injected" in str(err.value.__cause__)
+    assert (len(model._forward_pre_hooks), len(model._state_dict_pre_hooks)) == hooks
+    opt = trainer.zo_optimizer
+    assert opt.refusal is not None
+    with pytest.raises(RuntimeError, match="refuses"):
+        opt.state_dict()
+
+
 # ---------------------------------------------------------------- 2. θ at every callback event
 
 

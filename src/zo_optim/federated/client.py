@@ -85,6 +85,10 @@ class FederatedWrapper:
         self.client_id = client_id
         self.exact = exact
         self.local_step_counter = 0
+        #: (round, local_step_counter before it) of the last round computed: a round computed again (its reply was
+        #: lost with a server that restarted from an earlier checkpoint) reuses those batches, so its reply is the
+        #: one the uninterrupted run sent
+        self.last_computed: tuple[int, int] | None = None
         self.gaps = 0
         #: the digest chain at our position (None: unknown, not checked); what each refused task did wrong
         self.chain_digest: bytes | None = None
@@ -135,7 +139,8 @@ class FederatedWrapper:
         snap = self.replica.snapshot()
         return {"position": self.position, "server_seed": self.replica.server_seed,
                 "local_step_counter": self.local_step_counter, "snapshot": snap.payload,
-                "chain_digest": self.chain_digest}
+                "chain_digest": self.chain_digest,
+                "last_computed": None if self.last_computed is None else list(self.last_computed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; atomic: every key and type is checked, and the snapshot is
@@ -160,11 +165,16 @@ class FederatedWrapper:
         digest = state.get("chain_digest")
         if digest is not None and not (isinstance(digest, bytes) and len(digest) == 32):
             raise ValueError(f"Invalid state dict: chain_digest = {digest!r} (32 bytes or None)")
+        last = state.get("last_computed")  # absent in state dicts of zo-optim <= 0.2: nothing to reuse
+        if last is not None and not (isinstance(last, (list, tuple)) and len(last) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in last)):
+            raise ValueError(f"Invalid state dict: last_computed = {last!r} (None or [round, counter], two ints)")
         self.replica.load_snapshot(Snapshot(position, blob))  # validated first; raises before any write
         self.replica.snapshot_loads -= 1  # a restart, not a catch-up
         self.replica.server_seed = seed
         self.local_step_counter = counter
         self.chain_digest = digest
+        self.last_computed = None if last is None else (int(last[0]), int(last[1]))
 
     # ------------------------------------------------------------------ protocol
 
@@ -244,6 +254,11 @@ class FederatedWrapper:
         rep, opt = self.replica, self.optimizer
         streams = rep.streams if streams is None else tuple(s for s in streams if s)
         tau = self.local_steps
+        if self.last_computed is not None and self.last_computed[0] == round_idx == rep.position:
+            # this round again, from the same position: its first reply never closed a round (the server restarted
+            # from a checkpoint before it): the same batches, so the same reply as the uninterrupted run
+            self.local_step_counter = self.last_computed[1]
+        self.last_computed = (round_idx, self.local_step_counter)
         need_copy = tau > 1 or self.exact == "restore"
         saved = rep.save_local() if need_copy else None
         has_k = opt.can_freeze_precond

@@ -275,6 +275,15 @@ class ZOOptimizer(
         self._zo_eps = as_zo_eps(value)
 
     @property
+    def refusal(self) -> str | None:
+        """Why every call but ``load_state_dict`` is refused, after a :class:`WeightsNotRestoredError`; else None.
+
+        Set when a pass failed and taking it back failed too (the weights are unknown); a successful
+        ``load_state_dict`` clears it.
+        """
+        return self._guard.refusal
+
+    @property
     def step_count(self) -> int:
         """Steps taken so far (skipped ones included) = the ``t`` of the next seed."""
         return self._t

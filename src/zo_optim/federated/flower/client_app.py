@@ -168,7 +168,8 @@ class _ClientNode:
                 sd: dict[str, Any] = {"position": state["position"], "snapshot": blob,
                                       "server_seed": state.get("server_seed"),
                                       "local_step_counter": state["local_step_counter"],
-                                      "chain_digest": state.get("chain_digest")}
+                                      "chain_digest": state.get("chain_digest"),
+                                      "last_computed": state.get("last_computed")}
                 p.wrapper.load_state_dict(sd)
         _PARTICIPANTS[key] = p
         return p
@@ -183,6 +184,8 @@ class _ClientNode:
             rec["server_seed"] = int(sd["server_seed"])
         if sd["chain_digest"] is not None:  # so the next process checks that its tasks extend this history
             rec["chain_digest"] = sd["chain_digest"]
+        if sd["last_computed"] is not None:  # a round computed again reuses its batches (FederatedWrapper.compute)
+            rec["last_computed"] = [int(v) for v in sd["last_computed"]]
         if self.cache_dir is None:
             rec["snapshot"] = sd["snapshot"]
         else:

@@ -245,7 +245,8 @@ class ZOTrainerMixin:
         if self._zo_probing:
             return False
         opt = self._zo_optimizer_or_none()
-        if opt is None or not opt.weights_perturbed:
+        # refusing (after a WeightsNotRestoredError): the weights are unknown and only a checkpoint brings them back
+        if opt is None or opt.refusal is not None or not opt.weights_perturbed:
             return False
         opt.restore_weights()
         return True
@@ -257,8 +258,8 @@ class ZOTrainerMixin:
         optimizer), and the next ``train()`` would fold the stale micro-batches into its first step.
         """
         opt = self._zo_optimizer_or_none()
-        if opt is None or opt.pending_seed is None:
-            return
+        if opt is None or opt.pending_seed is None or opt.refusal is not None:
+            return  # refusing: take_estimate would raise over the WeightsNotRestoredError the user must see
         opt.take_estimate()  # restores the weights and empties the accumulator; the step counter stays
         logger.warning(
             "zo-optim: train() stopped in the middle of step %d after %d of its micro-batches; their partial "
@@ -292,11 +293,13 @@ class ZOTrainerMixin:
             self._zo_discard_pending()  # Ctrl-C between the micro-batches of one step
             raise
         finally:
-            self._zo_restore_weights()  # an interrupted step leaves θ, never θ ± ε·u
-            for handles in self._zo_hooks.values():
-                for handle in handles:
-                    handle.remove()
-            self._zo_hooks.clear()
+            try:
+                self._zo_restore_weights()  # an interrupted step leaves θ, never θ ± ε·u
+            finally:  # the hooks go even if that restore fails: the model handed back carries no closure of ours
+                for handles in self._zo_hooks.values():
+                    for handle in handles:
+                        handle.remove()
+                self._zo_hooks.clear()
 
     # ------------------------------------------------------------------ one micro-batch
 
