@@ -183,3 +183,47 @@ def test_bad_settings_fail_before_any_write():
     sd["zo"]["runtime"]["lowrank_window"] = [-1, "x"]
     with pytest.raises(ValueError, match="lowrank_window"):
         opt.load_state_dict(sd)
+
+
+def test_an_error_inside_the_update_of_a_tensor_leaves_it_restored_once(monkeypatch):
+    # q = 2: the update of each tensor builds 3 directions (2 for the sum, 1 for the fused restore). An error at
+    # the 2nd direction of tensor 1 (out of memory, say) must come before any write to it: the pass engine then
+    # restores that tensor exactly once, keeps tensor 0's update, and step() finishes the rest — bit-identical
+    # to an error-free step. (Writing the restore first, as the plain path did, restored it twice: off by ε·u.)
+    from zo_optim.optim._lowrank import LowRankPerturbation
+
+    target = _target()
+
+    def run(fail: bool) -> list[torch.Tensor]:
+        ts = _tensors(4)
+        opt = zo_optim.MeZO(ts, lr=0.01, seed=9, num_queries=2, lowrank_rank=RANK, lowrank_interval=3)
+        calls = {"forwards": 0, "tensor1": 0, "armed": 0}
+        real = LowRankPerturbation._lowrank_u
+
+        def lowrank_u(self, p, tid, seed, query, slot=0):
+            if calls["armed"] and calls["forwards"] == 4 and tid == 1:  # step 2's update pass (after 4 forwards)
+                calls["tensor1"] += 1
+                if calls["tensor1"] == 2:
+                    raise RuntimeError("out of memory (injected)")
+            return real(self, p, tid, seed, query, slot)
+
+        def closure():
+            calls["forwards"] += 1
+            return _loss(ts, target)
+
+        with monkeypatch.context() as m:
+            m.setattr(LowRankPerturbation, "_lowrank_u", lowrank_u)
+            with torch.no_grad():
+                opt.step(closure)  # step 1 runs clean
+                calls["forwards"], calls["armed"] = 0, int(fail)
+                if fail:
+                    with pytest.raises(RuntimeError, match="injected"):
+                        opt.step(closure)
+                    assert opt.step_count == 1 and opt.pending_seed is not None  # the rest is pending
+                    opt.step()  # finishes tensors 1..3 from θ
+                else:
+                    opt.step(closure)
+        assert opt.step_count == 2
+        return [t.detach().clone() for t in ts]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False), strict=True))

@@ -43,19 +43,20 @@ def plain_sgd_update_(ps: list[torch.Tensor], ids: list[int], coeffs: torch.Tens
     cs = [float(c) for c in coeffs.tolist()]  # q host floats (one sync per update pass, as apply_update's)
     q = len(cs)
     for i, (p, tid) in enumerate(zip(ps, ids, strict=True)):
+        # every direction (and every allocation) first, the writes to p after: a failure here (out of memory)
+        # leaves p untouched, so the pass engine's take-back of this tensor restores it exactly once
         if q == 1:
             g = u(p, tid, 0, 0)
-            if restore_scale != 0.0:
-                ur = g if restore_query == 0 else u(p, tid, restore_query, 1)
-                p.add_(ur, alpha=restore_scale)
+            ur = None if restore_scale == 0.0 else (g if restore_query == 0 else u(p, tid, restore_query, 1))
             scale = cs[0]
         else:
-            if restore_scale != 0.0:
-                p.add_(u(p, tid, restore_query, 0), alpha=restore_scale)
             g = scratch(p, 1).zero_()
             for k, c in enumerate(cs):
                 g.add_(u(p, tid, k, 0), alpha=c)
+            ur = None if restore_scale == 0.0 else u(p, tid, restore_query, 0)
             scale = 1.0
+        if ur is not None:
+            p.add_(ur, alpha=restore_scale)
         if bufs is None:
             if weight_decay != 0.0:
                 p.mul_(1.0 - lr * weight_decay)
