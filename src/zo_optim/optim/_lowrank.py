@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .. import rng
-from ._plain import check_plain_params, plain_sgd_update_
+from ._plain import ScratchBuffers, check_plain_params, plain_sgd_update_
 
 __all__ = ["LowRankPerturbation", "lowrank_shape"]
 
@@ -87,7 +87,7 @@ class LowRankPerturbation:
         self.lowrank_interval = interval
         self._lowrank_window: tuple[int, int] | None = None  # (window index w, its seed s_w)
         self._lowrank_u_cache: dict[int, torch.Tensor] = {}  # tensor id -> U of the current window
-        self._lowrank_buffers: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        self._lowrank_scratch = ScratchBuffers()  # the directions in the parameters' dtype
 
     def _lowrank_check_params(self) -> None:
         check_plain_params(self._trainable(), "lowrank_rank", "lowrank_rank=None")  # type: ignore[attr-defined]
@@ -104,14 +104,6 @@ class LowRankPerturbation:
                 self._lowrank_window = (w, seed)
                 self._lowrank_u_cache = {}
         return rng.splitmix64(self._lowrank_window[1] ^ _LOWRANK_TAG)
-
-    def _lowrank_scratch(self, p: torch.Tensor, slot: int) -> torch.Tensor:
-        """A buffer of p's shape and dtype, reused across tensors and steps (at most 2 × the largest tensor)."""
-        key = (p.device, p.dtype, slot)
-        buf = self._lowrank_buffers.get(key)
-        if buf is None or buf.numel() < p.numel():
-            buf = self._lowrank_buffers[key] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-        return buf[: p.numel()].view(p.shape)
 
     def _lowrank_u(self, p: torch.Tensor, tid: int, seed: int, query: int, slot: int = 0) -> torch.Tensor:
         """u_query of tensor ``tid`` at step ``seed`` (module docstring) in a scratch buffer of slot ``slot``."""

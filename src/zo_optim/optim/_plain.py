@@ -14,10 +14,28 @@ import torch
 
 from ..ops import _sharding
 
-__all__ = ["check_plain_params", "plain_sgd_update_"]
+__all__ = ["ScratchBuffers", "check_plain_params", "plain_sgd_update_"]
 
 #: u(p, tensor_id, query, slot) -> the direction u_query of p (in a scratch buffer: valid until the slot's next use)
 Direction = Callable[[torch.Tensor, int, int, int], torch.Tensor]
+
+
+class ScratchBuffers:
+    """``scratch(p, slot)``: a buffer of p's shape (in ``dtype``, default p's), reused across tensors and steps, one
+    per (device, dtype, slot). Fresh allocations of a tensor's size cost as much as the pass itself on a loaded CPU
+    (page faults); this keeps at most one largest tensor per slot."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._buffers: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+    def __call__(self, p: torch.Tensor, slot: int) -> torch.Tensor:
+        dtype = self.dtype or p.dtype
+        key = (p.device, dtype, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < p.numel():
+            buf = self._buffers[key] = torch.empty(p.numel(), dtype=dtype, device=p.device)
+        return buf[: p.numel()].view(p.shape)
 
 
 def check_plain_params(params: list[torch.Tensor], option: str, off: str) -> None:

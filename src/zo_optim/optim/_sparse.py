@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from .. import ops, rng
-from ._plain import check_plain_params, plain_sgd_update_
+from ._plain import ScratchBuffers, check_plain_params, plain_sgd_update_
 
 __all__ = ["SparsePerturbation", "backend_z_", "magnitude_mask", "reference_z"]
 
@@ -111,7 +111,7 @@ class SparsePerturbation:
             self._sparse_check_params()
         self.sparse_density = density
         self._sparse_masks = {}
-        self._sparse_buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._sparse_scratch = ScratchBuffers(torch.float32)  # z and m ⊙ z in float32
         self._sparse_precond: dict[int, torch.Tensor] = {}
 
     def _sparse_check_params(self) -> None:
@@ -136,16 +136,6 @@ class SparsePerturbation:
 
     def _sparse_fast(self) -> bool:
         return self.backend != "reference"  # type: ignore[attr-defined]
-
-    def _sparse_scratch(self, p: torch.Tensor, slot: int) -> torch.Tensor:
-        """A float32 buffer of p's shape, reused across tensors and steps (fresh allocations of a tensor's size
-        cost as much as the pass itself on a loaded CPU: page faults); at most 2 × the largest tensor."""
-        key = (p.device, slot)
-        buf = self._sparse_buffers.get(key)
-        if buf is None or buf.numel() < p.numel():
-            buf = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
-            self._sparse_buffers[key] = buf
-        return buf[: p.numel()].view(p.shape)
 
     def _sparse_u(self, p: torch.Tensor, tid: int, seed: int, query: int, distribution: str,
                   slot: int = 0) -> torch.Tensor:
