@@ -205,3 +205,46 @@ def test_bad_settings_fail_before_any_write():
     with pytest.raises(ValueError, match="sparse_density"), torch.no_grad():
         opt.step(lambda: (t.float() ** 2).sum())
     assert torch.equal(t, before)
+
+
+def test_an_error_inside_the_momentum_update_on_a_fused_backend_is_finished_exactly(monkeypatch):
+    # with momentum the masked update runs tensor by tensor in plain torch even on the fused backends: an error at
+    # tensor 1 (out of memory, say) comes after tensor 0 was updated. The pass engine must know that (units of one
+    # tensor), restore only tensors 1.., and step() finishes them — bit-identical to an error-free step.
+    from zo_optim.optim._sparse import SparsePerturbation
+
+    backend_or_skip("cpu")
+    target = _target()
+
+    def run(fail: bool) -> list[torch.Tensor]:
+        ts = _tensors(6)
+        opt = zo_optim.MeZO(ts, lr=0.02, seed=4, momentum=0.9, sparse_density=0.5, backend="cpu")
+        state = {"forwards": 0, "armed": 0}
+        real = SparsePerturbation._sparse_u
+
+        def sparse_u(self, p, tid, *a, **k):
+            if state["armed"] and state["forwards"] == 2 and tid == 1:  # step 2's update pass, tensor 1
+                state["armed"] = 0
+                raise RuntimeError("out of memory (injected)")
+            return real(self, p, tid, *a, **k)
+
+        def closure():
+            state["forwards"] += 1
+            return _loss(ts, target)
+
+        with monkeypatch.context() as m:
+            m.setattr(SparsePerturbation, "_sparse_u", sparse_u)
+            with torch.no_grad():
+                opt.step(closure)
+                state["forwards"], state["armed"] = 0, int(fail)
+                if fail:
+                    with pytest.raises(RuntimeError, match="injected"):
+                        opt.step(closure)
+                    assert opt.step_count == 1 and opt.pending_seed is not None
+                    opt.step()
+                else:
+                    opt.step(closure)
+        assert opt.step_count == 2
+        return [t.detach().clone() for t in ts]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False), strict=True))

@@ -111,10 +111,12 @@ class UpdatePasses:
     def _units(self, chunks: Any) -> list[Any]:
         """Split each chunk (``(params, ids, ...)`` tuples; extra leading items kept) into the units that one op call
         writes all or nothing: one dtype of the chunk on the fused backends (Triton launches one kernel per dtype,
-        numba one per call, and a launch that fails has written nothing), one tensor on the plain-torch backends,
-        which loop tensor by tensor (an allocation failure on the third tensor leaves the first two written). The
+        numba one per call, and a launch that fails has written nothing), one tensor on the plain-torch backends
+        and for the options whose passes run in plain torch (:meth:`_passes_in_plain_torch`), which loop tensor by
+        tensor (an allocation failure on the third tensor leaves the first two written). The
         pass engine then knows exactly which tensors a failed call left moved: those of the units before it."""
         units = []
+        per_tensor = self._passes_in_plain_torch()
         for chunk in chunks:
             *head, ps, ids = chunk
             by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
@@ -123,12 +125,16 @@ class UpdatePasses:
                 dps.append(p)
                 dids.append(i)
             for dps, dids in by_dtype.values():
-                # (low-rank directions run tensor by tensor in plain torch on every backend)
-                if self._unit_backend(dps) in _PLAIN_TORCH or self.lowrank_rank is not None:
+                if per_tensor or self._unit_backend(dps) in _PLAIN_TORCH:
                     units.extend((*head, [p], [i]) for p, i in zip(dps, dids, strict=True))
                 else:
                     units.append((*head, dps, dids))
         return units
+
+    def _passes_in_plain_torch(self) -> bool:
+        """Whether an option's passes loop tensor by tensor in plain torch on every backend: then a unit is one
+        tensor whatever the backend (low-rank directions; Sparse-MeZO's masked update with momentum)."""
+        return self.lowrank_rank is not None or self._sparse_plain_update()
 
     def _take_back(self, error: BaseException, undo: Any) -> None:
         """Run ``undo()``, the take-back of a pass that failed with ``error``; if it fails too, refuse from now on.

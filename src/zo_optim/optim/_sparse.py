@@ -137,6 +137,11 @@ class SparsePerturbation:
     def _sparse_fast(self) -> bool:
         return self.backend != "reference"  # type: ignore[attr-defined]
 
+    def _sparse_plain_update(self) -> bool:
+        """Whether the masked update runs tensor by tensor in plain torch on a fused backend too (momentum)."""
+        return self.sparse_density is not None and any(
+            g.get("momentum", 0.0) != 0.0 for g in self.param_groups)  # type: ignore[attr-defined]
+
     def _sparse_u(self, p: torch.Tensor, tid: int, seed: int, query: int, distribution: str,
                   slot: int = 0) -> torch.Tensor:
         """u = m ⊙ z_query of tensor ``tid`` in a scratch buffer (valid until the slot's next use)."""
