@@ -233,3 +233,46 @@ def run_resumed(fresh, weights: list[torch.Tensor], state: dict, steps: int,
         with torch.no_grad():
             opt.step(lambda: loss_of(ts))
     return ts
+
+
+def second_step_with_a_failed_direction(monkeypatch, make, loss_of, direction_of: tuple[type, str], tensor_id: int,
+                                        nth: int, forwards: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two steps from ``make()`` (→ tensors, optimizer), once clean and once with the ``nth`` direction that
+    ``direction_of`` (a class and its method ``(self, p, tensor_id, ...)``) builds for tensor ``tensor_id`` in the
+    second step's update pass (after its ``forwards`` probe forwards) raising an out-of-memory RuntimeError; that
+    step must raise it and leave the rest pending, which ``step()`` then finishes. Returns (failed then finished,
+    clean) weights."""
+    cls, name = direction_of
+    real = getattr(cls, name)
+
+    def run(fail: bool) -> list[torch.Tensor]:
+        ts, opt = make()
+        state = {"forwards": 0, "armed": False, "calls": 0}
+
+        def direction(self, p, tid, *a, **k):
+            if state["armed"] and state["forwards"] == forwards and tid == tensor_id:
+                state["calls"] += 1
+                if state["calls"] == nth:
+                    raise RuntimeError("out of memory (injected)")
+            return real(self, p, tid, *a, **k)
+
+        def closure():
+            state["forwards"] += 1
+            return loss_of(ts)
+
+        with monkeypatch.context() as m:
+            m.setattr(cls, name, direction)
+            with torch.no_grad():
+                opt.step(closure)  # step 1 runs clean
+                state["forwards"], state["armed"] = 0, fail
+                if fail:
+                    with pytest.raises(RuntimeError, match="injected"):
+                        opt.step(closure)
+                    assert opt.step_count == 1 and opt.pending_seed is not None  # the rest is pending
+                    opt.step()
+                else:
+                    opt.step(closure)
+        assert opt.step_count == 2
+        return [t.detach().clone() for t in ts]
+
+    return run(True), run(False)

@@ -10,7 +10,7 @@ import torch
 
 import zo_optim
 from fed_problems import clients_match_a_scalar_only_replay, mlp_fn
-from optim_infos import run_resumed
+from optim_infos import run_resumed, second_step_with_a_failed_direction
 from zo_optim import rng
 
 SHAPES = ((12, 9), (9,), (2, 9), (6, 2, 3))  # a matrix, a bias, a matrix with min(n0, n1) ≤ r, a 3-d weight
@@ -194,36 +194,11 @@ def test_an_error_inside_the_update_of_a_tensor_leaves_it_restored_once(monkeypa
 
     target = _target()
 
-    def run(fail: bool) -> list[torch.Tensor]:
+    def make():
         ts = _tensors(4)
-        opt = zo_optim.MeZO(ts, lr=0.01, seed=9, num_queries=2, lowrank_rank=RANK, lowrank_interval=3)
-        calls = {"forwards": 0, "tensor1": 0, "armed": 0}
-        real = LowRankPerturbation._lowrank_u
+        return ts, zo_optim.MeZO(ts, lr=0.01, seed=9, num_queries=2, lowrank_rank=RANK, lowrank_interval=3)
 
-        def lowrank_u(self, p, tid, seed, query, slot=0):
-            if calls["armed"] and calls["forwards"] == 4 and tid == 1:  # step 2's update pass (after 4 forwards)
-                calls["tensor1"] += 1
-                if calls["tensor1"] == 2:
-                    raise RuntimeError("out of memory (injected)")
-            return real(self, p, tid, seed, query, slot)
-
-        def closure():
-            calls["forwards"] += 1
-            return _loss(ts, target)
-
-        with monkeypatch.context() as m:
-            m.setattr(LowRankPerturbation, "_lowrank_u", lowrank_u)
-            with torch.no_grad():
-                opt.step(closure)  # step 1 runs clean
-                calls["forwards"], calls["armed"] = 0, int(fail)
-                if fail:
-                    with pytest.raises(RuntimeError, match="injected"):
-                        opt.step(closure)
-                    assert opt.step_count == 1 and opt.pending_seed is not None  # the rest is pending
-                    opt.step()  # finishes tensors 1..3 from θ
-                else:
-                    opt.step(closure)
-        assert opt.step_count == 2
-        return [t.detach().clone() for t in ts]
-
-    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False), strict=True))
+    failed, clean = second_step_with_a_failed_direction(
+        monkeypatch, make, lambda ts: _loss(ts, target), (LowRankPerturbation, "_lowrank_u"), tensor_id=1, nth=2,
+        forwards=4)
+    assert all(torch.equal(a, b) for a, b in zip(failed, clean, strict=True))

@@ -11,7 +11,7 @@ import torch
 import zo_optim
 from backend_checks import backend_or_skip
 from fed_problems import clients_match_a_scalar_only_replay
-from optim_infos import replay_probed_steps, run_resumed
+from optim_infos import replay_probed_steps, run_resumed, second_step_with_a_failed_direction
 from zo_optim import rng
 from zo_optim.optim._sparse import backend_z_, reference_z
 
@@ -216,35 +216,11 @@ def test_an_error_inside_the_momentum_update_on_a_fused_backend_is_finished_exac
     backend_or_skip("cpu")
     target = _target()
 
-    def run(fail: bool) -> list[torch.Tensor]:
+    def make():
         ts = _tensors(6)
-        opt = zo_optim.MeZO(ts, lr=0.02, seed=4, momentum=0.9, sparse_density=0.5, backend="cpu")
-        state = {"forwards": 0, "armed": 0}
-        real = SparsePerturbation._sparse_u
+        return ts, zo_optim.MeZO(ts, lr=0.02, seed=4, momentum=0.9, sparse_density=0.5, backend="cpu")
 
-        def sparse_u(self, p, tid, *a, **k):
-            if state["armed"] and state["forwards"] == 2 and tid == 1:  # step 2's update pass, tensor 1
-                state["armed"] = 0
-                raise RuntimeError("out of memory (injected)")
-            return real(self, p, tid, *a, **k)
-
-        def closure():
-            state["forwards"] += 1
-            return _loss(ts, target)
-
-        with monkeypatch.context() as m:
-            m.setattr(SparsePerturbation, "_sparse_u", sparse_u)
-            with torch.no_grad():
-                opt.step(closure)
-                state["forwards"], state["armed"] = 0, int(fail)
-                if fail:
-                    with pytest.raises(RuntimeError, match="injected"):
-                        opt.step(closure)
-                    assert opt.step_count == 1 and opt.pending_seed is not None
-                    opt.step()
-                else:
-                    opt.step(closure)
-        assert opt.step_count == 2
-        return [t.detach().clone() for t in ts]
-
-    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False), strict=True))
+    failed, clean = second_step_with_a_failed_direction(
+        monkeypatch, make, lambda ts: _loss(ts, target), (SparsePerturbation, "_sparse_u"), tensor_id=1, nth=1,
+        forwards=2)
+    assert all(torch.equal(a, b) for a, b in zip(failed, clean, strict=True))
