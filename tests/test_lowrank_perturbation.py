@@ -104,7 +104,7 @@ def test_state_dict_resume_mid_window_is_bit_exact():
         with torch.no_grad():
             opt.step(lambda: _loss(ts, target))
     saved_w, saved = [x.detach().clone() for x in ts], copy.deepcopy(opt.state_dict())
-    assert saved["zo"]["settings"] == {"lowrank_rank": RANK, "lowrank_interval": 3}
+    assert saved["zo"]["settings"] == {"lowrank_rank": RANK, "lowrank_interval": 3, "lowrank_kind": "lozo"}
     assert saved["zo"]["runtime"]["lowrank_window"][0] == 1
     for _ in range(4):
         with torch.no_grad():
