@@ -192,8 +192,8 @@ def test_encoder_trainable_part_matches_the_full_model(tmp_path, monkeypatch):
 
 
 def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch):
-    """The CI size of the encoder problem runs in seconds, for MeZO and its block-probe, sparse, low-rank variants
-    and HELENE with its bias correction."""
+    """The CI size of the encoder problem runs in seconds, for MeZO and its block-probe, sparse, low-rank (LOZO,
+    SubZero) variants and HELENE with its bias correction."""
     pytest.importorskip("transformers")
     from zo_optim.bench import encoder as E
 
@@ -204,7 +204,8 @@ def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch)
         {"lr": recommended_lr("mezo", "convergence/encoder"), "block_probes": True}]
     assert C.configs("encoder", "mezo+sparse", False, False)[0]["sparse_density"] == 0.25
     assert C.configs("encoder", "mezo+lozo", False, False)[0]["lowrank_rank"] == 8
-    for name in ("mezo", "mezo+blocks", "mezo+sparse", "mezo+lozo", "helene+bc"):
+    assert C.configs("encoder", "mezo+subzero", False, False)[0]["lowrank_kind"] == "subzero"
+    for name in ("mezo", "mezo+blocks", "mezo+sparse", "mezo+lozo", "mezo+subzero", "helene+bc"):
         kwargs = C.configs("encoder", name, False, False)[0]
         r = C.run_one(spec, "ci", name, kwargs, 0, C.zo_optim_factory, budget=40)
         assert r.forwards[-1] == 40 and r.steps == 20 and not r.diverged

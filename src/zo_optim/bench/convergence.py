@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mezo+sparse50": ("mezo", {"sparse_density": 0.5}),
     # LOZO: rank-8 directions U Vᵀ for the weight matrices, U kept for 50 steps (optim/_lowrank.py)
     "mezo+lozo": ("mezo", {"lowrank_rank": 8, "lowrank_interval": 50}),
+    # SubZero: rank-8 directions U S Vᵀ, U and V orthonormal and kept for 50 steps, S fresh (optim/_lowrank.py)
+    "mezo+subzero": ("mezo", {"lowrank_rank": 8, "lowrank_interval": 50, "lowrank_kind": "subzero"}),
     # q > 1 directions per step on one batch with forward differences: 1 + q forwards for q directions
     "mezo+fwd4": ("mezo", {"estimator": "forward", "num_queries": 4}),
     "zoadam+fwd4": ("zoadam", {"estimator": "forward", "num_queries": 4}),

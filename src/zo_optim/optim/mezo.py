@@ -55,6 +55,11 @@ class MeZO(ZOOptimizer):
     generator; other tensors get the dense z. A step stays (seed, scalars); math, cost and restrictions in
     :mod:`zo_optim.optim._lowrank`; measured in docs/convergence.md.
 
+    Option ``lowrank_kind="subzero"`` (with ``lowrank_rank=r``; default ``"lozo"``): SubZero (Yu et al. 2024,
+    arXiv 2410.08989) — the same windows, with u = (√(n_0 n_1)/r)·U S Vᵀ, U (n_0 × r) and V (n_1 × r)
+    column-orthonormal (QR of Gaussian matrices, float64 on the CPU) drawn once per window, S (r × r) every
+    step: a window's updates lie in span(U) ⊗ span(V) (r² dimensions), and E‖u‖² = n_0·n_1 as the dense z's.
+
     Scalars for :meth:`apply_update`: ``projected_grads`` = the q values g_k; no extras.
     State: ``momentum_buffer`` (fp32) only when ``momentum != 0`` — 0 or 4 bytes/param.
     """
@@ -84,18 +89,18 @@ class MeZO(ZOOptimizer):
         sparse_density: float | None = None,
         lowrank_rank: int | None = None,
         lowrank_interval: int = 50,
+        lowrank_kind: str = "lozo",
         **kwargs: Any,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, zo_eps=zo_eps, num_queries=num_queries, estimator=estimator, **kwargs)
         self._set_block_probes(block_probes)
         self._set_sparse_density(sparse_density)
-        self._set_lowrank(lowrank_rank, lowrank_interval)
+        self._set_lowrank(lowrank_rank, lowrank_interval, lowrank_kind)
 
     def _settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sparse_density": self.sparse_density} if self.sparse_density is not None else {}
-        if self.lowrank_rank is not None:
-            out.update(lowrank_rank=self.lowrank_rank, lowrank_interval=self.lowrank_interval)
+        out.update(self._lowrank_settings())
         return out
 
     def _runtime_state(self) -> dict[str, Any]:
