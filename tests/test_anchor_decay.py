@@ -130,9 +130,10 @@ def test_the_anchor_is_one_copy_of_the_weights_in_their_dtype(info: OptimizerInf
 
 
 @ALL
-def test_resume_mid_run_is_bit_exact_with_the_saved_anchor(info: OptimizerInfo):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resume_mid_run_is_bit_exact_with_the_saved_anchor(info: OptimizerInfo, dtype: torch.dtype):
     lam = A / info.inputs[0]["lr"]
-    straight = tiny_model()
+    straight = tiny_model(dtype=dtype)
     opt = make(info, straight, anchor_decay=lam)
     f = scripted_closure()
     for _ in range(2):
@@ -144,7 +145,7 @@ def test_resume_mid_run_is_bit_exact_with_the_saved_anchor(info: OptimizerInfo):
         opt.step(f)
     # the resumed optimizer is built on the step-2 weights: its own construction-time anchor would be those, so
     # only the loaded anchor (the step-0 weights) gives the straight run's numbers
-    resumed = tiny_model()
+    resumed = tiny_model(dtype=dtype)
     with torch.no_grad():
         for p, w in zip(resumed.parameters(), at_2, strict=True):
             p.copy_(w)
@@ -157,6 +158,7 @@ def test_resume_mid_run_is_bit_exact_with_the_saved_anchor(info: OptimizerInfo):
         opt2.step(g)
     assert_bitwise(weights(resumed), weights(straight))
     assert_bitwise(state_tensors(opt2), state_tensors(opt))
+    assert all(opt2.state[p]["anchor"].dtype == dtype for p in resumed.parameters())  # the parameter's, not fp32
 
 
 @ALL

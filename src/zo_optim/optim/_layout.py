@@ -66,7 +66,8 @@ class ParamLayout:
                 raise
 
     def state_bytes(self) -> int:
-        """Bytes held in per-parameter optimizer state (all fp32 buffers; this rank's shards of sharded ones)."""
+        """Bytes held in per-parameter optimizer state (the fp32 buffers and ``anchor_decay``'s anchors, in their
+        parameters' dtype; this rank's shards of sharded ones)."""
         self._ensure_state()
         tensors = [_sharding.local(v) for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
