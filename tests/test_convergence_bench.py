@@ -193,7 +193,7 @@ def test_encoder_trainable_part_matches_the_full_model(tmp_path, monkeypatch):
 
 def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch):
     """The CI size of the encoder problem runs in seconds, for MeZO and its block-probe, sparse, low-rank (LOZO,
-    SubZero) variants and HELENE with its bias correction."""
+    SubZero) and anchor-decay variants and HELENE with its bias correction."""
     pytest.importorskip("transformers")
     from zo_optim.bench import encoder as E
 
@@ -205,7 +205,11 @@ def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch)
     assert C.configs("encoder", "mezo+sparse", False, False)[0]["sparse_density"] == 0.25
     assert C.configs("encoder", "mezo+lozo", False, False)[0]["lowrank_rank"] == 8
     assert C.configs("encoder", "mezo+subzero", False, False)[0]["lowrank_kind"] == "subzero"
-    for name in ("mezo", "mezo+blocks", "mezo+sparse", "mezo+lozo", "mezo+subzero", "helene+bc"):
+    assert C.configs("encoder", "mezo+anchor", False, False)[0]["anchor_decay"] == 3.0
+    assert C.configs("encoder", "zoadam+fwd16+anchor", False, False) == [
+        {"lr": recommended_lr("zoadam", "convergence/encoder"), "estimator": "forward", "num_queries": 16,
+         "anchor_decay": 4.0}]
+    for name in ("mezo", "mezo+blocks", "mezo+sparse", "mezo+lozo", "mezo+subzero", "helene+bc", "mezo+anchor"):
         kwargs = C.configs("encoder", name, False, False)[0]
         r = C.run_one(spec, "ci", name, kwargs, 0, C.zo_optim_factory, budget=40)
         assert r.forwards[-1] == 40 and r.steps == 20 and not r.diverged

@@ -66,6 +66,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "zoadam+fwd32": ("zoadam", {"estimator": "forward", "num_queries": 32}),
     # HELENE with its opt-in bias-corrected Hessian EMA, the setting docs/convergence.md recommends
     "helene+bc": ("helene", {"hessian_bias_correction": True}),
+    # anchor_decay: after each update θ ← θ + lr·λ_a(θ_a − θ) toward the starting weights (optim/_anchor.py)
+    "zoadam+fwd16+anchor": ("zoadam", {"estimator": "forward", "num_queries": 16, "anchor_decay": 4.0}),
+    "mezo+anchor": ("mezo", {"anchor_decay": 3.0}),
 }
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 

@@ -33,6 +33,7 @@ import torch
 
 from .. import rng
 from ..ops import _sharding
+from ._anchor import ANCHOR, LATER_GROUP_DEFAULTS
 from ._eager import eager
 from ._validation import as_seed, is_int
 
@@ -202,7 +203,8 @@ class Checkpointing:
         try:
             # without the groups' copies of the zo section: they are not hyper-parameters (the live groups would
             # carry a stale step counter, and replicas' config digests would differ)
-            saved_groups = [{k: v for k, v in g.items() if k != "zo"} for g in state_dict["param_groups"]]
+            saved_groups = [{**LATER_GROUP_DEFAULTS, **{k: v for k, v in g.items() if k != "zo"}}
+                            for g in state_dict["param_groups"]]
             eager(super().load_state_dict)({"state": {}, "param_groups": saved_groups})
             self.state = ZOState(dict, self.state)  # torch's load made it a plain defaultdict again
             for p, entry in state.items():
@@ -262,7 +264,8 @@ class Checkpointing:
                     f"Invalid state dict: param_groups[{i}] has {len(ids)} parameters, this optimizer's group {i} "
                     f"has {len(own['params'])}; construct the optimizer with the same parameters that saved it"
                 )
-            missing = [k for k in own if k not in ("params", "param_names") and k not in sg]
+            # (an option added since a state dict was saved is off in its groups: LATER_GROUP_DEFAULTS)
+            missing = [k for k in own if k not in ("params", "param_names", *LATER_GROUP_DEFAULTS) and k not in sg]
             if missing:
                 raise ValueError(f"Invalid state dict: param_groups[{i}] lacks the hyper-parameters {missing}")
             names = sg.get("param_names")
@@ -272,7 +275,8 @@ class Checkpointing:
                 or not all(isinstance(n, str) for n in names)
             ):
                 raise ValueError(f"Invalid state dict: param_groups[{i}]['param_names'] must list one str per param")
-            group = {k: v for k, v in sg.items() if k != "zo"}  # the zo section's copy is not a hyper-parameter
+            # the zo section's copy is not a hyper-parameter
+            group = {**LATER_GROUP_DEFAULTS, **{k: v for k, v in sg.items() if k != "zo"}}
             group["params"] = own["params"]
             if names is None and "param_names" in own:
                 group["param_names"] = own["param_names"]
@@ -306,7 +310,7 @@ class Checkpointing:
             if not isinstance(entry, Mapping):
                 raise ValueError(f"Invalid state dict: state[{key!r}] is a {type(entry).__name__}, not a dict")
             i, p, group = id_map[key]
-            known = set(self._buffers(group))
+            known = set(self._buffers(group)) | {ANCHOR}  # (an anchor is kept even while its group's decay is 0)
             new: dict[str, torch.Tensor] = {}
             for name, v in entry.items():
                 where = f"state[{key!r}][{name!r}] (parameter {i}, shape {tuple(p.shape)})"
@@ -322,14 +326,32 @@ class Checkpointing:
                     raise ValueError(
                         f"Invalid state dict: {where} has shape {tuple(v.shape)}; it must have its parameter's shape"
                     )
-                # torch casts floating state to the param dtype on load; ZO buffers are always fp32.
-                # Sharded parameters: a DTensor buffer or a full one, kept as this rank's rows (ops._sharding)
-                v = _sharding.local_rows(p, v.detach()).to(device=_sharding.local(p).device, dtype=torch.float32)
+                # torch casts floating state to the param dtype on load; ZO buffers are always fp32, an anchor
+                # has its parameter's dtype (_anchor). Sharded parameters: a DTensor buffer or a full one, kept as
+                # this rank's rows (ops._sharding)
+                dtype = p.dtype if name == ANCHOR else torch.float32
+                v = _sharding.local_rows(p, v.detach()).to(device=_sharding.local(p).device, dtype=dtype)
                 v = v.clone()
                 self._check_state_buffer(where, name, v)
                 new[name] = _sharding.like(p, v)
             out[p] = new
+        self._check_anchors_loaded(state_dict, groups, out)
         return out
+
+    def _check_anchors_loaded(self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]],
+                              state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """A group with ``anchor_decay > 0`` needs every parameter's anchor in the state (:mod:`._anchor`)."""
+        for g, (sg, group) in enumerate(zip(state_dict["param_groups"], groups, strict=True)):
+            if group.get("anchor_decay", 0.0) == 0.0:
+                continue
+            lacking = [j for j, p in zip(sg["params"], group["params"], strict=True) if ANCHOR not in state.get(p, {})]
+            if lacking:
+                raise ValueError(
+                    f"Invalid state dict: param_groups[{g}] has anchor_decay={group['anchor_decay']!r} but the state "
+                    f"of its parameters {lacking} lacks {ANCHOR!r}, the weights the decay pulls toward (saved by "
+                    f"state_dict() with the other buffers). Nothing was changed. Load a state dict saved with its "
+                    f"anchors, or set param_groups[{g}]['anchor_decay'] = 0.0 in it to load it without the pull"
+                )
 
     def _check_state_buffer(self, where: str, name: str, value: torch.Tensor) -> None:
         """A loaded buffer must be finite and in its valid range (``buffer_ranges``; the preconditioner > 0)."""

@@ -36,6 +36,7 @@ class ParamLayout:
     state: Any
     _tensor_ids: dict[int, int]
     _buffers: Any  # the subclass hook (base.py)
+    _take_anchors: Any  # (_anchor.py)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # (name, tensor) pairs become "params" + "param_names" here rather than in torch, whose
@@ -59,12 +60,14 @@ class ParamLayout:
                 # transient mode: the new parameters must be registered on the attached model and get its hooks
                 if getattr(self, "_transient", None) is not None and self._transient.attached:
                     self._reattach()
+                self._take_anchors(self.param_groups[-1])  # last: all or none, nothing to undo after it (_anchor)
             except BaseException:
                 self.param_groups.pop()  # a refused group is not kept
                 raise
 
     def state_bytes(self) -> int:
-        """Bytes held in per-parameter optimizer state (all fp32 buffers; this rank's shards of sharded ones)."""
+        """Bytes held in per-parameter optimizer state (the fp32 buffers and ``anchor_decay``'s anchors, in their
+        parameters' dtype; this rank's shards of sharded ones)."""
         self._ensure_state()
         tensors = [_sharding.local(v) for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)

@@ -231,6 +231,7 @@ class UpdatePasses:
                     "(p.data = ...) since its state was created? Nothing was changed. Put back a tensor of the "
                     "state's shape and device, or start its state afresh (del opt.state[p])"
                 )
+        self._check_anchors(group, ps, ids)
 
     # ------------------------------------------------------------------ update
 
@@ -353,6 +354,8 @@ class UpdatePasses:
                     win = opened
                     self._fused_update(group, params, ids, seed, coeffs.to(dev),
                                        {k: v.to(dev) for k, v in extras.items()}, self._t + 1, op_kwargs)
+                # in the same iteration: a unit counted done is updated and decayed, a failed one neither (_anchor)
+                self._decay_unit(group, params)
                 done += 1
         except BaseException as e:
             # units the fused op has processed are restored (and updated); restore only the others, and the

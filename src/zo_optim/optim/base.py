@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import ops, rng
+from ._anchor import AnchorDecay
 from ._checkpoint import Checkpointing, ZOState
 from ._estimate import CLOSURE_HELP, Accumulator, Closure, MeasuredEstimate, NonFiniteLossError, Probes
 from ._guard import CallGuard
@@ -78,7 +79,7 @@ __all__ = ["ZO_EPS_RANGE", "NonFiniteLossError", "WeightsNotRestoredError", "ZOO
 
 class ZOOptimizer(
     PerturbationModes, MeasuredEstimate, UpdatePasses, Checkpointing, ParamLayout, BlockProbes, SparsePerturbation,
-    LowRankPerturbation, torch.optim.Optimizer
+    LowRankPerturbation, AnchorDecay, torch.optim.Optimizer
 ):
     r"""Base class of the zeroth-order optimizers (see the module docstring for the schedule).
 
@@ -104,6 +105,9 @@ class ZOOptimizer(
             world size > 1 this optimizer is one replica of a data-parallel step (the base seed is
             broadcast from rank 0, ``step()`` all-reduces the scalars). ``False``: it ignores the
             process group and enters no collective (federated replicas, per-rank experiments).
+        anchor_decay: λ_a >= 0 (default 0: off), a param-group option: after each step's update,
+            θ ← θ + γλ_a(θ_a − θ) toward θ_a, the weights at construction (L2-SP applied decoupled;
+            needs lr·anchor_decay < 1; one copy of the group's weights as state; :mod:`._anchor`).
     """
 
     #: algorithm name written into state dicts and federated messages
@@ -143,6 +147,7 @@ class ZOOptimizer(
         rounding: str = "stochastic",
         module: torch.nn.Module | None = None,
         data_parallel: bool = True,
+        anchor_decay: float = 0.0,
     ) -> None:
         as_zo_eps(zo_eps)
         if not isinstance(data_parallel, bool):
@@ -178,8 +183,9 @@ class ZOOptimizer(
         self._guard = CallGuard(type(self).__name__)  # before super().__init__: add_param_group takes it
         self._transient_names: dict[int, str] = {}
         self._warned_slow_fallback = False
-        super().__init__(params, defaults)
-        self.state = ZOState(dict)  # truthy when empty: see ZOState (torch.distributed.checkpoint)
+        super().__init__(params, {**defaults, "anchor_decay": anchor_decay})
+        # truthy when empty: see ZOState (torch.distributed.checkpoint); keeps the anchors add_param_group took
+        self.state = ZOState(dict, self.state)
         for p in self._all_params():
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported: zeroth-order ops need dense tensors")
@@ -203,6 +209,7 @@ class ZOOptimizer(
             lr = float(lr)
         check_positive("learning rate", lr, allow_zero=True)
         check_positive("weight_decay value", group.get("weight_decay", 0.0), allow_zero=True)
+        self._check_anchor_decay(group)
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         """Per-parameter float32 buffers of this group: name → initial value."""

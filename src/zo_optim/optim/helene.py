@@ -34,7 +34,9 @@ class HELENE(ZOOptimizer):
             \end{cases} \\
         &\quad \theta \leftarrow \theta\,(1 - \eta\,\text{wd}) \\
         &\quad \theta_i \leftarrow \theta_i - \eta\,\frac{m_{t,i}}{\gamma \max(h_{t,i}, \lambda_i) + \delta}
-            \quad \text{for each tensor (layer) } i
+            \quad \text{for each tensor (layer) } i \\
+        &\quad \theta \leftarrow \theta + \eta\lambda_a(\theta_a - \theta) \quad (\texttt{anchor\_decay}\ \lambda_a,
+            \text{default 0; } \theta_a = \theta \text{ at construction: } \texttt{optim.\_anchor})
         \end{aligned}
 
     "HELENE: Hessian Layer-wise Clipping and Gradient Annealing for Accelerating

@@ -21,6 +21,8 @@ class HiSo(ZOOptimizer):
         &g_p = \frac{L(\theta + \mu u_p) - L(\theta)}{\mu} \quad (1 + P \text{ forwards}), \qquad
             \hat g = \tfrac1P \textstyle\sum_p g_p u_p \\
         &\theta \leftarrow \theta - \gamma\,(\hat g + \lambda\theta) \\
+        &\theta \leftarrow \theta + \gamma\lambda_a(\theta_a - \theta) \quad (\texttt{anchor\_decay}\ \lambda_a,
+            \text{default 0; } \theta_a = \theta \text{ at construction: } \texttt{optim.\_anchor}) \\
         &\textbf{every } k \text{ steps } (\texttt{k\_interval}):\quad
             K \leftarrow \beta K + (1-\beta)(\hat g \odot \hat g + \epsilon_H);
             \quad K \text{ frozen in between}

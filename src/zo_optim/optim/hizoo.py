@@ -27,6 +27,8 @@ class HiZOO(ZOOptimizer):
         &\hat g = \tfrac1q \textstyle\sum_k g_k u_k \quad (\text{with the } \Sigma_t
             \text{ used for the perturbation}) \\
         &\theta \leftarrow \theta - \gamma\,(\hat g + \lambda\theta) \\
+        &\theta \leftarrow \theta + \gamma\lambda_a(\theta_a - \theta) \quad (\texttt{anchor\_decay}\ \lambda_a,
+            \text{default 0; } \theta_a = \theta \text{ at construction: } \texttt{optim.\_anchor}) \\
         &\Sigma_{t+1} = (1-\alpha)\,\Sigma_t + \alpha\,\Sigma_t \odot
             \tfrac1q \textstyle\sum_k h_k\, z_k \odot z_k
         \end{aligned}

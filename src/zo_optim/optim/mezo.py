@@ -24,7 +24,9 @@ class MeZO(ZOOptimizer):
             \quad (\text{forward: } \tfrac{L(\theta + \varepsilon z_k) - L(\theta)}{\varepsilon}) \\
         &\quad \hat g = \tfrac1q \textstyle\sum_k g_k z_k, \qquad d = \hat g + \lambda\theta \\
         &\quad b \leftarrow \mu b + d \ (\text{if } \mu \neq 0), \qquad
-            \theta \leftarrow \theta - \gamma\,(b \text{ or } d)
+            \theta \leftarrow \theta - \gamma\,(b \text{ or } d) \\
+        &\quad \theta \leftarrow \theta + \gamma\lambda_a(\theta_a - \theta) \quad (\texttt{anchor\_decay}\ \lambda_a,
+            \text{default 0; } \theta_a = \theta \text{ at construction: } \texttt{optim.\_anchor})
         \end{aligned}
 
     Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes",

@@ -22,7 +22,9 @@ class ZOAdam(ZOOptimizer):
         &m \leftarrow \beta_1 m + (1-\beta_1)\hat g_t, \qquad v \leftarrow \beta_2 v + (1-\beta_2)\hat g_t^2 \\
         &\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^{t}}\,
             \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^{t}} + \epsilon}
-        \qquad (t \text{ counted from 1})
+        \qquad (t \text{ counted from 1}) \\
+        &\theta \leftarrow \theta + \gamma\lambda_a(\theta_a - \theta) \quad (\texttt{anchor\_decay}\ \lambda_a,
+            \text{default 0; } \theta_a = \theta \text{ at construction: } \texttt{optim.\_anchor})
         \end{aligned}
 
     Zhang et al. 2024, "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM
