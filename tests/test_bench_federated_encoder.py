@@ -91,3 +91,33 @@ def test_bench_federated_encoder_ci_size(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "encoder task" in text and f"({n:,} parameters)" in text
     assert (out / "federated.png").read_bytes()[:4] == b"\x89PNG" and (out / "env.json").is_file()
+
+
+def test_anchor_decay_pulls_hiso_and_keeps_replicas_identical(tmp_path, capsys):
+    """``--anchor-decay``: HiSo's replicas still agree bit for bit, and one round's move from θ0 shrinks by 1 − a.
+
+    After one round every replica moved by the same Δ from θ0 (the same scalars, K still 1), so with the pull the
+    distance to θ0 is exactly (1 − lr·λ)·‖Δ‖ up to float32 rounding; DeComFL (no pull) is unchanged.
+    """
+    import zo_optim
+    from zo_optim.federated import simulate
+
+    task = build_encoder_task("ci", clients=4, alpha=1.0, batch_size=8, seed=0)
+    lr, lam = 1e-3, 100.0
+
+    def run(anchor_decay: float):
+        res = simulate(task.model_fn, lambda m: zo_optim.HiSo(m.parameters(), lr=lr, num_queries=1, seed=1,
+                                                              anchor_decay=anchor_decay),
+                       [task.client_loss(c) for c in range(task.num_clients)], rounds=1, clients_per_round=2, seed=1)
+        assert res.replicas_identical()
+        init = task.model_fn()
+        return sum(float((p - q).double().pow(2).sum()) for p, q in zip(res.server.parameters(), init.parameters(),
+                                                                        strict=True)) ** 0.5
+
+    plain, pulled = run(0.0), run(lam)
+    assert plain > 0
+    assert abs(pulled / plain - (1 - lr * lam)) < 1e-4
+    out = tmp_path / "out"
+    assert cli.main(["bench", "federated", "--task", "encoder", "--rounds", "2", "--eval-every", "1", "--clients", "4",
+                     "--clients-per-round", "2", "--batch-size", "8", "--anchor-decay", "3", "--out", str(out)]) == 0
+    assert "HiSo anchor_decay=3" in capsys.readouterr().out

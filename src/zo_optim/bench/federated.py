@@ -54,8 +54,12 @@ DEFAULTS = {"head": {"lrs": [1e-2], "num_queries": 5, "batch_size": 32},
 
 
 def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round: int, local_steps: int,
-            num_queries: int, zo_eps: float, seed: int, eval_every: int) -> dict[str, Any]:
-    """One federated run; its accuracy curve [(round, accuracy)], bytes and whether replicas agree."""
+            num_queries: int, zo_eps: float, seed: int, eval_every: int, anchor_decay: float = 0.0) -> dict[str, Any]:
+    """One federated run; its accuracy curve [(round, accuracy)], bytes and whether replicas agree.
+
+    ``anchor_decay`` > 0 gives HiSo (not DeComFL, which stays the published algorithm) the pull toward the
+    start of issue 24 (``zo_optim.optim._anchor``); every replica takes the same anchor, the initial weights.
+    """
     import zo_optim
     from zo_optim.federated import simulate
 
@@ -63,7 +67,8 @@ def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round
         raise ValueError(f"Invalid method: {method!r} (choose one of {', '.join(METHODS)})")
 
     def make(model: torch.nn.Module) -> zo_optim.HiSo:
-        opt = zo_optim.HiSo(model.parameters(), lr=lr, zo_eps=zo_eps, num_queries=num_queries, seed=seed)
+        opt = zo_optim.HiSo(model.parameters(), lr=lr, zo_eps=zo_eps, num_queries=num_queries, seed=seed,
+                            anchor_decay=anchor_decay if method == "hiso" else 0.0)
         opt.freeze_precond = method == "decomfl"  # K ≡ 1: DeComFL's MeZO forward differences
         return opt
 
@@ -112,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-queries", type=int, default=None, help="P; default 5 (head), 1 (encoder)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--zo-eps", type=float, default=1e-3)
+    p.add_argument("--anchor-decay", type=float, default=0.0,
+                   help="HiSo's anchor_decay (the pull toward the start; DeComFL keeps none); default 0: off")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (head), 16 (encoder)")
     p.add_argument("--train-examples", type=int, default=400)
     p.add_argument("--eval-examples", type=int, default=200)
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 task = base.resplit(clients=a.clients, alpha=a.alpha, seed=seed)
                 r = run_one(task, method, lr, rounds=a.rounds, clients_per_round=a.clients_per_round,
                             local_steps=a.local_steps, num_queries=a.num_queries, zo_eps=a.zo_eps, seed=seed,
-                            eval_every=a.eval_every)
+                            eval_every=a.eval_every, anchor_decay=a.anchor_decay)
                 if not r["identical"]:
                     raise RuntimeError(f"{method} lr={lr:g} seed {seed}: a client replica differs from the server")
                 runs.setdefault((method, lr), []).append(r)
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                "B up / client to target"]
     print(report.format_table(headers, table, digits=3, title=(
         f"bench federated, {a.task} task: M={a.clients}, m={a.clients_per_round}, τ={a.local_steps}, "
-        f"P={a.num_queries}, α={a.alpha}, {a.rounds} rounds, {a.seeds} seeds; "
+        f"P={a.num_queries}, α={a.alpha}, {a.rounds} rounds, {a.seeds} seeds"
+        f"{f', HiSo anchor_decay={a.anchor_decay:g}' if a.anchor_decay else ''}; "
         f"target = DeComFL's final accuracy {target:.3f}")))
     ratio = stats["decomfl"] / stats["hiso"] if stats["hiso"] > 0 else math.nan
     print(f"DeComFL rounds / HiSo rounds to the target: {ratio:.2f}x")
