@@ -26,7 +26,7 @@ STEPS = 3
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 # (optimizer, kwargs): the table's non-default settings (momentum, weight decay, several queries, forward
-# estimator, Rademacher, HELENE's per-example A-GNB and λ by dimension, HiSo's interval)
+# estimator, Rademacher, HELENE's per-example A-GNB and λ by dimension, HiSo's interval, anchor_decay)
 CASES = [
     ("MeZO", dict(lr=1e-2, momentum=0.9, weight_decay=0.1, num_queries=2)),
     ("MeZO", dict(lr=1e-2, estimator="forward", distribution="rademacher")),
@@ -34,6 +34,8 @@ CASES = [
     ("HiZOO", dict(lr=1e-2, hessian_smooth=0.3, num_queries=2, weight_decay=0.1)),
     ("HELENE", dict(lr=1e-3, hessian_interval=1, lambda_mode="dim", weight_decay=0.1, num_queries=2)),
     ("HiSo", dict(lr=1e-2, num_queries=3, k_interval=2, estimator="central")),
+    # the pull toward the start: its anchors are DTensors sharded like their parameters, pulled shard by shard
+    ("ZOAdam", dict(lr=1e-2, anchor_decay=5.0, num_queries=2)),
 ]
 
 
@@ -123,8 +125,10 @@ def _exactness(backends, failures):
                 assert type(next(shard_model.parameters())).__name__ == "DTensor"
                 got = _gathered(shard_model, shard_opt)
                 # state is sharded like its parameter: this rank holds its rows only
-                local = sum(p.to_local().numel() for p in shard_model.parameters())
-                if shard_opt.state_bytes() != 4 * local * len(next(iter(shard_opt.state.values()), {})):
+                # (fp32 buffers, and anchor_decay's anchors in the parameter's dtype)
+                local = sum(p.to_local().numel() * v.element_size() for p in shard_model.parameters()
+                            for v in shard_opt.state[p].values() if torch.is_tensor(v))
+                if shard_opt.state_bytes() != local:
                     failures.append(f"{what}: state_bytes {shard_opt.state_bytes()} is not the local shards'")
                 _compare(ref, got, what, failures)
                 # and the run moved the weights (a no-op optimizer would pass the comparison)
