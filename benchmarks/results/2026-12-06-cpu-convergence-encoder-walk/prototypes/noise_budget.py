@@ -29,6 +29,20 @@ from zo_optim.bench.encoder import encoder
 BLOCKS = {"attention": range(0, 10), "ffn": range(10, 16), "pooler": range(16, 18), "classifier": range(18, 20)}
 
 
+def block_traces(ps, grads, gen, probes: int = 8) -> dict[str, tuple[float, float]]:
+    """Per block: tr H_l by Hutchinson (``probes`` Gaussian z on the block, zᵀHz by double backward), mean and s.e."""
+    out = {}
+    for b, ids in BLOCKS.items():
+        vals = []
+        for _ in range(probes):
+            vs = [torch.randn(p.shape, generator=gen) if i in ids else torch.zeros_like(p) for i, p in enumerate(ps)]
+            hv = torch.autograd.grad(grads, ps, grad_outputs=vs, retain_graph=True)
+            vals.append(sum(float((v * h).sum()) for v, h in zip(vs, hv, strict=True)))
+        t = torch.tensor(vals)
+        out[b] = (float(t.mean()), float(t.std() / len(vals) ** 0.5))
+    return out
+
+
 def measure(inst, label: str) -> None:
     ps = inst.params
     tr, logits = inst.extras["data"]["train"], inst.extras["logits"]
@@ -65,14 +79,7 @@ def measure(inst, label: str) -> None:
         return torch.autograd.grad(grads, ps, grad_outputs=vs, retain_graph=True)
 
     gen = torch.Generator().manual_seed(0)
-    tr_h = {}
-    for b, ids in BLOCKS.items():
-        vals = []
-        for _ in range(8):
-            vs = [torch.randn(p.shape, generator=gen) if i in ids else torch.zeros_like(p) for i, p in enumerate(ps)]
-            vals.append(sum(float((v * h).sum()) for v, h in zip(vs, hvp(vs), strict=True)))
-        t = torch.tensor(vals)
-        tr_h[b] = (float(t.mean()), float(t.std() / len(vals) ** 0.5))
+    tr_h = block_traces(ps, grads, gen)
     total_tr = sum(m for m, _ in tr_h.values())
     print(f"[{label}] tr H = {total_tr:.3g}   ‖ḡ‖²/tr H = {g2 / total_tr:.4g}")
     for b, ids in BLOCKS.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from anchored import Anchored
-from noise_budget import BLOCKS
+from noise_budget import BLOCKS, block_traces
 
 from zo_optim.bench import convergence as C
 from zo_optim.bench.encoder import encoder
@@ -26,16 +26,7 @@ def trace_per_block(inst) -> dict[str, float]:
     idx = torch.arange(512)
     loss = F.cross_entropy(logits(tr["h"][idx], tr["mask"][idx]), tr["y"][idx])
     grads = torch.autograd.grad(loss, ps, create_graph=True)
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    for b, ids in BLOCKS.items():
-        vals = []
-        for _ in range(8):
-            vs = [torch.randn(p.shape, generator=gen) if i in ids else torch.zeros_like(p) for i, p in enumerate(ps)]
-            hv = torch.autograd.grad(grads, ps, grad_outputs=vs, retain_graph=True)
-            vals.append(sum(float((v * h).sum()) for v, h in zip(vs, hv, strict=True)))
-        out[b] = sum(vals) / len(vals)
-    return out
+    return {b: m for b, (m, _) in block_traces(ps, grads, torch.Generator().manual_seed(0)).items()}
 
 
 def main() -> None:
