@@ -56,6 +56,17 @@ class ZOState(defaultdict):
         return True
 
 
+def _with_later_defaults(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with the options added since it may have been saved (``LATER_GROUP_DEFAULTS``) appended when absent.
+
+    Appended, not prepended: a loaded group keeps its saved key order, so a state dict saved again after a load
+    pickles to the same bytes as the original (federated replicas compare those bytes).
+    """
+    for key, value in LATER_GROUP_DEFAULTS.items():
+        group.setdefault(key, value)
+    return group
+
+
 def _zo_section(state_dict: Mapping[str, Any]) -> Any:
     """The ``zo`` section of a state dict: top level, or (after torch.distributed.checkpoint's
     ``get/set_optimizer_state_dict``, which keep only ``state`` and ``param_groups``) a param group's copy."""
@@ -203,7 +214,7 @@ class Checkpointing:
         try:
             # without the groups' copies of the zo section: they are not hyper-parameters (the live groups would
             # carry a stale step counter, and replicas' config digests would differ)
-            saved_groups = [{**LATER_GROUP_DEFAULTS, **{k: v for k, v in g.items() if k != "zo"}}
+            saved_groups = [_with_later_defaults({k: v for k, v in g.items() if k != "zo"})
                             for g in state_dict["param_groups"]]
             eager(super().load_state_dict)({"state": {}, "param_groups": saved_groups})
             self.state = ZOState(dict, self.state)  # torch's load made it a plain defaultdict again
@@ -276,7 +287,7 @@ class Checkpointing:
             ):
                 raise ValueError(f"Invalid state dict: param_groups[{i}]['param_names'] must list one str per param")
             # the zo section's copy is not a hyper-parameter
-            group = {**LATER_GROUP_DEFAULTS, **{k: v for k, v in sg.items() if k != "zo"}}
+            group = _with_later_defaults({k: v for k, v in sg.items() if k != "zo"})
             group["params"] = own["params"]
             if names is None and "param_names" in own:
                 group["param_names"] = own["param_names"]
