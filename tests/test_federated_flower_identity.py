@@ -174,3 +174,54 @@ def test_a_resumed_server_keeps_the_pins_and_refuses_a_node_with_another_secret(
     assert all(0 not in r.sampled and len(r.participants) == 2 for r in second.server.history[2:])
     check = second.replicas_identical()
     assert not check and (0, "did not reconnect after the resume") in check.unchecked
+
+
+def test_a_node_whose_hello_failed_is_said_hello_again_when_listed_online():
+    """After a SuperLink restart a live node may be answered "Node Unavailable" once (its heartbeat lapsed during the
+    restart); it must get another hello when it is listed again, or its client stays unregistered all run (the chaos
+    test's 'sent no checksum at the final sync'). At most HELLO_RETRIES times; a registered node is never re-helloed.
+    (Flower builds a Message only inside a run, so the hello's construction and push are recorded, not sent.)
+    """
+    from types import SimpleNamespace
+
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    class Grid:  # only get_node_ids is called: the nodes Flower lists online
+        def __init__(self) -> None:
+            self.online = {707}
+
+        def get_node_ids(self):
+            return set(self.online)
+
+    s, g, pushed = strategy(), Grid(), []
+
+    def push(grid, nodes, kind=None):  # the hello queries _discover sends, recorded with an outstanding id each
+        for n in nodes:
+            pushed.append(n)
+            s._pending[f"h{len(pushed)}"] = _Pending(kind, n, None, None, 0.0)
+
+    s._message = lambda grid, message_type, msg, node, round_=None: node
+    s._push = push
+
+    def superlink_error(message_id):  # the SuperLink's error reply in the node's stead
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_id, src_node_id=SUPERLINK_NODE_ID),
+                               has_error=lambda: True, error=SimpleNamespace(reason="Node Unavailable", code=5))
+
+    s._discover(g)
+    s._discover(g)
+    assert pushed == [707]  # a known node is not said hello twice while its hello is outstanding
+    for attempt in range(s.HELLO_RETRIES):
+        s._on_reply(superlink_error(f"h{attempt + 1}"))
+        s._discover(g)
+        assert pushed == [707] * (attempt + 2)
+    s._on_reply(superlink_error(f"h{s.HELLO_RETRIES + 1}"))
+    s._discover(g)
+    assert len(pushed) == s.HELLO_RETRIES + 1  # the cap: a node that keeps failing is not said hello forever
+    # a registered node's failed hello does not send another (its client is bound to it)
+    s._register(808, hello(1), "")
+    g.online = {707, 808}
+    s._known_nodes.add(808)
+    s._pending["x"] = _Pending("hello", 808, None, None, 0.0)
+    s._on_reply(superlink_error("x"))
+    s._discover(g)
+    assert 808 not in pushed

@@ -163,6 +163,7 @@ class ZOStrategy(_Messaging, Strategy):
         self.client_checksums: dict[int, str] = {}
         self.errors: list[tuple[str, int, int | None, str]] = []  # (kind, node, client, reason)
         self._known_nodes: set[int] = set()
+        self._hello_retries: dict[int, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._hellos: list[tuple[int, Hello, str]] = []
         self._online: set[int] | None = None
