@@ -100,6 +100,22 @@ class AnchorDecay:
                 f"with anchor_decay > 0, or set opt.state[p][{ANCHOR!r}] = p.detach().clone()"
             )
 
+    def _check_anchors_loaded(self, state_dict: Any, groups: list[dict[str, Any]],
+                              state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """On load (``_checkpoint``), before anything changes: a group with ``anchor_decay > 0`` needs every
+        parameter's anchor in the loaded state."""
+        for g, (sg, group) in enumerate(zip(state_dict["param_groups"], groups, strict=True)):
+            if _decay(group) == 0.0:
+                continue
+            lacking = [j for j, p in zip(sg["params"], group["params"], strict=True) if ANCHOR not in state.get(p, {})]
+            if lacking:
+                raise ValueError(
+                    f"Invalid state dict: param_groups[{g}] has anchor_decay={group['anchor_decay']!r} but the state "
+                    f"of its parameters {lacking} lacks {ANCHOR!r}, the weights the decay pulls toward (saved by "
+                    f"state_dict() with the other buffers). Nothing was changed. Load a state dict saved with its "
+                    f"anchors, or set param_groups[{g}]['anchor_decay'] = 0.0 in it to load it without the pull"
+                )
+
     def _decay_unit(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """θ ← θ + a(θ_a − θ) on one unit just updated (a = lr·anchor_decay; checked before the pass)."""
         a = float(group["lr"]) * _decay(group)

@@ -349,21 +349,6 @@ class Checkpointing:
         self._check_anchors_loaded(state_dict, groups, out)
         return out
 
-    def _check_anchors_loaded(self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]],
-                              state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
-        """A group with ``anchor_decay > 0`` needs every parameter's anchor in the state (:mod:`._anchor`)."""
-        for g, (sg, group) in enumerate(zip(state_dict["param_groups"], groups, strict=True)):
-            if group.get("anchor_decay", 0.0) == 0.0:
-                continue
-            lacking = [j for j, p in zip(sg["params"], group["params"], strict=True) if ANCHOR not in state.get(p, {})]
-            if lacking:
-                raise ValueError(
-                    f"Invalid state dict: param_groups[{g}] has anchor_decay={group['anchor_decay']!r} but the state "
-                    f"of its parameters {lacking} lacks {ANCHOR!r}, the weights the decay pulls toward (saved by "
-                    f"state_dict() with the other buffers). Nothing was changed. Load a state dict saved with its "
-                    f"anchors, or set param_groups[{g}]['anchor_decay'] = 0.0 in it to load it without the pull"
-                )
-
     def _check_state_buffer(self, where: str, name: str, value: torch.Tensor) -> None:
         """A loaded buffer must be finite and in its valid range (``buffer_ranges``; the preconditioner > 0)."""
         if value.numel() == 0:
