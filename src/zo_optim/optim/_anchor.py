@@ -43,12 +43,10 @@ import torch
 from ..ops import _checks as ops_checks
 from ..ops import chunked
 
-__all__ = ["ANCHOR", "LATER_GROUP_DEFAULTS", "AnchorDecay"]
+__all__ = ["ANCHOR", "AnchorDecay"]
 
 #: the state key of a parameter's anchor θ_a
 ANCHOR = "anchor"
-#: group hyper-parameters that state dicts saved before they existed lack: such a group loads with them off
-LATER_GROUP_DEFAULTS: dict[str, Any] = {"anchor_decay": 0.0}
 
 
 def _decay(group: dict[str, Any]) -> float:

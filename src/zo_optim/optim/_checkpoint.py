@@ -33,11 +33,15 @@ import torch
 
 from .. import rng
 from ..ops import _sharding
-from ._anchor import ANCHOR, LATER_GROUP_DEFAULTS
+from ._anchor import ANCHOR
 from ._eager import eager
 from ._validation import as_seed, is_int
 
 __all__ = ["Checkpointing", "ZOState"]
+
+#: group options that state dicts saved before they existed lack: such a group loads with them off
+#: (``anchor_decay``: :mod:`._anchor`; ``lr_decay_steps``: :mod:`._schedule`)
+LATER_GROUP_DEFAULTS: dict[str, Any] = {"anchor_decay": 0.0, "lr_decay_steps": 0}
 
 
 class ZOState(defaultdict):

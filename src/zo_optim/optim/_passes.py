@@ -52,6 +52,7 @@ from ..ops import _checks as ops_checks
 from ..ops import _sharding, chunked
 from . import _distributed
 from ._estimate import Accumulator, NonFiniteLossError, PartialUpdate
+from ._schedule import scheduled
 from ._validation import as_seed
 
 __all__ = ["UpdatePasses", "WeightsNotRestoredError"]
@@ -347,6 +348,7 @@ class UpdatePasses:
         done, win = start, chunked.Window(elements)
         try:
             for group, params, ids in units[start:]:
+                group = scheduled(group, self._t)  # the lr of step t (lr_decay_steps; itself when constant)
                 dev = params[0].device
                 first = elements if done == start else 0
                 win = chunked.Window(first)  # until the op's own window is open: nothing of this unit written

@@ -59,6 +59,7 @@ from ._layout import ParamLayout
 from ._lowrank import LowRankPerturbation
 from ._passes import UpdatePasses, WeightsNotRestoredError
 from ._perturbation import InPlacePerturbation, PerturbationModes, TransientPerturbation
+from ._schedule import check_lr_decay_steps
 from ._sparse import SparsePerturbation
 from ._subspace import BlockProbes
 from ._validation import (
@@ -108,6 +109,9 @@ class ZOOptimizer(
         anchor_decay: λ_a >= 0 (default 0: off), a param-group option: after each step's update,
             θ ← θ + γλ_a(θ_a − θ) toward θ_a, the weights at construction (L2-SP applied decoupled;
             needs lr·anchor_decay < 1; one copy of the group's weights as state; :mod:`._anchor`).
+        lr_decay_steps: T >= 0 (default 0: a constant lr), a param-group option: the update of step t
+            uses lr·max(0, 1 − t/T), a linear decay to 0 read from the step counter, so replay, resume
+            and federated replicas apply the same lr (:mod:`._schedule`).
     """
 
     #: algorithm name written into state dicts and federated messages
@@ -148,6 +152,7 @@ class ZOOptimizer(
         module: torch.nn.Module | None = None,
         data_parallel: bool = True,
         anchor_decay: float = 0.0,
+        lr_decay_steps: int = 0,
     ) -> None:
         as_zo_eps(zo_eps)
         if not isinstance(data_parallel, bool):
@@ -183,7 +188,7 @@ class ZOOptimizer(
         self._guard = CallGuard(type(self).__name__)  # before super().__init__: add_param_group takes it
         self._transient_names: dict[int, str] = {}
         self._warned_slow_fallback = False
-        super().__init__(params, {**defaults, "anchor_decay": anchor_decay})
+        super().__init__(params, {**defaults, "anchor_decay": anchor_decay, "lr_decay_steps": lr_decay_steps})
         # truthy when empty: see ZOState (torch.distributed.checkpoint); keeps the anchors add_param_group took
         self.state = ZOState(dict, self.state)
         for p in self._all_params():
@@ -210,6 +215,7 @@ class ZOOptimizer(
         check_positive("learning rate", lr, allow_zero=True)
         check_positive("weight_decay value", group.get("weight_decay", 0.0), allow_zero=True)
         self._check_anchor_decay(group)
+        check_lr_decay_steps(group)
 
     def _buffers(self, group: dict[str, Any]) -> dict[str, float]:
         """Per-parameter float32 buffers of this group: name → initial value."""
