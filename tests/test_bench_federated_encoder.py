@@ -121,3 +121,31 @@ def test_anchor_decay_pulls_hiso_and_keeps_replicas_identical(tmp_path, capsys):
     assert cli.main(["bench", "federated", "--task", "encoder", "--rounds", "2", "--eval-every", "1", "--clients", "4",
                      "--clients-per-round", "2", "--batch-size", "8", "--anchor-decay", "3", "--out", str(out)]) == 0
     assert "HiSo anchor_decay=3" in capsys.readouterr().out
+
+
+def test_lr_decay_halves_the_second_of_two_rounds_and_keeps_replicas_identical(tmp_path, capsys):
+    """``--lr-decay``: lr_decay_steps = rounds·τ. With 2 rounds and τ = 1 round 1 runs at lr (t = 0) and round 2 at
+    lr/2 (t = 1): both runs are equal after round 1, so round 2 measures the same scalars and its move is exactly
+    half (up to float32 rounding), and the replicas agree bit for bit."""
+    import zo_optim
+    from zo_optim.federated import simulate
+
+    task = build_encoder_task("ci", clients=4, alpha=1.0, batch_size=8, seed=0)
+
+    def run(rounds: int, decay_steps: int):
+        res = simulate(task.model_fn, lambda m: zo_optim.HiSo(m.parameters(), lr=1e-3, num_queries=1, seed=1,
+                                                              lr_decay_steps=decay_steps),
+                       [task.client_loss(c) for c in range(task.num_clients)], rounds=rounds, clients_per_round=2,
+                       seed=1)
+        assert res.replicas_identical()
+        return [p.detach().double() for p in res.server.parameters()]
+
+    one, const, decayed = run(1, 0), run(2, 0), run(2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(run(1, 2), one, strict=True))  # round 1: lr·1
+    full = sum(float((c - o).pow(2).sum()) for c, o in zip(const, one, strict=True)) ** 0.5
+    half = sum(float((d - o).pow(2).sum()) for d, o in zip(decayed, one, strict=True)) ** 0.5
+    assert full > 0 and abs(half / full - 0.5) < 1e-3
+    out = tmp_path / "out"
+    assert cli.main(["bench", "federated", "--task", "encoder", "--rounds", "2", "--eval-every", "1", "--clients", "4",
+                     "--clients-per-round", "2", "--batch-size", "8", "--lr-decay", "--out", str(out)]) == 0
+    assert "lr decayed linearly to 0 (both)" in capsys.readouterr().out

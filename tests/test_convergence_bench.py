@@ -217,3 +217,41 @@ def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch)
     assert [len(g["params"]) for g in groups] == [10, 6, 4]
     quad = P.build("quadratic", "ci", seed=0)  # no blocks declared: one block per tensor
     assert [g["params"][0] is p for g, p in zip(C._param_groups(quad), quad.params, strict=True)] == [True] * 4
+
+
+def test_decay_variants_run_their_budget_and_decay_the_lr_to_zero_over_it():
+    """``+decay``: the optimizer gets lr_decay_steps = the run's steps once the first step has counted its forwards;
+    ``/2``: half the budget. The lr of each step is read back from the optimizer's own schedule, and equals a run
+    that a torch LambdaLR drives over the same steps (so the bench measures the documented schedule)."""
+    spec = P.PROBLEMS["quadratic"]
+    built = []
+
+    def keep(params, names, optimizer, kwargs, seed):
+        assert "lr_decay" not in kwargs and "budget_fraction" not in kwargs  # run options stay in the bench
+        built.append(C.zo_optim_factory(params, names, optimizer, kwargs, seed))
+        return built[-1]
+
+    half = C.run_one(spec, "ci", "mezo+decay/2", {"lr": 1e-3, **C.VARIANTS["mezo+decay/2"][1]}, 0, keep, budget=60)
+    assert half.forwards[-1] == 30 and half.steps == 15  # half of 60 forwards, 2 per step
+    assert [g["lr_decay_steps"] for g in built[-1].param_groups] == [15] * len(built[-1].param_groups)
+    fwd = C.run_one(spec, "ci", "zoadam+fwd8+decay", {"lr": 1e-3, **C.VARIANTS["zoadam+fwd8+decay"][1]}, 0, keep,
+                    budget=60)
+    assert fwd.steps == 7 and built[-1].param_groups[0]["lr_decay_steps"] == 7  # ⌈60 / 9⌉: the last step's lr > 0
+
+    def lambda_lr(params, names, optimizer, kwargs, seed):
+        opt = C.zo_optim_factory(params, names, optimizer, kwargs, seed)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / 15))
+
+        class Stepped:
+            param_groups = opt.param_groups
+
+            def step(self, closure):
+                loss = opt.step(closure)
+                sched.step()
+                return loss
+
+        return Stepped()
+
+    driven = C.run_one(spec, "ci", "mezo", {"lr": 1e-3}, 0, lambda_lr, budget=30)
+    assert driven.values == half.values and driven.values[-1] != C.run_one(
+        spec, "ci", "mezo", {"lr": 1e-3}, 0, C.zo_optim_factory, budget=30).values[-1]

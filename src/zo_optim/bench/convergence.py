@@ -69,7 +69,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # anchor_decay: after each update θ ← θ + lr·λ_a(θ_a − θ) toward the starting weights (optim/_anchor.py)
     "zoadam+fwd16+anchor": ("zoadam", {"estimator": "forward", "num_queries": 16, "anchor_decay": 4.0}),
     "mezo+anchor": ("mezo", {"anchor_decay": 3.0}),
+    # lr_decay: the lr decays linearly to 0 over the run (optim/_schedule.py, lr_decay_steps = the run's steps);
+    # "/2": the run gets half the problem's budget, to ask whether it ends where the full constant-lr run ends
+    "mezo+decay": ("mezo", {"lr_decay": True}),
+    "mezo+decay/2": ("mezo", {"lr_decay": True, "budget_fraction": 0.5}),
+    "zoadam+decay/2": ("zoadam", {"lr_decay": True, "budget_fraction": 0.5}),
+    "zoadam+fwd8+decay": ("zoadam", {"estimator": "forward", "num_queries": 8, "lr_decay": True}),
+    "zoadam+fwd8+decay/2": ("zoadam", {"estimator": "forward", "num_queries": 8, "lr_decay": True,
+                                       "budget_fraction": 0.5}),
 }
+# Keys of a configuration that shape the run, not the optimizer: run_one reads them and passes the rest on.
+RUN_OPTIONS = ("lr_decay", "budget_fraction")
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 
 
@@ -161,10 +171,10 @@ def _smooth(values: Sequence[float], window: int = 3) -> list[float]:
 def run_one(spec: P.ProblemSpec, size: str, optimizer: str, kwargs: dict[str, Any], seed: int,
             factory: OptimizerFactory, budget: int | None = None) -> RunResult:
     """Train one configuration for ``budget`` forward passes and record its curve."""
-    budget = budget or spec.budget[size]
+    budget = round((budget or spec.budget[size]) * kwargs.get("budget_fraction", 1.0))
     inst = P.build(spec.name, size, seed)
     params = _param_groups(inst) if kwargs.get("block_probes") else inst.params
-    opt = factory(params, inst.names, optimizer, kwargs, seed)
+    opt = factory(params, inst.names, optimizer, {k: v for k, v in kwargs.items() if k not in RUN_OPTIONS}, seed)
     counter = [0]
 
     def counted(closure: P.Closure) -> P.Closure:
@@ -181,6 +191,11 @@ def run_one(spec: P.ProblemSpec, size: str, optimizer: str, kwargs: dict[str, An
         with torch.no_grad():
             loss = opt.step(counted(inst.closure_for_step()))
         steps += 1
+        if steps == 1 and kwargs.get("lr_decay"):
+            # the decay ends with the run: T = its steps, known once a step has counted its forwards (the lr of
+            # step 0 is lr·1 whatever T is, so setting T now changes nothing already done)
+            for group in opt.param_groups:
+                group["lr_decay_steps"] = math.ceil(budget / counter[0])
         if counter[0] >= checkpoints[len(forwards) - 1]:
             value = inst.evaluate()
             forwards.append(counter[0])

@@ -54,11 +54,15 @@ DEFAULTS = {"head": {"lrs": [1e-2], "num_queries": 5, "batch_size": 32},
 
 
 def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round: int, local_steps: int,
-            num_queries: int, zo_eps: float, seed: int, eval_every: int, anchor_decay: float = 0.0) -> dict[str, Any]:
+            num_queries: int, zo_eps: float, seed: int, eval_every: int, anchor_decay: float = 0.0,
+            lr_decay: bool = False) -> dict[str, Any]:
     """One federated run; its accuracy curve [(round, accuracy)], bytes and whether replicas agree.
 
     ``anchor_decay`` > 0 gives HiSo (not DeComFL, which stays the published algorithm) the pull toward the
     start of issue 24 (``zo_optim.optim._anchor``); every replica takes the same anchor, the initial weights.
+    ``lr_decay`` gives both methods an lr decayed linearly to 0 over the run (``lr_decay_steps`` = rounds·τ,
+    ``zo_optim.optim._schedule``): a schedule, not an estimator, so both get it and the comparison stays one of
+    the estimators; every replica reads the lr of a round from the round's step count.
     """
     import zo_optim
     from zo_optim.federated import simulate
@@ -68,7 +72,8 @@ def run_one(task: Any, method: str, lr: float, *, rounds: int, clients_per_round
 
     def make(model: torch.nn.Module) -> zo_optim.HiSo:
         opt = zo_optim.HiSo(model.parameters(), lr=lr, zo_eps=zo_eps, num_queries=num_queries, seed=seed,
-                            anchor_decay=anchor_decay if method == "hiso" else 0.0)
+                            anchor_decay=anchor_decay if method == "hiso" else 0.0,
+                            lr_decay_steps=rounds * local_steps if lr_decay else 0)
         opt.freeze_precond = method == "decomfl"  # K ≡ 1: DeComFL's MeZO forward differences
         return opt
 
@@ -110,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="head: the 770-parameter linear head; encoder: the last encoder layer + head (1.93 M)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--lrs", type=float, nargs="+", default=None, help="default: 1e-2 (head), 3e-3 (encoder)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="default: 1e-2 (head), 3e-3 (encoder); with --full, the recorded grid unless given")
     p.add_argument("--clients", type=int, default=8, help="M")
     p.add_argument("--clients-per-round", type=int, default=4, help="m")
     p.add_argument("--local-steps", type=int, default=1, help="τ")
@@ -119,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zo-eps", type=float, default=1e-3)
     p.add_argument("--anchor-decay", type=float, default=0.0,
                    help="HiSo's anchor_decay (the pull toward the start; DeComFL keeps none); default 0: off")
+    p.add_argument("--lr-decay", action="store_true",
+                   help="both methods' lr decays linearly to 0 over the run (lr_decay_steps = rounds·τ)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (head), 16 (encoder)")
     p.add_argument("--train-examples", type=int, default=400)
     p.add_argument("--eval-examples", type=int, default=200)
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from zo_optim.apps.tweets import encode_tweets
 
     a = _parser().parse_args(argv)
+    lrs_given = a.lrs  # --full sets the recorded lr grid unless --lrs names one
     for key, value in DEFAULTS[a.task].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in full.items():
             setattr(a, key, value)
         a.train_examples, a.eval_examples = 2000, 1000
+        a.lrs = lrs_given or a.lrs
     assets.set_offline()
     serial_numba()
     env = report.environment(argv=sys.argv if argv is None else ["zo-optim", "bench", "federated", *argv])
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 task = base.resplit(clients=a.clients, alpha=a.alpha, seed=seed)
                 r = run_one(task, method, lr, rounds=a.rounds, clients_per_round=a.clients_per_round,
                             local_steps=a.local_steps, num_queries=a.num_queries, zo_eps=a.zo_eps, seed=seed,
-                            eval_every=a.eval_every, anchor_decay=a.anchor_decay)
+                            eval_every=a.eval_every, anchor_decay=a.anchor_decay, lr_decay=a.lr_decay)
                 if not r["identical"]:
                     raise RuntimeError(f"{method} lr={lr:g} seed {seed}: a client replica differs from the server")
                 runs.setdefault((method, lr), []).append(r)
@@ -199,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(headers, table, digits=3, title=(
         f"bench federated, {a.task} task: M={a.clients}, m={a.clients_per_round}, τ={a.local_steps}, "
         f"P={a.num_queries}, α={a.alpha}, {a.rounds} rounds, {a.seeds} seeds"
-        f"{f', HiSo anchor_decay={a.anchor_decay:g}' if a.anchor_decay else ''}; "
+        f"{f', HiSo anchor_decay={a.anchor_decay:g}' if a.anchor_decay else ''}"
+        f"{', lr decayed linearly to 0 (both)' if a.lr_decay else ''}; "
         f"target = DeComFL's final accuracy {target:.3f}")))
     ratio = stats["decomfl"] / stats["hiso"] if stats["hiso"] > 0 else math.nan
     print(f"DeComFL rounds / HiSo rounds to the target: {ratio:.2f}x")
