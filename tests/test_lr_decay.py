@@ -103,8 +103,9 @@ def test_option_equals_lambdalr_bit_for_bit(info: OptimizerInfo, backend: str, d
     backend_or_skip(backend)
     if dtype == torch.float64 and backend in ("cpu", "triton"):
         pytest.skip("the fused backends compute fp32/bf16/fp16 weights; float64 is refused at construction")
-    if backend == "triton" and case != "one":
-        pytest.skip("the interpreter is slow: the group cases run on the other backends (same Python path)")
+    if case != "one" and (backend == "triton" or dtype == torch.float64):
+        pytest.skip("kept cheap: the group cases run in fp32 on the backends but Triton's slow interpreter (the "
+                    "groups go through the same Python path on every backend and dtype)")
     decay, steps = SIZES[backend]
     got, opt = run(info, case, option=True, scheduler=False, backend=backend, dtype=dtype, steps=steps, decay=decay)
     want, _ = run(info, case, option=False, scheduler=True, backend=backend, dtype=dtype, steps=steps, decay=decay)
