@@ -70,13 +70,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "zoadam+fwd16+anchor": ("zoadam", {"estimator": "forward", "num_queries": 16, "anchor_decay": 4.0}),
     "mezo+anchor": ("mezo", {"anchor_decay": 3.0}),
     # lr_decay: the lr decays linearly to 0 over the run (optim/_schedule.py, lr_decay_steps = the run's steps);
-    # "/2": the run gets half the problem's budget, to ask whether it ends where the full constant-lr run ends
+    # "/2", "/3": the run gets half (a third of) the problem's budget, to ask whether it ends where the full
+    # constant-lr run ends
     "mezo+decay": ("mezo", {"lr_decay": True}),
     "mezo+decay/2": ("mezo", {"lr_decay": True, "budget_fraction": 0.5}),
     "zoadam+decay/2": ("zoadam", {"lr_decay": True, "budget_fraction": 0.5}),
     "zoadam+fwd8+decay": ("zoadam", {"estimator": "forward", "num_queries": 8, "lr_decay": True}),
     "zoadam+fwd8+decay/2": ("zoadam", {"estimator": "forward", "num_queries": 8, "lr_decay": True,
                                        "budget_fraction": 0.5}),
+    "mezo+decay/3": ("mezo", {"lr_decay": True, "budget_fraction": 1 / 3}),  # issue 24's stretch: ≤ ⅓
+    "zoadam+fwd8+decay/3": ("zoadam", {"estimator": "forward", "num_queries": 8, "lr_decay": True,
+                                       "budget_fraction": 1 / 3}),
 }
 # Keys of a configuration that shape the run, not the optimizer: run_one reads them and passes the rest on.
 RUN_OPTIONS = ("lr_decay", "budget_fraction")
