@@ -213,6 +213,10 @@ def test_encoder_ci_run_with_block_probes_counts_forwards(tmp_path, monkeypatch)
         kwargs = C.configs("encoder", name, False, False)[0]
         r = C.run_one(spec, "ci", name, kwargs, 0, C.zo_optim_factory, budget=40)
         assert r.forwards[-1] == 40 and r.steps == 20 and not r.diverged
+    for name in ("mezo+decay/2", "zoadam+fwd8+decay/3"):  # issue 24's winning entries, at the CI size
+        kwargs = C.configs("encoder", name, False, False)[0]
+        r = C.run_one(spec, "ci", name, kwargs, 0, C.zo_optim_factory, budget=60)
+        assert r.forwards[-1] == (30 if name.endswith("/2") else 27) and not r.diverged  # ⌈20 / 9⌉ = 3 steps of 9
     groups = C._param_groups(P.build("encoder", "ci", seed=0))
     assert [len(g["params"]) for g in groups] == [10, 6, 4]
     quad = P.build("quadratic", "ci", seed=0)  # no blocks declared: one block per tensor
