@@ -181,6 +181,9 @@ def test_config_digest_pins_lr_decay_steps():
     digests = {steps: config_digest(hiso(tiny_model(), lr_decay_steps=steps)) for steps in (0, 4, 10)}
     assert len(set(digests.values())) == 3
     assert config_digest(hiso(tiny_model(), lr_decay_steps=4)) == digests[4]  # same T, same digest
+    # a NumPy integer steps like the int it equals (is_int accepts it), so it digests like it too
+    np = pytest.importorskip("numpy")
+    assert config_digest(hiso(tiny_model(), lr_decay_steps=np.int64(4))) == digests[4]
 
 
 # ---------------------------------------------------------------- checkpoints

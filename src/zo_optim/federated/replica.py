@@ -64,6 +64,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        # a NumPy scalar steps like the Python scalar it equals, so it must digest like it: json would write
+        # np.int64(3) through default=str as the string "3" and refuse a replica built with the int 3
+        return value.item()
     return value
 
 
