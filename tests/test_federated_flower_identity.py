@@ -225,3 +225,52 @@ def test_a_node_whose_hello_failed_is_said_hello_again_when_listed_online():
     s._on_reply(superlink_error("x"))
     s._discover(g)
     assert 808 not in pushed
+
+
+def test_a_hello_delivered_but_not_answered_is_sent_again_and_a_second_answer_is_ignored():
+    """After a SuperLink restart a live node received the resumed run's hello and never answered it (its SuperNode
+    had just ignored a message of the stopped run): without a second hello it stayed unregistered until the hello's
+    TTL, after the run (the chaos test's 'did not reconnect after the resume'). An unanswered hello is sent again
+    after HELLO_RESEND seconds, once per message and within HELLO_RETRIES; the first one stays pending, so whichever
+    answer comes first registers the node and a second answer changes nothing (no second handshake)."""
+    import time
+
+    class Grid:
+        def get_node_ids(self):
+            return {707}
+
+    s, g, pushed = strategy(), Grid(), []
+
+    def push(grid, nodes, kind=None):
+        for n in nodes:
+            pushed.append(n)
+            s._pending[f"h{len(pushed)}"] = _Pending(kind, n, None, None, time.monotonic())
+
+    s._message = lambda grid, message_type, msg, node, round_=None: node
+    s._push = push
+    s._discover(g)
+    s._expire()
+    s._discover(g)
+    assert pushed == [707]  # answered within HELLO_RESEND: not sent again
+    s._pending["h1"].sent_at -= s.HELLO_RESEND + 1
+    s._expire()
+    s._discover(g)
+    assert pushed == [707, 707] and set(s._pending) == {"h1", "h2"}  # the first stays pending
+    s._expire()
+    s._discover(g)
+    assert pushed == [707, 707]  # once per message
+    s._pending["h2"].sent_at -= s.HELLO_RESEND + 1
+    s._expire()
+    s._discover(g)
+    assert len(pushed) == 3 and s._hello_retries[707] == 2  # counted against HELLO_RETRIES
+    # the first answer registers the node; a second answer to another of its hellos is ignored
+    s._register(707, hello(1), "")
+    assert s.client_of == {707: 1} and s.node_of == {1: 707}
+    calls = []
+    s.server.handshake = lambda h: calls.append(h)  # would fail the test if a second handshake ran
+    s._register(707, hello(1), "")
+    assert calls == [] and s.client_of == {707: 1} and 707 not in s.refused
+    s._pending["h3"].sent_at -= s.HELLO_RESEND + 1
+    s._expire()
+    s._discover(g)
+    assert len(pushed) == 3  # a registered node is never said hello again

@@ -41,7 +41,7 @@ class _Pending:
     client_id: int | None
     round: int | None
     sent_at: float
-    retries: int = 0
+    retries: int = 0  # sync: gap answers followed up; hello: 1 once the hello was sent again (HELLO_RESEND)
 
 
 class _Messaging:
@@ -108,6 +108,9 @@ class _Messaging:
         # the SuperLink answers an expired message with an error reply; this is the fallback if none comes
         now = time.monotonic()
         for mid, p in list(self._pending.items()):
+            if p.kind == "hello" and not p.retries and now - p.sent_at > self.HELLO_RESEND:
+                p.retries = 1  # once per message; it stays pending, so a late answer still registers the node
+                self._forget_failed_hello(p.node_id)
             if now - p.sent_at > self.message_ttl + 5.0:
                 del self._pending[mid]
                 self.errors.append((p.kind, p.node_id, p.client_id, "expired"))
@@ -192,6 +195,8 @@ class _Messaging:
         """Register ``node`` as ``hello.client_id`` if it may hold that id (:mod:`.identity`) and passes the
         handshake; a node that proves the secret of an id another node holds takes it over (a restarted node)."""
         cid = hello.client_id
+        if self.client_of.get(node) == cid:
+            return  # the second answer to a hello sent again (HELLO_RESEND): this node is registered as cid already
         owner = self.node_of.get(cid)
         why = self.identities.check(cid, token, owner, node, owner_online=self._online is None or owner in self._online)
         if why is None:
@@ -245,10 +250,18 @@ class _Messaging:
 
     #: how many times a node whose hello failed is said hello to again (see _forget_failed_hello)
     HELLO_RETRIES = 3
+    #: seconds after which a hello delivered but not answered is sent again (a new message, so a new ClientApp
+    #: process on the node), counted against HELLO_RETRIES. Why: after a SuperLink restart a live SuperNode that
+    #: had ignored a message of the stopped run (Flower 1.42: "Run ID … is not in `RUNNING` status") received the
+    #: resumed run's hello, started its ClientApp and never answered it; the hello would only have expired after
+    #: the message TTL (3 × round_timeout), after the run had ended, leaving its client unregistered (the chaos
+    #: test's "did not reconnect after the resume"). A hello is answered in ~1-5 s on a loaded 2-core machine.
+    HELLO_RESEND = 20.0
 
     def _forget_failed_hello(self, node: int) -> None:
-        """A hello the SuperLink answered with an error (or that expired) is sent again when the node is next listed
-        online, up to :attr:`HELLO_RETRIES` times. Why: right after a SuperLink restart a live SuperNode whose
+        """A hello the SuperLink answered with an error, that expired, or that went unanswered for
+        :attr:`HELLO_RESEND` seconds is sent again when the node is next listed online, up to :attr:`HELLO_RETRIES`
+        times. Why: right after a SuperLink restart a live SuperNode whose
         heartbeat lapsed during the restart is answered "Node Unavailable" once and then reconnects; without a
         second hello its client stayed unregistered for the rest of the run (never sampled, unchecked at the
         final sync — seen in the chaos test under load). A dead node is no longer listed, so it gets no retry."""
