@@ -416,7 +416,9 @@ class ZOStrategy(_Messaging, Strategy):
         online = set(grid.get_node_ids())
         self._pump(grid, lambda: not any(p.kind == "task" and p.node_id in online for p in self._pending.values()),
                    deadline=end)
-        busy = {p.node_id for p in self._pending.values()}
+        # a node computing a task is not sent a sync as well; a hello still pending to a registered node is only
+        # the duplicate of one it answered (messaging.HELLO_RESEND) and does not make it busy
+        busy = {p.node_id for p in self._pending.values() if p.kind != "hello"}
         msgs = [self._message(grid, "query.sync", self.server.sync_task(c), n, round_=-1)
                 for c, n in self.node_of.items() if n not in busy]
         self._push(grid, msgs, kind="sync")
