@@ -196,6 +196,11 @@ def weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Copies of every tensor of the optimizer's per-parameter state, parameter by parameter, keys sorted."""
+    return [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if torch.is_tensor(v)]
+
+
 def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     """Two lists of tensors are equal bit for bit (the message shows the largest difference)."""
     assert len(a) == len(b)

@@ -18,7 +18,17 @@ import torch
 import zo_optim
 from backend_checks import backend_or_skip
 from fed_problems import clients_match_a_scalar_only_replay, mezo
-from optim_infos import ALL, OPTIMIZERS, OptimizerInfo, assert_bitwise, ids, make_optimizer, tiny_model, weights
+from optim_infos import (
+    ALL,
+    OPTIMIZERS,
+    OptimizerInfo,
+    assert_bitwise,
+    ids,
+    make_optimizer,
+    state_tensors,
+    tiny_model,
+    weights,
+)
 
 SEED = 4321
 make = partial(make_optimizer, seed=SEED)
@@ -40,10 +50,6 @@ def scripted_closure():
 
     closure.calls = 0
     return closure
-
-
-def state_tensors(opt) -> list[torch.Tensor]:
-    return [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if torch.is_tensor(v)]
 
 
 def anchor_free_state(opt) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ from optim_infos import (
     loss_closure,
     make_optimizer,
     richest,
+    state_tensors,
     tiny_data,
     tiny_model,
     weights,
@@ -46,10 +47,6 @@ BACKENDS = ["reference", "chunked", "cpu", "triton"]
 def linear(steps: int):
     """LambdaLR's lambda, written here: step t's factor, 1 at t = 0, 0 from t = ``steps`` on."""
     return lambda t: max(0.0, 1.0 - t / steps)
-
-
-def state_tensors(opt) -> list[torch.Tensor]:
-    return [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if torch.is_tensor(v)]
 
 
 def saved_bytes(state_dict: dict) -> bytes:
