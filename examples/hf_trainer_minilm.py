@@ -121,3 +121,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun: without this, gloo's threads can abort a finished rank at interpreter exit (SIGABRT)
+        torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
-from recording import RecordG, SequentialZOTrainer
+from recording import RecordG, SequentialZOTrainer, leave_process_group
 
 import hf_tiny as T
 
@@ -38,3 +38,4 @@ if __name__ == "__main__":
     a = p.parse_args()
     result = run(a.out, a.batch)
     torch.save(result, os.path.join(a.out, f"rank{int(os.environ.get('RANK', 0))}.pt"))
+    leave_process_group()

@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch
-from recording import RecordG, SequentialZOTrainer
+from recording import RecordG, SequentialZOTrainer, leave_process_group
 
 import hf_tiny as T
 
@@ -140,7 +140,9 @@ if __name__ == "__main__":
     if a.resume:
         result = resume_check(a.out)
         torch.save(result, os.path.join(a.out, f"rank{int(os.environ.get('RANK', 0))}.pt"))
+        leave_process_group()
         sys.exit(0)
     result = run(a.out, sharded=not (a.replicated or a.trainer_fsdp), gpu=a.gpu or a.trainer_fsdp,
                  trainer_fsdp=a.trainer_fsdp)
     torch.save(result, os.path.join(a.out, f"rank{int(os.environ.get('RANK', 0))}.pt"))
+    leave_process_group()

@@ -1,5 +1,5 @@
 """What the torchrun scripts (ddp_train.py, fsdp_train.py) share: a ZOTrainer that feeds batches in dataset
-order, and a callback that records every step's projected gradients."""
+order, a callback that records every step's projected gradients, and the clean exit of a rank."""
 
 from __future__ import annotations
 
@@ -23,3 +23,12 @@ class RecordG(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kw):
         self.grads.append(self.trainer.zo_optimizer.last_projected_grads.clone())
+
+
+def leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Without it gloo's worker threads are torn down
+    during finalization and a rank can die of SIGABRT ("terminate called without an active exception") after its
+    work is done; fresh-clone CI saw that once in the replicated run of test_hf_sharded.py."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
