@@ -107,10 +107,14 @@ def chaos(tmp_path: Path, tls: bool) -> dict[str, float]:
         left_at = closed()
         times["superlink killed"] = time.monotonic() - t0
         fed.start_superlink()
+        # the operator's step after a crash (docs/federated.md): stop the dead run; else a SuperNode that pulled
+        # its last message keeps retrying that pull, serving nothing else, until the run's heartbeat lapses
+        stopped = fed.flwr_stop(fed.run_ids[0])
         fed.flwr_run(run + " resume=true")
         fed.wait_for("the resumed run's result", lambda: (work / "result.json").exists(), 300,
                      watch=("superlink", "supernode0", "supernode1", "supernode2", "supernode3"))
         times["done"] = time.monotonic() - t0
+        times["dead run stopped by flwr stop"] = stopped
         result = json.loads((work / "result.json").read_text())
         first_log = (work / f"serverapp.{first_pid}.log").read_text()
     finally:

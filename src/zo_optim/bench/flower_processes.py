@@ -107,6 +107,7 @@ class Federation:
         self._killed: set[tuple[int, int]] = set()  # (pid, start time) of every process killed, for leftovers()
         self.counting = proxies
         self.proxies: dict[int, CountingProxy] = {}  # partition -> its SuperNode's proxy, with counting
+        self.run_ids: list[int] = []  # every run flwr_run started, in order
 
     def __enter__(self) -> Federation:
         return self
@@ -231,7 +232,27 @@ class Federation:
             raise TimeoutError(f"flwr run {app.name} did not finish in {timeout:.0f}s\n{self.logs()}") from None
         if rc != 0:
             raise RuntimeError(f"flwr run {app.name} exited with {rc}\n{self.logs()}")
+        started = re.findall(r"Successfully started run (\d+)", self.log_files[f"flwr-run.{self._starts['flwr-run']}"]
+                             .read_text(errors="replace"))
+        self.run_ids += [int(i) for i in started[:1]]
         return time.monotonic() - t0
+
+    def flwr_stop(self, run_id: int, timeout: float = 60.0) -> bool:
+        """``flwr stop <run_id> local``: True if the SuperLink stopped the run, False if it had already finished
+        (Flower refuses to stop a finished run; the wanted state holds). RuntimeError with the output otherwise.
+
+        Why a harness needs it: after a SuperLink restart a run whose ServerApp was killed is still RUNNING until
+        its task misses its heartbeats, and a SuperNode that pulled that run's last message (its content lost with
+        the ServerApp) retries the pull, serving nothing else, until then (flwr 1.42: up to 2 h, or until the run
+        is no longer running). Stopping the dead run frees it at its next retry (≤ 10 s)."""
+        out = subprocess.run([str(BIN / "flwr"), "stop", str(run_id), "local"], cwd=self.root, env=self.env,
+                             capture_output=True, text=True, timeout=timeout)
+        text = out.stdout + out.stderr
+        if out.returncode == 0 and "successfully stopped" in text:
+            return True
+        if "already finished" in text:
+            return False
+        raise RuntimeError(f"flwr stop {run_id} exited with {out.returncode}:\n{text}\n{self.logs()}")
 
     def kill(self, name: str) -> None:
         """``kill -9`` ``name``'s process group and every descendant (detached ones too), then reap it."""

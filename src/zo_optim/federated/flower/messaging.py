@@ -251,11 +251,11 @@ class _Messaging:
     #: how many times a node whose hello failed is said hello to again (see _forget_failed_hello)
     HELLO_RETRIES = 3
     #: seconds after which a hello delivered but not answered is sent again (a new message, so a new ClientApp
-    #: process on the node), counted against HELLO_RETRIES. Why: after a SuperLink restart a live SuperNode that
-    #: had ignored a message of the stopped run (Flower 1.42: "Run ID … is not in `RUNNING` status") received the
-    #: resumed run's hello, started its ClientApp and never answered it; the hello would only have expired after
-    #: the message TTL (3 × round_timeout), after the run had ended, leaving its client unregistered (the chaos
-    #: test's "did not reconnect after the resume"). A hello is answered in ~1-5 s on a loaded 2-core machine.
+    #: process on the node), counted against HELLO_RETRIES. Why: an unanswered hello would only expire after the
+    #: message TTL (3 × round_timeout), possibly after the run had ended, leaving its client unregistered. (The
+    #: chaos test's silent node after a SuperLink restart was in fact stuck pulling the dead run's last message,
+    #: which only stopping that run cures: docs/federated.md, resume.) A hello is answered in ~1-5 s on a loaded
+    #: 2-core machine.
     HELLO_RESEND = 20.0
 
     def _forget_failed_hello(self, node: int) -> None:
