@@ -81,6 +81,55 @@ def test_smoke_other_train_modes(tmp_path, mode, k, n_params):
     assert summary["train"] == mode
 
 
+def test_last_k_takes_the_registrys_settings_and_the_schedule_flag(tmp_path):
+    """--train last-k: ZOAdam gets the registry's q = 8 forward differences (9 forwards a step) and the lr decayed to
+    0 over the run; --lr keeps those options; --lr-schedule constant turns the decay off."""
+    summary = _run(tmp_path, "--train", "last-k", "--optimizer", "zoadam", "--steps", "2")
+    assert summary["options"] == {"estimator": "forward", "num_queries": 8}
+    assert summary["lr_schedule"] == "linear decay" and summary["lr"] == recommended_lr("zoadam", "demo/last-k")
+    assert summary["forwards"] == 2 * 9
+    summary = _run(tmp_path, "--train", "last-k", "--optimizer", "zoadam", "--steps", "2", "--lr", "1e-4",
+                   "--lr-schedule", "constant")
+    assert summary["lr"] == 1e-4 and summary["lr_schedule"] == "constant" and summary["options"]["num_queries"] == 8
+    summary = _run(tmp_path, "--steps", "2", "--lr-schedule", "linear")  # head: constant unless asked
+    assert summary["lr_schedule"] == "linear decay" and summary["options"] == {}
+
+
+def _tiny_last_layer():
+    model = assets.load_minilm_classifier(seed=0)
+    tok = assets.load_minilm_tokenizer()
+    start = common.select_trainable(model, "last-k", 1)
+    texts, labels = ["great crew, thanks!", "delayed 3 hours", "meh", "love it"], [1, 0, 0, 1]
+    return model, common.encode_cached(model, tok, texts, labels, start, 16, torch.device("cpu"), "", False), start
+
+
+@pytest.mark.parametrize(("kwargs", "per_step"), [({}, 2), ({"estimator": "forward", "num_queries": 8}, 9)])
+def test_default_steps_spend_the_forward_budget_and_the_decay_ends_with_the_run(kwargs, per_step):
+    """Without --steps a run spends the forward budget (its forwards per step counted on the first step, whatever the
+    optimizer), and with the decay T is set after that first step: the same weights, bit for bit, as a run told its
+    steps up front with lr_decay_steps (equal to torch's LambdaLR: tests/test_lr_decay.py)."""
+    import zo_optim
+
+    steps = -(-37 // per_step)
+    runs = []
+    for up_front in (False, True):
+        model, cached, start = _tiny_last_layer()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = zo_optim.ZOAdam(params, lr=1e-3, seed=0, backend="reference", lr_decay_steps=steps if up_front else 0,
+                              **kwargs)
+        if up_front:
+            demo.train_loop(model, opt, cached, start, steps, 2, 0, torch.device("cpu"), progress=False)
+        else:
+            losses, forwards = demo.train_loop(model, opt, cached, start, None, 2, 0, torch.device("cpu"),
+                                               progress=False, forwards=37, decay=True)
+            assert len(losses) == steps and forwards == per_step * steps
+            assert all(g["lr_decay_steps"] == steps for g in opt.param_groups)
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    fresh = [p for p in _tiny_last_layer()[0].parameters() if p.requires_grad]
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], fresh, strict=True))  # it trained
+
+
 def test_smoke_lora_through_zotrainer(tmp_path, capsys):
     pytest.importorskip("peft")
     summary = _run(tmp_path, "--train", "lora", "--steps", "2")

@@ -9,10 +9,20 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import zo_optim
 from zo_optim.optim import ZOOptimizer
-from zo_optim.optim.registry import OPTIMIZERS, USES, optimizer_class, recommended, recommended_lr
+from zo_optim.optim.registry import (
+    OPTIMIZERS,
+    RUN_SETTINGS,
+    USES,
+    decays_lr,
+    optimizer_class,
+    recommended,
+    recommended_kwargs,
+    recommended_lr,
+)
 
 SRC = Path(zo_optim.__file__).resolve().parent
 NAMES = set(OPTIMIZERS)
@@ -36,6 +46,30 @@ def test_every_class_is_exported_and_declares_every_use(name):
         lr = recommended_lr(name, use)
         assert lr > 0 and math.isfinite(lr), (name, use, lr)
         assert recommended(cls, use) is table[use]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_recommended_entry_builds_its_optimizer_and_runs(name):
+    """Settings beyond the lr are constructor keywords (or the run setting lr_decay): each entry builds its class and
+    steps, so a typo in an option cannot wait for the command that reads it."""
+    for use in USES:
+        kwargs = recommended_kwargs(name, use)
+        assert kwargs["lr"] == recommended_lr(name, use)
+        assert set(recommended(name, use)) - set(kwargs) <= set(RUN_SETTINGS), (name, use)
+        assert decays_lr(name, use) in (True, False)
+        p = torch.nn.Parameter(torch.arange(6.0))
+        opt = OPTIMIZERS[name]([p], seed=0, backend="reference", **kwargs)
+        opt.step(lambda p=p: (p * p).sum())
+        assert not torch.equal(p.detach(), torch.arange(6.0)), (name, use)
+
+
+def test_the_encoder_fine_tune_use_carries_issue_24s_winner():
+    """docs/convergence.md: ZOAdam with q = 8 forward differences and the lr decayed to 0 over the run; MeZO with the
+    decay. The demo's last-k mode is that fine-tune (MiniLM's last layer + head on the tweets)."""
+    assert recommended("zoadam", "demo/last-k") == {"lr": 6e-3, "estimator": "forward", "num_queries": 8,
+                                                    "lr_decay": True}
+    assert decays_lr("mezo", "demo/last-k") and not decays_lr("mezo", "demo/head")
+    assert "lr_decay" not in recommended_kwargs("zoadam", "demo/last-k")
 
 
 def test_unknown_names_are_value_errors():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import sys
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
+from ..optim.registry import OPTIMIZERS, decays_lr, optimizer_class, recommended_kwargs, recommended_lr
 from . import assets
 from .common import (
     TRAIN_MODES,
@@ -43,6 +44,11 @@ from .common import (
     select_trainable,
     serial_numba,
 )
+
+#: forward passes a default run spends: 2000 steps of a 2-forward step (MeZO's central difference)
+DEFAULT_FORWARDS = 4000
+#: steps of a default ``--train lora`` run (the Trainer needs them before the first step)
+DEFAULT_LORA_STEPS = 2000
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,9 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="mezo", help="zeroth-order optimizer")
-    p.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"optimizer steps (default: as many as spend {DEFAULT_FORWARDS} forward passes, counted on the "
+                        f"first step: 2000 for a 2-forward step, 445 for ZOAdam's 9 with --train last-k; "
+                        f"{DEFAULT_LORA_STEPS} with --train lora)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: per optimizer and --train; the table is in docs/demo.md)")
+    p.add_argument("--lr-schedule", choices=("recommended", "constant", "linear"), default="recommended",
+                   help="the lr: constant, or decayed linearly to 0 over the run (lr_decay_steps); 'recommended': "
+                        "the registry's for this --optimizer and --train (docs/demo.md)")
     p.add_argument("--zo-eps", type=positive_float, default=1e-3, help="perturbation scale ε")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
     p.add_argument("--train", choices=TRAIN_MODES, default="head",
@@ -117,37 +129,52 @@ def evaluate(model, data: Cached, start: int, device: torch.device, batch_size: 
     return correct / n, total_loss / n
 
 
-def train_loop(model: assets.SentenceClassifier, opt: torch.optim.Optimizer, train: Cached, start: int, steps: int,
-               batch_size: int, seed: int, device: torch.device, desc: str = "training", progress: bool = True
-               ) -> list[float]:
-    """``steps`` ZO steps on batches drawn epoch by epoch from ``train`` (reshuffled each epoch); the losses."""
+def train_loop(model: assets.SentenceClassifier, opt: torch.optim.Optimizer, train: Cached, start: int,
+               steps: int | None, batch_size: int, seed: int, device: torch.device, desc: str = "training",
+               progress: bool = True, *, forwards: int = DEFAULT_FORWARDS, decay: bool = False
+               ) -> tuple[list[float], int]:
+    """ZO steps on batches drawn epoch by epoch from ``train`` (reshuffled each epoch); (the losses, the forward
+    passes spent). ``steps`` None: as many as spend ``forwards``, with the forwards of a step counted on the first.
+    ``decay``: the lr decays linearly to 0 over the run (each group's ``lr_decay_steps`` = the steps, set after
+    the first step, whose lr does not depend on it)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     order, cursor = torch.randperm(len(train), generator=gen), 0
     losses: list[float] = []
+    counted = [0]
+    total = steps if steps is not None else 1
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
-        for step in range(steps):
+        step = 0
+        while step < total:
             if cursor + batch_size > len(order):  # next epoch
                 order, cursor = torch.randperm(len(train), generator=gen), 0
             x, mask, y = train.batch(order[cursor : cursor + batch_size], device)
             cursor += batch_size
 
             def closure(x=x, mask=mask, y=y) -> torch.Tensor:
+                counted[0] += 1
                 return F.cross_entropy(_logits(model, x, mask, start).float(), y)
 
             losses.append(float(opt.step(closure)))  # the one host sync per step: the loss for the curve
+            if step == 0:
+                total = steps if steps is not None else math.ceil(forwards / counted[0])
+                bar.total = total
+                if decay:
+                    for group in opt.param_groups:
+                        group["lr_decay_steps"] = total
+            step += 1
             bar.update(1)
-            if step % 20 == 0 or step == steps - 1:
+            if step % 20 == 1 or step == total:
                 recent = losses[-50:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return losses
+    return losses, counted[0]
 
 
 def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: torch.device,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool, options: dict[str, Any], decay: bool) -> dict[str, Any]:
     """The cached-prefix modes (head, last-k, all): frozen layers run once per example, ZO steps on the rest."""
     data = assets.load_tweet_sentiment(n_train=args.train_examples, n_eval=args.eval_examples, seed=0)
     tokenizer = assets.load_minilm_tokenizer()
@@ -167,16 +194,18 @@ def _train_cached(args: argparse.Namespace, opt_cls: type, lr: float, device: to
     acc_before, loss_before = evaluate(model, held_out, start, device)
     print(f"held-out accuracy before: {acc_before:.1%} ({len(held_out)} tweets, loss {loss_before:.3f})")
 
-    opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend)
+    opt = opt_cls(params, lr=lr, zo_eps=args.zo_eps, seed=args.seed, backend=args.backend, **options)
     t0 = time.perf_counter()
-    losses = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
-                        desc=f"{OPTIMIZERS[args.optimizer].__name__} ({args.train})", progress=progress)
+    losses, forwards = train_loop(model, opt, train, start, args.steps, args.batch_size, args.seed, device,
+                                  desc=f"{OPTIMIZERS[args.optimizer].__name__} ({args.train})", progress=progress,
+                                  decay=decay)
     train_s = time.perf_counter() - t0
 
     acc_after, loss_after = evaluate(model, held_out, start, device)
 
     return {"acc_before": acc_before, "loss_before": loss_before, "acc_after": acc_after, "loss_after": loss_after,
-            "losses": losses, "n_trainable": n_trainable, "train_s": train_s, "encode_s": encode_s,
+            "losses": losses, "forwards": forwards, "n_trainable": n_trainable, "train_s": train_s,
+            "encode_s": encode_s,
             "train_examples": len(train), "eval_examples": len(held_out)}
 
 
@@ -264,17 +293,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch_threads = torch.get_num_threads()
     opt_cls = optimizer_class(args.optimizer)
     name = opt_cls.__name__  # as the summary and the plot title spell it
-    lr = args.lr if args.lr is not None else recommended_lr(opt_cls, f"demo/{args.train}")
+    use = f"demo/{args.train}"
+    lr = args.lr if args.lr is not None else recommended_lr(opt_cls, use)
+    # the registry's other settings for this use (e.g. ZOAdam's q = 8 forward differences for last-k) stay with --lr
+    options = {k: v for k, v in recommended_kwargs(opt_cls, use).items() if k != "lr"}
+    decay = decays_lr(opt_cls, use) if args.lr_schedule == "recommended" else args.lr_schedule == "linear"
     t_start = time.perf_counter()
 
     if args.train == "lora":  # the Hugging Face path: peft adapters, the stock Trainer loop, ZOTrainer
         from . import demo_lora
 
-        r = demo_lora.train(args, lr, device, progress)
+        if args.steps is None:
+            args.steps = DEFAULT_LORA_STEPS
+        r = demo_lora.train(args, lr, device, progress, options, decay)
     else:
-        r = _train_cached(args, opt_cls, lr, device, progress)
+        r = _train_cached(args, opt_cls, lr, device, progress, options, decay)
     acc_before, loss_before, acc_after, loss_after = r["acc_before"], r["loss_before"], r["acc_after"], r["loss_after"]
     losses, n_trainable, train_s, encode_s = r["losses"], r["n_trainable"], r["train_s"], r["encode_s"]
+    steps = len(losses)
     total_s = time.perf_counter() - t_start
     print(f"held-out accuracy after:  {acc_after:.1%} (loss {loss_after:.3f})")
     step_peaks = _one_step_peaks(args, device)
@@ -285,7 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         writer = csv.writer(f)
         writer.writerow(["step", "loss"])
         writer.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
-    title = (f"{name} on all-MiniLM-L6-v2, train={args.train}, lr={lr:g}, bs={args.batch_size}: "
+    schedule = "linear decay" if decay else "constant"
+    title = (f"{name} on all-MiniLM-L6-v2, train={args.train}, lr={lr:g} ({schedule}), bs={args.batch_size}: "
              f"held-out acc {acc_before:.1%} → {acc_after:.1%}")
     _plot(losses, png, title, (loss_before, loss_after))
     summary = {
@@ -294,9 +331,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "k": args.k if args.train == "last-k" else None,
         "trainable_params": n_trainable,
         "lr": lr,
+        "lr_schedule": schedule,
+        "options": options,
         "zo_eps": args.zo_eps,
         "batch_size": args.batch_size,
-        "steps": args.steps,
+        "steps": steps,
+        "forwards": r["forwards"],
         "seed": args.seed,
         "backend": args.backend,
         "device": str(device),
@@ -308,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_loss_before": loss_before,
         "eval_loss_after": loss_after,
         "final_train_loss_mean_50": sum(losses[-50:]) / len(losses[-50:]),
-        "steps_per_s": args.steps / train_s,
+        "steps_per_s": steps / train_s,
         "train_s": train_s,
         "encode_s": encode_s,
         "total_s": total_s,
@@ -322,7 +362,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks = peak_memory_mb(device).items()
     mem = ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MiB" for k, v in peaks)
     print(
-        f"\n{name} trained {n_trainable:,} parameters ({args.train}) for {args.steps} steps "
+        f"\n{name} trained {n_trainable:,} parameters ({args.train}) for {steps} steps ("
+        f"{'' if r['forwards'] is None else str(r['forwards']) + ' forward passes, '}"
+        f"lr {lr:g}, {schedule}{''.join(f', {k}={v}' for k, v in options.items())}) "
         f"in {train_s:.1f} s ({summary['steps_per_s']:.1f} steps/s); whole run {total_s:.1f} s on {device}.\n"
         f"held-out accuracy {acc_before:.1%} -> {acc_after:.1%}; peak memory of this run: {mem}.\n"
         f"{_step_peaks_line(step_peaks, args)}\n"

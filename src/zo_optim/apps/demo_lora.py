@@ -56,8 +56,10 @@ class _Tweets(torch.utils.data.Dataset):
                 "labels": self.labels[i]}
 
 
-def train(args: argparse.Namespace, lr: float, device: torch.device, progress: bool) -> dict[str, Any]:
-    """Fine-tune with ``ZOTrainer``; the numbers :func:`zo_optim.apps.demo.run` reports for every mode."""
+def train(args: argparse.Namespace, lr: float, device: torch.device, progress: bool,
+          options: dict[str, Any] | None = None, decay: bool = False) -> dict[str, Any]:
+    """Fine-tune with ``ZOTrainer``; the numbers :func:`zo_optim.apps.demo.run` reports for every mode.
+    ``options``: optimizer keywords beyond the lr; ``decay``: the Trainer's linear schedule instead of a constant lr."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding, TrainerCallback
 
@@ -102,11 +104,12 @@ def train(args: argparse.Namespace, lr: float, device: torch.device, progress: b
     # dataloader_drop_last stays False: True also drops a held-out set smaller than one eval batch.
     training_args = ZOTrainingArguments(
         output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0,
+        per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="linear" if decay else "constant",
+        weight_decay=0.0,
         logging_steps=args.steps, save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed,
         use_cpu=device.type == "cpu",
         zo_optimizer=args.optimizer, zo_eps=args.zo_eps, zo_loss_weighting="mean",
-        zo_optimizer_kwargs={"backend": args.backend},
+        zo_optimizer_kwargs={**(options or {}), "backend": args.backend},
     )
     trainer = Recording(model=model, args=training_args, train_dataset=train_set, eval_dataset=held_out,
                         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
@@ -124,6 +127,6 @@ def train(args: argparse.Namespace, lr: float, device: torch.device, progress: b
     return {
         "acc_before": before["eval_accuracy"], "loss_before": before["eval_loss"],
         "acc_after": after["eval_accuracy"], "loss_after": after["eval_loss"],
-        "losses": losses, "n_trainable": n_trainable, "train_s": train_s, "encode_s": encode_s,
+        "losses": losses, "forwards": None, "n_trainable": n_trainable, "train_s": train_s, "encode_s": encode_s,
         "train_examples": len(train_set), "eval_examples": len(held_out),
     }

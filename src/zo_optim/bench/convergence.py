@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..optim.registry import OPTIMIZERS, optimizer_class, recommended_lr
+from ..optim.registry import OPTIMIZERS, RUN_SETTINGS, optimizer_class, recommended_lr
 from . import problems as P
 from . import report
 
@@ -83,7 +83,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                        "budget_fraction": 1 / 3}),
 }
 # Keys of a configuration that shape the run, not the optimizer: run_one reads them and passes the rest on.
-RUN_OPTIONS = ("lr_decay", "budget_fraction")
+RUN_OPTIONS = (*RUN_SETTINGS, "budget_fraction")  # the registry's run settings, and the share of the budget
 BENCH_NAMES = OPTIMIZER_NAMES + tuple(VARIANTS)
 
 

@@ -69,7 +69,7 @@ class MeZO(ZOOptimizer):
     algorithm = "mezo"
     #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
     recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
+        "demo/head": {"lr": 1e-2}, "demo/last-k": {"lr": 2e-3, "lr_decay": True}, "demo/all": {"lr": 1e-4},
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 1e-2},
         "finetune/lora": {"lr": 1e-2}, "finetune/full": {"lr": 3e-4},
         "finetune-clm/full": {"lr": 1e-4}, "finetune-clm/lora": {"lr": 3e-3},

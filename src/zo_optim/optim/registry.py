@@ -7,6 +7,11 @@ per use in its ``recommended`` class attribute (a mapping ``use → {"lr": ...}`
 commands take their defaults from there through :func:`recommended`. :data:`USES` says what
 each use is; every registered class declares every use (``tests/test_registry.py``).
 
+An entry may hold more than the lr: any keyword of the class's constructor (``estimator``,
+``num_queries``, ...), which :func:`recommended_kwargs` returns, and the run setting ``lr_decay``
+(:data:`RUN_SETTINGS`): ``True`` asks the command that knows the run's length to decay the lr
+linearly to 0 over it (``lr_decay_steps`` = the run's steps; docs/optimizers.md, "Linear lr decay").
+
 Adding an optimizer: write the class with its ``recommended`` settings and add one line to
 :data:`OPTIMIZERS`; every command then offers it.
 """
@@ -24,7 +29,8 @@ from .hizoo import HiZOO
 from .mezo import MeZO
 from .zo_adam import ZOAdam
 
-__all__ = ["OPTIMIZERS", "USES", "optimizer_class", "recommended", "recommended_lr"]
+__all__ = ["OPTIMIZERS", "RUN_SETTINGS", "USES", "decays_lr", "optimizer_class", "recommended",
+           "recommended_kwargs", "recommended_lr"]
 
 #: name (lower case, as the command lines and ``zo_optimizer`` take it) → class
 OPTIMIZERS: Mapping[str, type[ZOOptimizer]] = MappingProxyType({
@@ -38,7 +44,8 @@ OPTIMIZERS: Mapping[str, type[ZOOptimizer]] = MappingProxyType({
 #: use → what it is (the keys of every class's ``recommended``; the docs page that says how the values were chosen)
 USES: Mapping[str, str] = MappingProxyType({
     "demo/head": "zo-optim demo --train head: MiniLM's linear head on tweets, batch 32 (docs/demo.md, tuned)",
-    "demo/last-k": "zo-optim demo --train last-k: the last encoder layers + head (docs/demo.md, not tuned)",
+    "demo/last-k": "zo-optim demo --train last-k: the last encoder layers + head (docs/demo.md; MeZO and ZOAdam: "
+                   "issue 24's encoder study, checked on the demo; the others not tuned)",
     "demo/all": "zo-optim demo --train all: full fine-tune of MiniLM (docs/demo.md, not tuned)",
     "demo/lora": "zo-optim demo --train lora: LoRA adapters through ZOTrainer (docs/demo.md, not tuned)",
     "federated/head": "zo-optim federated: the head task, P = 5, tau = 1, 4 of 8 clients per round (docs/federated.md)",
@@ -55,6 +62,11 @@ USES: Mapping[str, str] = MappingProxyType({
     "convergence/encoder": "zo-optim bench convergence: centre of the lr grid on MiniLM's last layer + head "
                            "(docs/convergence.md, where each optimizer's and option's measured best lr is listed)",
 })
+
+
+#: keys of a ``recommended`` entry that are settings of the run, not constructor arguments (``lr_decay``: the lr
+#: decays linearly to 0 over the run; the command sets ``lr_decay_steps`` once it knows the run's steps)
+RUN_SETTINGS = ("lr_decay",)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:
@@ -79,3 +91,14 @@ def recommended(optimizer: str | type[ZOOptimizer], use: str) -> Mapping[str, An
 def recommended_lr(optimizer: str | type[ZOOptimizer], use: str) -> float:
     """The learning rate ``optimizer`` recommends for ``use``."""
     return float(recommended(optimizer, use)["lr"])
+
+
+def recommended_kwargs(optimizer: str | type[ZOOptimizer], use: str) -> dict[str, Any]:
+    """The constructor keywords ``optimizer`` recommends for ``use``: the lr and any option, not
+    :data:`RUN_SETTINGS`."""
+    return {k: v for k, v in recommended(optimizer, use).items() if k not in RUN_SETTINGS}
+
+
+def decays_lr(optimizer: str | type[ZOOptimizer], use: str) -> bool:
+    """Whether ``optimizer``'s recommended run for ``use`` decays the lr linearly to 0 over the run."""
+    return bool(recommended(optimizer, use).get("lr_decay", False))

@@ -44,7 +44,9 @@ class ZOAdam(ZOOptimizer):
     algorithm = "zo_adam"
     #: recommended settings per use (:data:`zo_optim.optim.registry.USES`): the defaults of the commands
     recommended: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "demo/head": {"lr": 3e-3}, "demo/last-k": {"lr": 1e-3}, "demo/all": {"lr": 1e-4},
+        "demo/head": {"lr": 3e-3}, "demo/all": {"lr": 1e-4},
+        # issue 24's winner on this fine-tune (docs/convergence.md): q = 8 forward differences, lr decayed to 0
+        "demo/last-k": {"lr": 6e-3, "estimator": "forward", "num_queries": 8, "lr_decay": True},
         "demo/lora": {"lr": 1e-3}, "federated/head": {"lr": 3e-3},
         "finetune/lora": {"lr": 1e-3}, "finetune/full": {"lr": 3e-4},
         "finetune-clm/full": {"lr": 1e-4}, "finetune-clm/lora": {"lr": 3e-4},
